@@ -1,0 +1,613 @@
+"""Echo DiT: the flow-matching Diffusion Transformer of Echo TTS, in Flax.
+
+The model predicts the flow-matching velocity of a 25 frames/s DACVAE latent
+(B, S, 128), conditioned on UTF-8 text bytes and a speaker reference latent.
+The contract is `../shared/spec/echo_dit.md`; this file is its readable version.
+
+    model = EchoDiT(PRESETS["1.3B"])
+    cond = model.apply(params, text_ids, text_mask, spk, spk_mask, method=EchoDiT.encode_conditions)
+    v = model.apply(params, x, t, cond, method=EchoDiT.decode)   # once per sampling step
+
+Self-check (parity with the reference vectors and parameter counts):
+
+    python model.py
+"""
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep the weight matmuls' outputs, recompute attention and elementwise work.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EchoConfig:
+    # Decoder (the DiT over latent frames)
+    model_size: int = 1536
+    num_layers: int = 24
+    num_heads: int = 12
+    intermediate_size: int = 4224
+    latent_size: int = 128  # DACVAE latent channels
+    timestep_embed_size: int = 512
+    adaln_rank: int = 256
+    norm_eps: float = 1e-5
+    # Speaker encoder (patches of `encoder_patch_size` latent frames)
+    encoder_model_size: int = 1024
+    encoder_num_layers: int = 10
+    encoder_num_heads: int = 8
+    encoder_intermediate_size: int = 2816
+    encoder_patch_size: int = 4
+    # Text encoder (UTF-8 bytes)
+    text_vocab_size: int = 256
+    text_model_size: int = 1024
+    text_num_layers: int = 10
+    text_num_heads: int = 8
+    text_intermediate_size: int = 2816
+    # Execution (not part of the weights)
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16; params stay float32
+    remat: str = "none"  # none | full | save_dots
+    scan_layers: bool = True  # stack identical layers with nn.scan: compile time independent of depth
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        for width, heads, what in ((self.model_size, self.num_heads, "decoder"),
+                                   (self.encoder_model_size, self.encoder_num_heads, "speaker encoder"),
+                                   (self.text_model_size, self.text_num_heads, "text encoder")):
+            if width % heads or (width // heads) % 2:
+                raise ValueError(f"{what}: width {width} must split into {heads} heads of even size")
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_reference(cls, d: dict) -> "EchoConfig":
+        """Config from the reference code's field names (e.g. a test vectors' config.json)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known and k not in ("remat", "dtype")}
+        if "dtype" in d:
+            kwargs["dtype"] = str(d["dtype"])
+        if "remat" in d:  # the reference stores a bool
+            kwargs["remat"] = d["remat"] if isinstance(d["remat"], str) else ("full" if d["remat"] else "none")
+        return cls(**kwargs)
+
+
+PRESETS = {
+    "1.3B": EchoConfig(),
+    "840M": EchoConfig(model_size=1280, num_heads=10, intermediate_size=3520,
+                       encoder_model_size=768, encoder_num_layers=8, encoder_num_heads=6,
+                       encoder_intermediate_size=2112, text_model_size=768, text_num_layers=8,
+                       text_num_heads=6, text_intermediate_size=2112),
+    # The reference test vectors' size: a CPU train step in a fraction of a second.
+    "tiny": EchoConfig(model_size=64, num_layers=2, num_heads=4, intermediate_size=176,
+                       timestep_embed_size=32, adaln_rank=16,
+                       encoder_model_size=48, encoder_num_layers=2, encoder_num_heads=2,
+                       encoder_intermediate_size=132, text_model_size=48, text_num_layers=2,
+                       text_num_heads=2, text_intermediate_size=132),
+}
+
+# ----------------------------------------------------------------------------
+# Sharding: every parameter carries logical axis names; these rules map them to
+# the mesh. FSDP shards the model width of every large weight over `fsdp`.
+
+def logical_axis_rules(tensor_parallel: bool = False):
+    """Logical axis -> mesh axis. Mesh axes: data, fsdp (and tensor, if tensor_parallel)."""
+    tp = "tensor" if tensor_parallel else None
+    return (
+        ("batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("heads", tp),
+        ("mlp", tp),
+        ("act_heads", tp),
+        ("act_mlp", tp),
+        ("layers", None),
+        ("length", None),
+        ("act_embed", None),
+        ("vocab", None),
+        ("latent", None),
+        ("rank", None),
+        ("cond", None),
+        ("norm", None),
+        ("head_dim", None),
+    )
+
+
+KERNEL_INIT = nn.initializers.truncated_normal(0.02)
+
+
+def dense(features, axes, *, use_bias=False, zero_init=False, dtype=jnp.float32, name=None):
+    """Bias-optional Dense whose kernel (and bias) carry logical axis names `axes` = (in, out)."""
+    kernel_init = nn.initializers.zeros if zero_init else KERNEL_INIT
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                    name=name)
+
+
+def rms_norm(x, eps, weight=None):
+    """RMSNorm in float32, cast back to the input dtype."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    shape: tuple
+    axes: tuple
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.with_logical_partitioning(nn.initializers.ones, self.axes),
+                            self.shape, jnp.float32)
+        return rms_norm(x, self.eps, weight)
+
+
+def rope(x, theta=10000.0):
+    """Rotate adjacent channel pairs (2i, 2i+1) by pos / theta^(2i/hd). x: (B, S, H, hd)."""
+    _, s, _, hd = x.shape
+    freqs = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)  # (hd/2,)
+    angles = np.arange(s, dtype=np.float32)[:, None] * freqs[None, :]  # (S, hd/2)
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], hd // 2, 2)
+    re_, im = x32[..., 0], x32[..., 1]
+    out = jnp.stack([re_ * cos - im * sin, re_ * sin + im * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def attention(q, k, v, key_mask=None, causal=False):
+    """Softmax attention, logits and softmax in float32. q (B,Sq,H,hd), k/v (B,Sk,H,hd), key_mask (B,Sk)."""
+    hd = q.shape[-1]
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
+    mask = None
+    if key_mask is not None:
+        mask = key_mask.astype(bool)[:, None, None, :]
+    if causal:
+        tri = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+        mask = tri if mask is None else mask & tri
+    if mask is not None:
+        # A finite fill keeps rows with no valid key (CFG dropout) finite instead of NaN.
+        logits = jnp.where(mask, logits, -1e30)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+    width: int
+    hidden: int
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        gate = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w1")(x)
+        up = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, name="w3")(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return dense(self.width, ("mlp", "embed"), dtype=self.dtype, name="w2")(h)
+
+
+def split_heads(x, num_heads):
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+class SelfAttention(nn.Module):
+    """Gated self-attention of the encoders: QK-norm, RoPE on every head."""
+    width: int
+    num_heads: int
+    causal: bool
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, key_mask):
+        h, hd = self.num_heads, self.width // self.num_heads
+        proj = lambda name: split_heads(dense(self.width, ("embed", "heads"), dtype=self.dtype, name=name)(x), h)
+        q, k, v, gate = proj("wq"), proj("wk"), proj("wv"), proj("wgate")  # (B, S, H, hd)
+        q = RMSNorm((h, hd), ("norm", "head_dim"), self.eps, name="q_norm")(q)
+        k = RMSNorm((h, hd), ("norm", "head_dim"), self.eps, name="k_norm")(k)
+        out = attention(rope(q), rope(k), v, key_mask, causal=self.causal)
+        out = (out * nn.sigmoid(gate)).reshape(x.shape[:-1] + (self.width,))
+        return dense(self.width, ("heads", "embed"), dtype=self.dtype, name="wo")(out)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block of the text and speaker encoders; scan-compatible (carry, _) -> (carry, None)."""
+    width: int
+    num_heads: int
+    hidden: int
+    causal: bool
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, key_mask):
+        norm = lambda name: RMSNorm((self.width,), ("norm",), self.eps, name=name)
+        x = x + SelfAttention(self.width, self.num_heads, self.causal, self.eps, self.dtype,
+                              name="attention")(norm("attention_norm")(x), key_mask)
+        x = x + MLP(self.width, self.hidden, self.dtype, name="mlp")(norm("mlp_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+
+
+def remat_block(block_cls, config: EchoConfig):
+    policy = REMAT_POLICIES[config.remat]
+    if config.remat == "none":
+        return block_cls
+    return nn.remat(block_cls, policy=policy, prevent_cse=not config.scan_layers)
+
+
+def encoder_stack(config: EchoConfig, x, key_mask, width, num_heads, hidden, causal, num_layers, name):
+    """`num_layers` EncoderBlocks, scanned or unrolled (then named `{name}_{i}` as in the reference)."""
+    block_cls = remat_block(EncoderBlock, config)
+    args = (width, num_heads, hidden, causal, config.norm_eps, config.compute_dtype)
+    if config.scan_layers:
+        scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                          in_axes=nn.broadcast, length=num_layers,
+                          metadata_params={nn.PARTITION_NAME: "layers"})
+        return scanned(*args, name="layers")(x, key_mask)[0]
+    for i in range(num_layers):
+        x, _ = block_cls(*args, name=f"{name}_{i}")(x, key_mask)
+    return x
+
+
+class TextEncoder(nn.Module):
+    config: EchoConfig
+
+    @nn.compact
+    def __call__(self, text_ids, text_mask):
+        c = self.config
+        x = nn.Embed(c.text_vocab_size, c.text_model_size, dtype=c.compute_dtype, param_dtype=jnp.float32,
+                     embedding_init=nn.with_logical_partitioning(KERNEL_INIT, ("vocab", "embed")),
+                     name="text_embedding")(text_ids)  # (B, St, dt)
+        return encoder_stack(c, x, text_mask, c.text_model_size, c.text_num_heads, c.text_intermediate_size,
+                             False, c.text_num_layers, "TextTransformerBlock")
+
+
+class SpeakerEncoder(nn.Module):
+    config: EchoConfig
+
+    @nn.compact
+    def __call__(self, speaker_latent):
+        c = self.config
+        b, s, d = speaker_latent.shape
+        p = c.encoder_patch_size
+        x = speaker_latent.reshape(b, s // p, p * d).astype(c.compute_dtype)  # frame-major patches
+        x = dense(c.encoder_model_size, ("latent", "embed"), use_bias=True, dtype=c.compute_dtype,
+                  name="in_proj")(x)  # (B, Ss/p, ds)
+        return encoder_stack(c, x, None, c.encoder_model_size, c.encoder_num_heads,
+                             c.encoder_intermediate_size, True, c.encoder_num_layers, "EncoderTransformerBlock")
+
+
+def timestep_embedding(t, size):
+    """Sinusoidal embedding [cos(t f), sin(t f)], f = 1000 * 10000^(-i/half)."""
+    half = size // 2
+    freqs = 1000.0 * jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class LowRankAdaLN(nn.Module):
+    """Per-block modulation: v = g_v + up(down(silu(g_v))) for shift, scale, gate (float32)."""
+    config: EchoConfig
+
+    @nn.compact
+    def __call__(self, x, global_mods):
+        c = self.config
+        shift, scale, gate = (
+            g + dense(c.model_size, ("rank", "embed"), use_bias=True, zero_init=True, name=name)(
+                dense(c.adaln_rank, ("embed", "rank"), name=f"adaln_rank_{name}")(nn.silu(g)))
+            for name, g in zip(("shift", "scale", "gate"), global_mods))
+        h = rms_norm(x.astype(jnp.float32), c.norm_eps) * (1 + scale[:, None]) + shift[:, None]
+        return h.astype(x.dtype), jnp.tanh(gate)[:, None]
+
+
+class JointAttention(nn.Module):
+    """Queries from the latent frames; keys/values from frames, text and speaker together."""
+    config: EchoConfig
+
+    def setup(self):
+        c = self.config
+        h, hd = c.num_heads, c.model_size // c.num_heads
+        proj = lambda: dense(c.model_size, ("embed", "heads"), dtype=c.compute_dtype)
+        self.wq, self.wk_self, self.wv_self, self.wgate = proj(), proj(), proj(), proj()
+        self.wk_text, self.wv_text, self.wk_speaker, self.wv_speaker = proj(), proj(), proj(), proj()
+        self.wo = dense(c.model_size, ("heads", "embed"), dtype=c.compute_dtype)
+        self.q_norm = RMSNorm((h, hd), ("norm", "head_dim"), c.norm_eps)
+        self.k_norm = RMSNorm((h, hd), ("norm", "head_dim"), c.norm_eps)
+
+    def condition_kv(self, text_state, speaker_state):
+        """Keys/values of text and speaker: depend only on the conditions, so a sampler computes them once."""
+        h = self.config.num_heads
+        k = jnp.concatenate([split_heads(self.wk_text(text_state), h),
+                             split_heads(self.wk_speaker(speaker_state), h)], axis=1)
+        v = jnp.concatenate([split_heads(self.wv_text(text_state), h),
+                             split_heads(self.wv_speaker(speaker_state), h)], axis=1)
+        return self.k_norm(k), v  # (B, St + Ss/p, H, hd)
+
+    def __call__(self, x, cond_k, cond_v, cond_mask):
+        c = self.config
+        h = c.num_heads
+        q = self.q_norm(split_heads(self.wq(x), h))
+        k = self.k_norm(split_heads(self.wk_self(x), h))
+        v = split_heads(self.wv_self(x), h)
+        # Half-head RoPE: positions only on the first H/2 heads of q and the self keys.
+        q = jnp.concatenate([rope(q[:, :, :h // 2]), q[:, :, h // 2:]], axis=2)
+        k = jnp.concatenate([rope(k[:, :, :h // 2]), k[:, :, h // 2:]], axis=2)
+        k = jnp.concatenate([k, cond_k.astype(k.dtype)], axis=1)
+        v = jnp.concatenate([v, cond_v.astype(v.dtype)], axis=1)
+        key_mask = jnp.concatenate([jnp.ones(x.shape[:2], bool), cond_mask.astype(bool)], axis=1)
+        out = attention(q, k, v, key_mask)
+        out = out * nn.sigmoid(split_heads(self.wgate(x), h))
+        return self.wo(out.reshape(x.shape[:-1] + (c.model_size,)))
+
+
+class DecoderBlock(nn.Module):
+    """x += g * JointAttention(AdaLN(x)); x += g * MLP(AdaLN(x)). Scan-compatible."""
+    config: EchoConfig
+
+    def setup(self):
+        c = self.config
+        self.attention = JointAttention(c)
+        self.attn_adaln = LowRankAdaLN(c)
+        self.mlp = MLP(c.model_size, c.intermediate_size, c.compute_dtype)
+        self.mlp_adaln = LowRankAdaLN(c)
+
+    def condition_kv(self, text_state, speaker_state):
+        return self.attention.condition_kv(text_state, speaker_state)
+
+    def __call__(self, x, layer_kv, cond_mask, global_mods):
+        h, g = self.attn_adaln(x, global_mods)
+        x = x + (g * self.attention(h, *layer_kv, cond_mask)).astype(x.dtype)
+        h, g = self.mlp_adaln(x, global_mods)
+        x = x + (g * self.mlp(h)).astype(x.dtype)
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
+
+
+class EchoDiT(nn.Module):
+    """Velocity v(x_t, t | text, speaker), float32 output of shape x.shape."""
+    config: EchoConfig
+
+    def setup(self):
+        c = self.config
+        self.text_encoder = TextEncoder(c)
+        self.text_norm = RMSNorm((c.text_model_size,), ("norm",), c.norm_eps)
+        self.speaker_encoder = SpeakerEncoder(c)
+        self.speaker_norm = RMSNorm((c.encoder_model_size,), ("norm",), c.norm_eps)
+        self.cond_dense_0 = dense(c.model_size, ("latent", "embed"))
+        self.cond_dense_1 = dense(c.model_size, ("embed", "cond"))
+        self.cond_dense_global_shift = dense(c.model_size, ("embed", "cond"))
+        self.cond_dense_global_scale = dense(c.model_size, ("embed", "cond"))
+        self.cond_dense_global_gate = dense(c.model_size, ("embed", "cond"))
+        self.in_proj = dense(c.model_size, ("latent", "embed"), use_bias=True, dtype=c.compute_dtype)
+        block_cls = remat_block(DecoderBlock, c)
+        if c.scan_layers:
+            self.layers = block_cls(c)
+        else:
+            self.blocks = [block_cls(c) for _ in range(c.num_layers)]
+        self.norm = RMSNorm((c.model_size,), ("norm",), c.norm_eps)
+        self.out_proj = dense(c.latent_size, ("embed", "latent"), use_bias=True, zero_init=True,
+                              dtype=c.compute_dtype)
+
+    def __call__(self, x, t, text_ids, text_mask, speaker_latent, speaker_mask):
+        cond = self.encode_conditions(text_ids, text_mask, speaker_latent, speaker_mask)
+        return self.decode(x, t, cond)
+
+    def encode_conditions(self, text_ids, text_mask, speaker_latent, speaker_mask):
+        """Text and speaker states -> per-layer keys/values. Run once per utterance, reuse every step.
+
+        Returns {"k", "v": (L, B, St + Ss/p, H, hd), "mask": (B, St + Ss/p) bool}. Zeroing part of
+        "mask" is exactly CFG dropout of that condition, so guidance passes can share k and v.
+        """
+        c = self.config
+        text_state = self.text_norm(self.text_encoder(text_ids, text_mask))
+        speaker_state = self.speaker_norm(self.speaker_encoder(speaker_latent))
+        mask = jnp.concatenate([text_mask.astype(bool),
+                                speaker_mask[:, ::c.encoder_patch_size].astype(bool)], axis=1)
+        if c.scan_layers:
+            kv_fn = lambda block, carry, _: (carry, block.condition_kv(text_state, speaker_state))
+            scan = nn.scan(kv_fn, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            _, (k, v) = scan(self.layers, None, None)
+        else:
+            kvs = [blk.condition_kv(text_state, speaker_state) for blk in self.blocks]
+            k, v = jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs])
+        return {"k": k, "v": v, "mask": mask}
+
+    def decode(self, x, t, cond):
+        """One velocity evaluation given precomputed conditions. x (B, S, D), t (B,) in [0, 1]."""
+        c = self.config
+        emb = timestep_embedding(t, c.timestep_embed_size)
+        cvec = self.cond_dense_1(nn.silu(self.cond_dense_0(emb)))
+        s = nn.silu(cvec)
+        global_mods = (self.cond_dense_global_shift(s), self.cond_dense_global_scale(s),
+                       self.cond_dense_global_gate(s))
+        h = self.in_proj(x.astype(c.compute_dtype))
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+        if c.scan_layers:
+            body = lambda block, carry, kv: block(carry, kv, cond["mask"], global_mods)
+            scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            h, _ = scan(self.layers, h, (cond["k"], cond["v"]))
+        else:
+            for i, blk in enumerate(self.blocks):
+                h, _ = blk(h, (cond["k"][i], cond["v"][i]), cond["mask"], global_mods)
+        return self.out_proj(self.norm(h)).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------
+# Sizes, FLOPs, parameter layouts
+
+def dummy_inputs(config: EchoConfig, batch=1, latent_len=8, text_len=8, speaker_len=None):
+    speaker_len = speaker_len or config.encoder_patch_size * 2
+    return (jnp.zeros((batch, latent_len, config.latent_size), jnp.float32), jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, text_len), jnp.int32), jnp.ones((batch, text_len), jnp.int32),
+            jnp.zeros((batch, speaker_len, config.latent_size), jnp.float32),
+            jnp.ones((batch, speaker_len), jnp.int32))
+
+
+def init_params(config: EchoConfig, rng, inputs=None):
+    """Boxed (LogicallyPartitioned) parameters; `nn.unbox` them for plain arrays."""
+    return EchoDiT(config).init(rng, *(inputs or dummy_inputs(config)))["params"]
+
+
+def abstract_params(config: EchoConfig):
+    """Parameter shapes (with logical axes) without allocating memory."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def count_params(config: EchoConfig) -> int:
+    leaves = jax.tree.leaves(nn.unbox(abstract_params(config)))
+    return int(sum(math.prod(x.shape) for x in leaves))
+
+
+def flops_per_sample(config: EchoConfig, latent_len, text_len, speaker_len, training=True):
+    """Model FLOPs (2 per multiply-add) of one sample; training = forward + backward (3x)."""
+    c = config
+    st, ss = text_len, speaker_len // c.encoder_patch_size
+    d, dt, ds = c.model_size, c.text_model_size, c.encoder_model_size
+
+    def encoder_layer(width, hidden, tokens):
+        return tokens * (5 * width * width + 3 * width * hidden) * 2 + 4 * tokens * tokens * width
+
+    fwd = c.text_num_layers * encoder_layer(dt, c.text_intermediate_size, st)
+    fwd += 2 * ss * c.encoder_patch_size * c.latent_size * ds
+    fwd += c.encoder_num_layers * encoder_layer(ds, c.encoder_intermediate_size, ss)
+    per_layer = latent_len * (5 * d * d + 3 * d * c.intermediate_size) * 2  # q, k, v, gate, o; SwiGLU
+    per_layer += 2 * 2 * (st * dt + ss * ds) * d  # text/speaker keys and values
+    per_layer += 4 * latent_len * (latent_len + st + ss) * d  # QK^T and PV
+    per_layer += 2 * 3 * 2 * 2 * c.adaln_rank * d  # two low-rank AdaLNs per block
+    fwd += c.num_layers * per_layer
+    fwd += 2 * latent_len * c.latent_size * d * 2  # in_proj, out_proj
+    fwd += 2 * (c.timestep_embed_size * d + 4 * d * d)  # timestep MLP and global modulations
+    return 3 * fwd if training else fwd
+
+
+# The reference code keeps one subtree per layer; we stack them under "layers".
+_LAYER_PREFIXES = (  # (reference per-layer prefix, our parent path, layer count field)
+    ("TransformerBlock_", "", "num_layers"),
+    ("text_encoder/TextTransformerBlock_", "text_encoder/", "text_num_layers"),
+    ("speaker_encoder/EncoderTransformerBlock_", "speaker_encoder/", "encoder_num_layers"),
+)
+_HEAD_PROJ = re.compile(r"(/attention/w[a-z_]+)/kernel$")
+
+
+def flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def unflatten(flat):
+    tree = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def _our_layer_path(config: EchoConfig, ref_prefix, parent, index, rest):
+    if config.scan_layers:
+        return f"{parent}layers/{rest}"
+    if parent == "":
+        return f"blocks_{index}/{rest}"
+    return f"{ref_prefix}{index}/{rest}"
+
+
+def _reference_layout(config: EchoConfig):
+    """{reference name: (our name, layer index or None, shape)} for every parameter."""
+    ours = flatten(jax.tree.map(lambda x: x.shape, nn.unbox(abstract_params(config)),
+                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+    ours = {k: tuple(v) for k, v in ours.items()}
+    layout = {}
+    for ref_prefix, parent, count_field in _LAYER_PREFIXES:
+        for i in range(getattr(config, count_field)):
+            start = _our_layer_path(config, ref_prefix, parent, i, "")
+            for path, shape in ours.items():
+                if path.startswith(start):
+                    rest = path[len(start):]
+                    ref = _HEAD_PROJ.sub(r"\1/Dense_0/kernel", f"{ref_prefix}{i}/{rest}")
+                    layout[ref] = (path, i if config.scan_layers else None,
+                                   shape[1:] if config.scan_layers else shape)
+    claimed = {our for our, _, _ in layout.values()}
+    for path, shape in ours.items():
+        if path not in claimed:
+            layout[path] = (path, None, shape)
+    return layout, ours
+
+
+def import_reference_params(flat: dict, config: EchoConfig):
+    """Reference per-layer '/'-joined arrays -> this model's (unboxed) params. Strict."""
+    flat = {k.removeprefix("params/"): v for k, v in flat.items()}
+    layout, ours = _reference_layout(config)
+    missing = sorted(set(layout) - set(flat))
+    extra = sorted(set(flat) - set(layout))
+    misshaped = sorted(f"{k} {tuple(np.shape(flat[k]))} != {layout[k][2]}"
+                       for k in set(layout) & set(flat) if tuple(np.shape(flat[k])) != layout[k][2])
+    if missing or extra or misshaped:
+        parts = [f"{what}: {', '.join(names)}" for what, names in
+                 (("missing", missing), ("unexpected", extra), ("wrong shape", misshaped)) if names]
+        raise ValueError("parameters do not fit this EchoConfig; " + "; ".join(parts))
+    out = {}
+    for ref, (path, index, _) in layout.items():
+        arr = np.asarray(flat[ref], np.float32)
+        if index is None:
+            out[path] = arr
+        else:
+            out.setdefault(path, np.zeros(ours[path], np.float32))[index] = arr
+    return unflatten(out)
+
+
+def export_reference_params(params, config: EchoConfig) -> dict:
+    """This model's params -> the reference per-layer layout (inverse of import_reference_params)."""
+    ours = flatten(jax.tree.map(np.asarray, nn.unbox(params)))
+    layout, _ = _reference_layout(config)
+    return {ref: (ours[path] if index is None else ours[path][index]) for ref, (path, index, _) in layout.items()}
+
+
+# ----------------------------------------------------------------------------
+
+def main():
+    import json
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    data = os.path.join(here, "tests", "data", "echo_dit_tiny")
+    for name in ("1.3B", "840M"):
+        print(f"{name}: {count_params(PRESETS[name]):,} parameters")
+    with open(os.path.join(data, "config.json")) as f:
+        config = EchoConfig.from_reference(json.load(f))
+    params = import_reference_params(dict(np.load(os.path.join(data, "params.npz"))), config)
+    inputs = np.load(os.path.join(data, "inputs.npz"))
+    out = EchoDiT(config).apply({"params": params}, inputs["x"], inputs["t"], inputs["text_input_ids"],
+                                inputs["text_mask"], inputs["speaker_latent"], inputs["speaker_mask"])
+    diff = float(np.max(np.abs(np.asarray(out) - np.load(os.path.join(data, "expected.npz"))["out"])))
+    print(f"parity with the reference vectors: max abs diff {diff:.2e} ({'ok' if diff < 1e-4 else 'FAIL'})")
+    sys.exit(0 if diff < 1e-4 else 1)
+
+
+if __name__ == "__main__":
+    main()
