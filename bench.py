@@ -1,0 +1,146 @@
+"""Speed and memory benchmarks. One JSON object per line on stdout, one per section.
+
+    python bench.py            # every section
+    python bench.py model      # just one
+
+Sections:
+  model   forward and train-step (forward + backward + AdamW) time of a small Echo DiT,
+          achieved GFLOP/s, the machine's measured float32 matmul peak, MFU, compile time.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import model as echo  # noqa: E402
+
+# The model issue's small config: d 512, 8 layers, 8 heads; encoders 384 / 4 layers / 6 heads.
+SMALL = echo.EchoConfig(model_size=512, num_layers=8, num_heads=8, intermediate_size=1408,
+                        encoder_model_size=384, encoder_num_layers=4, encoder_num_heads=6,
+                        encoder_intermediate_size=1056, text_model_size=384, text_num_layers=4,
+                        text_num_heads=6, text_intermediate_size=1056)
+SMALL_BATCH = dict(batch=4, latent_len=250, text_len=128, speaker_len=128)
+
+
+def best_time(fn, *args, repeats=5):
+    """Best wall time of `fn(*args)` (blocking), after one warm-up call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def matmul_peak_gflops(n=2048, dtype=jnp.float32):
+    """The machine's float32 matmul throughput: the denominator of MFU."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), dtype)
+    mm = jax.jit(lambda a, b: a @ b)
+    return 2 * n ** 3 / best_time(mm, a, b, repeats=10) / 1e9
+
+
+def random_batch(config, batch, latent_len, text_len, speaker_len, seed=0):
+    rng = np.random.default_rng(seed)
+    return dict(
+        x=rng.normal(size=(batch, latent_len, config.latent_size)).astype(np.float32),
+        t=rng.uniform(size=(batch,)).astype(np.float32),
+        text_ids=rng.integers(1, 256, size=(batch, text_len)).astype(np.int32),
+        text_mask=np.ones((batch, text_len), np.int32),
+        speaker_latent=rng.normal(size=(batch, speaker_len, config.latent_size)).astype(np.float32),
+        speaker_mask=np.ones((batch, speaker_len), np.int32),
+        target=rng.normal(size=(batch, latent_len, config.latent_size)).astype(np.float32),
+    )
+
+
+def model_inputs(b):
+    return b["x"], b["t"], b["text_ids"], b["text_mask"], b["speaker_latent"], b["speaker_mask"]
+
+
+def bench_model():
+    config, shape = SMALL, SMALL_BATCH
+    model = echo.EchoDiT(config)
+    params = nn.unbox(echo.init_params(config, jax.random.key(0)))
+    batch = random_batch(config, **shape)
+    tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.01)
+    opt_state = tx.init(params)
+
+    forward = jax.jit(lambda p, b: model.apply({"params": p}, *model_inputs(b)))
+
+    def train_step(params, opt_state, b):
+        loss_fn = lambda p: jnp.mean((model.apply({"params": p}, *model_inputs(b)) - b["target"]) ** 2)
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    start = time.perf_counter()
+    train_compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, batch).compile()
+    compile_s = time.perf_counter() - start
+
+    state = [params, opt_state]
+
+    def one_step(b):
+        state[0], state[1], loss = train_compiled(state[0], state[1], b)
+        return loss
+
+    forward_s = best_time(forward, params, batch)
+    train_s = best_time(one_step, batch)
+
+    # Analytic model FLOPs, checked against XLA's count on an unscanned build (XLA counts a
+    # scanned loop body once, so the production program under-reports).
+    train_flops = shape["batch"] * echo.flops_per_sample(config, shape["latent_len"], shape["text_len"],
+                                                          shape["speaker_len"], training=True)
+    fwd_flops = train_flops / 3
+    unscanned = dataclasses.replace(config, scan_layers=False)
+    xla_fwd = jax.jit(echo.EchoDiT(unscanned).apply).lower(
+        {"params": nn.unbox(echo.abstract_params(unscanned))}, *model_inputs(batch)).compile().cost_analysis()
+    peak = matmul_peak_gflops()
+    train_gflops = train_flops / train_s / 1e9
+    return {
+        "section": "model",
+        "config": {k: v for k, v in dataclasses.asdict(config).items()},
+        "shape": shape,
+        "params": echo.count_params(config),
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "forward_s": round(forward_s, 4),
+        "train_step_s": round(train_s, 4),
+        "train_compile_s": round(compile_s, 2),
+        "forward_gflops_per_step": round(fwd_flops / 1e9, 2),
+        "xla_forward_gflops_unscanned": round(xla_fwd["flops"] / 1e9, 2),
+        "analytic_over_xla_flops": round(fwd_flops / xla_fwd["flops"], 4),
+        "forward_gflops_per_s": round(fwd_flops / forward_s / 1e9, 1),
+        "train_gflops_per_s": round(train_gflops, 1),
+        "matmul_peak_gflops_per_s": round(peak, 1),
+        "forward_mfu": round(fwd_flops / forward_s / 1e9 / peak, 3),
+        "train_step_mfu": round(train_gflops / peak, 3),
+    }
+
+
+SECTIONS = {"model": bench_model}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sections", nargs="*", help=f"sections to run (default: all of {', '.join(SECTIONS)})")
+    args = parser.parse_args()
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        sys.exit(f"bench.py: unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    for name in args.sections or SECTIONS:
+        print(json.dumps(SECTIONS[name]()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import DATA, REPO
+
+from model import (PRESETS, EchoConfig, EchoDiT, abstract_params, count_params, export_reference_params,
+                   flops_per_sample, import_reference_params, init_params, logical_axis_rules)
+
+VECTORS = os.path.join(DATA, "echo_dit_tiny")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with open(os.path.join(VECTORS, "config.json")) as f:
+        config = EchoConfig.from_reference(json.load(f))
+    flat = dict(np.load(os.path.join(VECTORS, "params.npz")))
+    inputs = np.load(os.path.join(VECTORS, "inputs.npz"))
+    args = tuple(inputs[k] for k in ("x", "t", "text_input_ids", "text_mask", "speaker_latent", "speaker_mask"))
+    expected = np.load(os.path.join(VECTORS, "expected.npz"))["out"]
+    return config, flat, args, expected
+
+
+def run(config, params, *args):
+    return np.asarray(jax.jit(EchoDiT(config).apply)({"params": params}, *args))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_parity_with_reference_vectors(reference, scan_layers):
+    config, flat, args, expected = reference
+    config = dataclasses.replace(config, scan_layers=scan_layers)
+    out = run(config, import_reference_params(flat, config), *args)
+    assert out.dtype == np.float32 and out.shape == expected.shape
+    assert np.abs(out - expected).max() < 1e-4
+    assert np.linalg.norm(out - expected) / np.linalg.norm(expected) < 1e-5
+
+
+def test_export_import_round_trip_is_lossless(reference):
+    config, flat, _, _ = reference
+    params = import_reference_params(flat, config)
+    back = export_reference_params(params, config)
+    assert sorted(back) == sorted(flat)
+    for k in flat:
+        assert np.array_equal(back[k], flat[k]), k
+    again = import_reference_params(back, config)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
+        assert np.array_equal(a, b)
+    # Fresh params (not from the vectors) survive export -> import too.
+    fresh = nn.unbox(init_params(config, jax.random.key(3)))
+    for a, b in zip(jax.tree.leaves(import_reference_params(export_reference_params(fresh, config), config)),
+                    jax.tree.leaves(fresh)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_import_rejects_layouts_that_do_not_fit(reference):
+    config, flat, _, _ = reference
+    bad = dict(flat)
+    del bad["TransformerBlock_1/mlp/w2/kernel"]
+    bad["TransformerBlock_2/mlp/w2/kernel"] = np.zeros((176, 64), np.float32)
+    bad["norm/weight"] = np.ones((65,), np.float32)
+    with pytest.raises(ValueError) as err:
+        import_reference_params(bad, config)
+    msg = str(err.value)
+    assert "missing: TransformerBlock_1/mlp/w2/kernel" in msg
+    assert "unexpected: TransformerBlock_2/mlp/w2/kernel" in msg
+    assert "norm/weight (65,) != (64,)" in msg
+
+
+def test_preset_param_counts():
+    assert count_params(PRESETS["1.3B"]) == 1_304_156_288
+    assert count_params(PRESETS["840M"]) == 843_223_936
+    assert count_params(PRESETS["tiny"]) == 353_680  # the reference vectors' exact count
+
+
+def test_every_param_has_logical_axes():
+    boxed = abstract_params(PRESETS["1.3B"])
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
+    # Every weight with at least 1M entries is sharded over fsdp.
+    rules = dict(logical_axis_rules())
+    for x in leaves:
+        if x.value.size >= 1 << 20:
+            assert any(rules.get(n) == "fsdp" for n in x.names), x.names
+
+
+def test_masked_text_and_speaker_padding_do_not_change_output(reference):
+    config, flat, args, _ = reference
+    params = import_reference_params(flat, config)
+    x, t, text_ids, text_mask, spk, spk_mask = args
+    base = run(config, params, *args)
+    ids2 = text_ids.copy()
+    ids2[text_mask == 0] = 77
+    spk2 = spk.copy()
+    spk2[1, -4:] = 100.0  # row 1's last 6 frames are masked: the last patch is fully masked
+    out = run(config, params, x, t, ids2, text_mask, spk2, spk_mask)
+    np.testing.assert_array_equal(out, base)
+    # Sanity: the same change in a visible position does change the output.
+    ids3 = text_ids.copy()
+    ids3[0, 3] = 77
+    assert np.abs(run(config, params, x, t, ids3, text_mask, spk, spk_mask) - base).max() > 1e-6
+
+
+def test_all_conditions_dropped_gives_finite_output(reference):
+    config, flat, args, _ = reference
+    params = import_reference_params(flat, config)
+    x, t, text_ids, text_mask, spk, spk_mask = args
+    out = run(config, params, x, t, text_ids, np.zeros_like(text_mask), np.zeros_like(spk), np.zeros_like(spk_mask))
+    assert np.isfinite(out).all()
+
+
+def test_speaker_encoder_is_causal(reference):
+    config, flat, args, _ = reference
+    params = import_reference_params(flat, config)
+    spk = args[4]
+    encode = jax.jit(lambda p, s: EchoDiT(config).apply(
+        {"params": p}, s, method=lambda m, s: m.speaker_norm(m.speaker_encoder(s))))
+    a = np.asarray(encode(params, spk))
+    spk2 = spk.copy()
+    spk2[:, -4:] += 3.0  # the last patch
+    b = np.asarray(encode(params, spk2))
+    np.testing.assert_array_equal(a[:, :-1], b[:, :-1])
+    assert np.abs(a[:, -1] - b[:, -1]).max() > 1e-3
+
+
+def test_zero_output_at_init(reference):
+    config, _, args, _ = reference
+    params = nn.unbox(init_params(config, jax.random.key(0)))
+    out = run(config, params, *args)
+    assert out.shape == args[0].shape and not out.any()
+
+
+def test_bfloat16_compute_is_close_to_float32(reference):
+    config, flat, args, expected = reference
+    bf16 = dataclasses.replace(config, dtype="bfloat16")
+    out = run(bf16, import_reference_params(flat, bf16), *args)
+    rel = np.linalg.norm(out - expected) / np.linalg.norm(expected)
+    assert out.dtype == np.float32 and 1e-6 < rel < 2e-2
+
+
+def test_cached_conditions_match_full_call_and_cfg_dropout(reference):
+    """encode_conditions once + decode per step == the full call; a zeroed mask == dropped conditions."""
+    config, flat, args, expected = reference
+    params = {"params": import_reference_params(flat, config)}
+    model = EchoDiT(config)
+    x, t, text_ids, text_mask, spk, spk_mask = args
+    cond = model.apply(params, text_ids, text_mask, spk, spk_mask, method=EchoDiT.encode_conditions)
+    L, B = config.num_layers, x.shape[0]
+    assert cond["k"].shape == (L, B, text_ids.shape[1] + spk.shape[1] // 4, 4, 16)
+    out = np.asarray(model.apply(params, x, t, cond, method=EchoDiT.decode))
+    assert np.abs(out - expected).max() < 1e-5
+    dropped = dict(cond, mask=jnp.zeros_like(cond["mask"]))
+    uncond = np.asarray(model.apply(params, x, t, dropped, method=EchoDiT.decode))
+    full_uncond = run(config, params["params"], x, t, text_ids, np.zeros_like(text_mask),
+                      np.zeros_like(spk), np.zeros_like(spk_mask))
+    assert np.abs(uncond - full_uncond).max() < 1e-5
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_policies_give_the_same_gradients(reference, remat):
+    config, flat, args, _ = reference
+    params = import_reference_params(flat, config)
+
+    def grads(cfg):
+        loss = lambda p: jnp.mean(EchoDiT(cfg).apply({"params": p}, *args) ** 2)
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree.leaves(grads(config)), jax.tree.leaves(grads(dataclasses.replace(config, remat=remat)))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fsdp_sharded_output_matches_unsharded(reference):
+    config, flat, args, _ = reference
+    params = import_reference_params(flat, config)
+    # A batch of 8 so that it splits over (data, fsdp) = (2, 4).
+    rng = np.random.default_rng(0)
+    x, t, ids, tmask, spk, smask = (np.concatenate([a] * 4) for a in args)
+    x = x + rng.normal(size=x.shape).astype(np.float32)
+    t = rng.uniform(size=t.shape).astype(np.float32)
+    batch = (x, t, ids, tmask, spk, smask)
+    expected = run(config, params, *batch)
+
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = logical_axis_rules()
+    specs = nn.get_partition_spec(abstract_params(config))
+    param_shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    sharded = jax.device_put(params, param_shardings)
+    kernel = sharded["layers"]["mlp"]["w1"]["kernel"]  # (layers, embed, mlp)
+    assert kernel.sharding.spec[1] == "fsdp" and len(kernel.addressable_shards[0].data) == kernel.shape[0]
+    assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch = jax.device_put(batch, batch_sharding)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        out = jax.jit(EchoDiT(config).apply)({"params": sharded}, *batch)
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_scanned_program_size_does_not_grow_with_depth():
+    """Compile cost follows program size: with scan, 24 layers lower to the same HLO as 2."""
+    def hlo_size(num_layers):
+        cfg = dataclasses.replace(PRESETS["tiny"], num_layers=num_layers, text_num_layers=num_layers,
+                                  encoder_num_layers=num_layers)
+        params = abstract_params(cfg)
+        from model import dummy_inputs
+        return len(jax.jit(EchoDiT(cfg).apply).lower({"params": nn.unbox(params)}, *dummy_inputs(cfg)).as_text())
+
+    small, deep = hlo_size(2), hlo_size(24)
+    assert deep < 1.05 * small
+
+
+def test_flops_per_sample_matches_xla_cost_analysis():
+    cfg = dataclasses.replace(PRESETS["tiny"], scan_layers=False)
+    from model import dummy_inputs
+    inputs = dummy_inputs(cfg, batch=2, latent_len=32, text_len=16, speaker_len=16)
+    params = nn.unbox(abstract_params(cfg))
+    compiled = jax.jit(EchoDiT(cfg).apply).lower({"params": params}, *inputs).compile()
+    xla = compiled.cost_analysis()["flops"]
+    ours = 2 * flops_per_sample(cfg, 32, 16, 16, training=False)
+    # XLA also counts elementwise work (norms, softmax, RoPE) that model FLOPs leave out.
+    assert 0.85 < ours / xla <= 1.0
+
+
+def test_self_check_command():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "model.py")], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "1.3B: 1,304,156,288 parameters" in out.stdout and "(ok)" in out.stdout
