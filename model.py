@@ -128,15 +128,53 @@ def logical_axis_rules(tensor_parallel: bool = False):
 
 
 KERNEL_INIT = nn.initializers.truncated_normal(0.02)
+MASK_BIAS = -1e9  # added to the logits of masked keys
+
+
+@jax.custom_vjp
+def matmul(x, kernel):
+    """x (..., in) @ kernel (in, out), with a backward pass that XLA:CPU runs at full speed."""
+    return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(residuals, dy):
+    x, kernel = residuals
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    bwd = lambda t, x2, kernel, dy2: (dy2 @ t(kernel), t(x2) @ dy2)
+    dx, dkernel = _on_cpu_canonical(bwd, x2, kernel, dy2)
+    return dx.reshape(x.shape), dkernel
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+class Dense(nn.Module):
+    """nn.Dense's parameters and maths (kernel (in, out), optional bias), through `matmul`."""
+    features: int
+    axes: tuple  # logical names of the kernel's (in, out) axes
+    use_bias: bool = False
+    zero_init: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.zeros if self.zero_init else KERNEL_INIT
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                            (x.shape[-1], self.features), jnp.float32)
+        y = matmul(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[1:]),
+                              (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
 
 
 def dense(features, axes, *, use_bias=False, zero_init=False, dtype=jnp.float32, name=None):
-    """Bias-optional Dense whose kernel (and bias) carry logical axis names `axes` = (in, out)."""
-    kernel_init = nn.initializers.zeros if zero_init else KERNEL_INIT
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-                    name=name)
+    return Dense(features, tuple(axes), use_bias, zero_init, dtype, name=name)
 
 
 def rms_norm(x, eps, weight=None):
@@ -172,21 +210,70 @@ def rope(x, theta=10000.0):
     return out.reshape(x.shape).astype(x.dtype)
 
 
+def _swap_last(a):
+    return jnp.swapaxes(a, -1, -2)
+
+
+def _on_cpu_canonical(fn_of_transpose, *args):
+    """fn(transpose, *args), where on XLA:CPU `transpose` materialises the swap of the last two axes.
+
+    XLA:CPU's (batched) matmuls run at full speed only when the lhs contracts its last axis and the
+    rhs its first non-batch axis; otherwise it fuses the transposes into strided loops and a
+    backward pass costs 5x its forward. Elsewhere (TPU) the compiler picks layouts itself.
+    """
+    materialised = lambda a: jax.lax.optimization_barrier(_swap_last(a))
+    return jax.lax.platform_dependent(*args, cpu=lambda *a: fn_of_transpose(materialised, *a),
+                                      default=lambda *a: fn_of_transpose(_swap_last, *a))
+
+
+@jax.custom_vjp
+def _attention_core(q, k, v, bias):
+    return _attention_core_fwd(q, k, v, bias)[0]
+
+
+def _attention_core_fwd(q, k, v, bias):
+    """q (B,H,Sq,hd) pre-scaled, k/v (B,H,Sk,hd), bias float32 broadcastable to (B,H,Sq,Sk)."""
+    def fwd(t, q, k, v, bias):
+        logits = jnp.matmul(q, t(k), preferred_element_type=jnp.float32) + bias
+        probs = jax.nn.softmax(logits, axis=-1)
+        return jnp.matmul(probs.astype(v.dtype), v), probs
+    out, probs = _on_cpu_canonical(fwd, q, k, v, bias)
+    return out, (q, k, v, bias, probs)
+
+
+def _attention_core_bwd(residuals, dout):
+    q, k, v, bias, probs = residuals
+
+    def bwd(t, q, k, v, probs, dout):
+        p = probs.astype(v.dtype)
+        dp = jnp.matmul(dout, t(v), preferred_element_type=jnp.float32)
+        dv = jnp.matmul(t(p), dout)
+        ds = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True))  # softmax backward, float32
+        dlogits = ds.astype(q.dtype)
+        return jnp.matmul(dlogits, k), jnp.matmul(t(dlogits), q), dv, ds
+
+    dq, dk, dv, ds = _on_cpu_canonical(bwd, q, k, v, probs, dout)
+    broadcast_axes = tuple(i for i, n in enumerate(bias.shape) if n == 1)
+    return dq, dk, dv, jnp.sum(ds, axis=broadcast_axes, keepdims=True).astype(bias.dtype)
+
+
+_attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
+
+
 def attention(q, k, v, key_mask=None, causal=False):
     """Softmax attention, logits and softmax in float32. q (B,Sq,H,hd), k/v (B,Sk,H,hd), key_mask (B,Sk)."""
-    hd = q.shape[-1]
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-    mask = None
+    sq, sk = q.shape[1], k.shape[1]
+    # Masks enter as an additive bias; its finite fill keeps rows with no valid key (CFG
+    # dropout) finite instead of NaN.
+    bias = jnp.zeros((1, 1, 1, sk), jnp.float32)
     if key_mask is not None:
-        mask = key_mask.astype(bool)[:, None, None, :]
+        bias = bias + jnp.where(key_mask.astype(bool), 0.0, MASK_BIAS)[:, None, None, :]
     if causal:
-        tri = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
-        mask = tri if mask is None else mask & tri
-    if mask is not None:
-        # A finite fill keeps rows with no valid key (CFG dropout) finite instead of NaN.
-        logits = jnp.where(mask, logits, -1e30)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        bias = bias + jnp.where(jnp.tril(jnp.ones((sq, sk), bool)), 0.0, MASK_BIAS)
+    heads_first = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # (B, H, S, hd)
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+    out = _attention_core(heads_first(q), heads_first(k), heads_first(v), bias)
+    return heads_first(out)  # (B, Sq, H, hd)
 
 
 class MLP(nn.Module):
