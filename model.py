@@ -144,7 +144,7 @@ def _matmul_fwd(x, kernel):
 def _matmul_bwd(residuals, dy):
     x, kernel = residuals
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-    bwd = lambda t, x2, kernel, dy2: (dy2 @ t(kernel), t(x2) @ dy2)
+    bwd = lambda t, x2, kernel, dy2: (dy2 @ kernel.T, t(x2) @ dy2)
     dx, dkernel = _on_cpu_canonical(bwd, x2, kernel, dy2)
     return dx.reshape(x.shape), dkernel
 
