@@ -125,11 +125,11 @@ class ConvTranspose(nn.Module):
         # overlap-add. torch's own conv_transpose1d takes a slow path on CPU (3x slower).
         z = torch.matmul(w.reshape(cin, cout * 2 * s).T, x).view(b, cout, 2, s, t)
         full = x.new_empty(b, cout, t + 1, s)  # output step k * s + j lives at [k, j]
-        full[:, :, t] = 0
-        full[:, :, :t] = z[:, :, 0].transpose(-1, -2)
+        full[:, :, t] = self.bias[:, None]
+        torch.add(z[:, :, 0].transpose(-1, -2), self.bias[:, None, None], out=full[:, :, :t])
         full[:, :, 1:] += z[:, :, 1].transpose(-1, -2)
         start = 0 if self.causal else (s + 1) // 2  # the official paddings: causal crop, or "same"
-        return full.view(b, cout, (t + 1) * s)[..., start:start + t * s] + self.bias[:, None]
+        return full.view(b, cout, (t + 1) * s)[..., start:start + t * s]
 
 
 class ResidualUnit(nn.Module):
@@ -426,12 +426,15 @@ def message_tensor(message, batch):
 
 def _download_weights(repo_id):
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
         raise DACVAEError(f"DACVAE weights {repo_id!r} are neither an existing file nor a Hub repo id (ORG/NAME)")
     try:
         return hf_hub_download(repo_id, "weights.pth")
+    except LocalEntryNotFoundError:  # the Hub was unreachable and nothing is cached
+        raise DACVAEError(f"could not download DACVAE weights from the Hugging Face Hub ({repo_id}: unreachable); "
+                          "pass a local weights.pth with --weights PATH or set DACVAE_WEIGHTS=PATH") from None
     except (RepositoryNotFoundError, EntryNotFoundError):
         raise DACVAEError(f"the Hub has no weights.pth in {repo_id}; check the repo id, or pass a local file "
                           "with --weights PATH") from None
@@ -445,11 +448,15 @@ def init_random(kwargs, seed=0):
     """A DACVAE of the given kwargs with random weights (for tests and offline demos)."""
     torch.manual_seed(seed)
     model = DACVAE(**kwargs)
+    # Variance-preserving: unit-gain convs, and residual branches that start near identity, so
+    # that activations stay O(1) through the depth and the decoder's tanh does not saturate.
+    residual_outputs = {id(unit.block[3]) for unit in model.modules() if isinstance(unit, ResidualUnit)}
     for module in model.modules():
         if isinstance(module, (Conv, ConvTranspose)):
             v = module.weight_v if module.weight_norm else module.weight
             fan_in = v.shape[1] * v.shape[2] if isinstance(module, Conv) else v.shape[0] * v.shape[2] / module.stride
-            nn.init.normal_(v, std=1.0 / math.sqrt(fan_in))
+            gain = 0.1 if id(module) in residual_outputs else 1.0
+            nn.init.normal_(v, std=gain / math.sqrt(fan_in))
             if module.weight_norm:
                 module.weight_g.data = v.detach().norm(dim=(1, 2), keepdim=True)
     return model.eval()
@@ -458,10 +465,29 @@ def init_random(kwargs, seed=0):
 # ----------------------------------------------------------------------------
 # Audio files
 
+def _riff_data_shortfall(path):
+    """Bytes missing from a WAV's data chunk (libsndfile silently reads what is there)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        riff = f.read(12)
+        if riff[:4] not in (b"RIFF", b"RIFX") or riff[8:12] != b"WAVE":
+            return 0
+        while True:
+            header = f.read(8)
+            if len(header) < 8:
+                return 0
+            chunk, length = header[:4], int.from_bytes(header[4:], "big" if riff[:4] == b"RIFX" else "little")
+            if chunk == b"data":
+                return 0 if length == 0xFFFFFFFF else max(0, f.tell() + length - size)
+            f.seek(length + (length & 1), os.SEEK_CUR)
+
+
 def load_audio(path, sample_rate=SAMPLE_RATE):
     """Any file soundfile reads (wav, flac, ogg, mp3, ...) -> mono float32 (T,) at `sample_rate`."""
     if not os.path.isfile(path):
         raise DACVAEError(f"audio file {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise DACVAEError(f"audio file {path} is empty (0 bytes)")
     try:
         info = soundfile.info(path)
         audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
@@ -470,9 +496,8 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
         raise DACVAEError(f"{path} is not a readable audio file ({reason})") from None
     if audio.shape[0] == 0:
         raise DACVAEError(f"{path} contains no audio samples")
-    if 0 < info.frames != audio.shape[0] and info.format in ("WAV", "WAVEX", "AIFF", "FLAC"):
-        raise DACVAEError(f"{path} is truncated: its header promises {info.frames} samples but it holds "
-                          f"{audio.shape[0]}")
+    if _riff_data_shortfall(path) or audio.shape[0] < 0.98 * info.frames:
+        raise DACVAEError(f"{path} is truncated: its header promises more audio than the file holds")
     if not np.isfinite(audio).all():
         raise DACVAEError(f"{path} contains NaN or infinite samples")
     audio = audio.mean(axis=1)
@@ -562,6 +587,9 @@ def main(argv=None):
                    help="tiny: the test model (~0.4 M params); full: the released configuration (~108 M)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
+    # The Hub client retries with backoff on its own; its per-try warnings would bury our one line.
+    from huggingface_hub.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
 
     try:
         if args.command == "init-random":

@@ -1,21 +1,40 @@
-"""Test setup shared by every test: CPU JAX with 8 fake devices, one compilation cache.
+"""Test setup shared by every test: CPU JAX with 8 fake devices, one compilation cache, and a
+loopback Hugging Face Hub.
 
-The environment must be set before JAX is imported anywhere, which is why it lives here.
+The environment must be set before JAX or huggingface_hub is imported anywhere (both read it
+at import), which is why it lives here.
 """
 import os
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-sys.path.insert(0, REPO)
+
+from hub_server import FakeHub  # noqa: E402
+
+HUB = FakeHub()
+os.environ["HF_ENDPOINT"] = HUB.endpoint
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_home_")
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("DACVAE_WEIGHTS", None)
 
 import pytest  # noqa: E402
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs; skipped unless -m slow is given")
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """The loopback Hub (HF_ENDPOINT points at it): add repos with hub.add_file(...)."""
+    return HUB

@@ -1,0 +1,151 @@
+"""A small HTTP server on 127.0.0.1 that speaks enough of the Hugging Face Hub's protocol for the
+real `huggingface_hub` client (reached through HF_ENDPOINT): file resolve (HEAD/GET, ranges),
+repo info and tree listings, for model and dataset repos. Tests put files in repos and can make
+paths fail with transient errors.
+"""
+
+import hashlib
+import json
+import os
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+class FakeHub:
+    def __init__(self):
+        self.repos = {}  # (repo_type, repo_id) -> {path: bytes}
+        self.fail = {}  # path suffix -> remaining transient failures (HTTP 503)
+        self.requests = []  # (method, path) of every request
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add_file(self, repo_id, path, data, repo_type="model"):
+        if isinstance(data, str) and os.path.exists(data):
+            with open(data, "rb") as f:
+                data = f.read()
+        with self.lock:
+            self.repos.setdefault((repo_type, repo_id), {})[path] = bytes(data)
+
+    def fail_next(self, path_suffix, times):
+        with self.lock:
+            self.fail[path_suffix] = times
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _handler(hub):
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def send(self, status, body=b"", headers=None, head=False):
+                self.send_response(status)
+                headers = dict(headers or {})
+                headers.setdefault("Content-Length", str(len(body)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+            def error(self, status, code, message, head=False):
+                body = json.dumps({"error": message}).encode()
+                self.send(status, body, {"X-Error-Code": code, "X-Error-Message": message,
+                                         "Content-Type": "application/json"}, head)
+
+            def do_HEAD(self):
+                self.route(head=True)
+
+            def do_GET(self):
+                self.route(head=False)
+
+            def route(self, head):
+                url = urllib.parse.urlparse(self.path)
+                path = urllib.parse.unquote(url.path)
+                with hub.lock:
+                    hub.requests.append((self.command, path))
+                    for suffix, remaining in hub.fail.items():
+                        if remaining > 0 and path.endswith(suffix):
+                            hub.fail[suffix] = remaining - 1
+                            return self.error(503, "ServiceUnavailable", "try again", head)
+                parts = path.strip("/").split("/")
+                if parts[0] == "api":
+                    return self.api(parts[1:], urllib.parse.parse_qs(url.query), head)
+                repo_type = "model"
+                if parts[0] in ("datasets", "spaces"):
+                    repo_type, parts = parts[0][:-1], parts[1:]
+                if len(parts) < 5 or parts[2] != "resolve":
+                    return self.error(404, "RepoNotFound", "no such route", head)
+                repo_id, file_path = "/".join(parts[:2]), "/".join(parts[4:])
+                self.resolve(repo_type, repo_id, file_path, head)
+
+            def resolve(self, repo_type, repo_id, file_path, head):
+                files = hub.repos.get((repo_type, repo_id))
+                if files is None:
+                    return self.error(404, "RepoNotFound", f"repository {repo_id} not found", head)
+                if file_path not in files:
+                    return self.error(404, "EntryNotFound", f"{file_path} not found", head)
+                data = files[file_path]
+                etag = '"%s"' % hashlib.sha256(data).hexdigest()
+                headers = {"X-Repo-Commit": COMMIT, "ETag": etag, "Accept-Ranges": "bytes",
+                           "Content-Type": "application/octet-stream"}
+                rng = self.headers.get("Range")
+                if rng and rng.startswith("bytes=") and not head:
+                    start, _, end = rng[6:].partition("-")
+                    start, end = int(start or 0), int(end) if end else len(data) - 1
+                    chunk = data[start:end + 1]
+                    headers["Content-Range"] = f"bytes {start}-{start + len(chunk) - 1}/{len(data)}"
+                    return self.send(206, chunk, headers)
+                if head:
+                    headers["Content-Length"] = str(len(data))
+                    return self.send(200, b"", headers, head=True)
+                self.send(200, data, headers)
+
+            def api(self, parts, query, head):
+                # /api/{models|datasets}/{org}/{name}/{revision|tree}/{rev}[/{path}]
+                if len(parts) < 3 or parts[0] not in ("models", "datasets"):
+                    return self.error(404, "RepoNotFound", "no such API route", head)
+                repo_type = parts[0][:-1]
+                repo_id = "/".join(parts[1:3])
+                files = hub.repos.get((repo_type, repo_id))
+                if files is None:
+                    return self.error(404, "RepoNotFound", f"repository {repo_id} not found", head)
+                rest = parts[3:]
+                if not rest or rest[0] == "revision":
+                    body = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": p} for p in sorted(files)]}
+                elif rest[0] == "tree":
+                    prefix = "/".join(rest[2:])
+                    recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                    body = self.tree(files, prefix, recursive)
+                else:
+                    return self.error(404, "RepoNotFound", "no such API route", head)
+                self.send(200, json.dumps(body).encode(), {"Content-Type": "application/json"}, head)
+
+            @staticmethod
+            def tree(files, prefix, recursive):
+                prefix = prefix.strip("/")
+                entries, dirs = [], set()
+                for p, data in sorted(files.items()):
+                    if prefix and not p.startswith(prefix + "/"):
+                        continue
+                    rel = p[len(prefix) + 1:] if prefix else p
+                    if "/" in rel and not recursive:
+                        dirs.add((prefix + "/" if prefix else "") + rel.split("/")[0])
+                        continue
+                    if recursive:
+                        for i in range(rel.count("/")):
+                            dirs.add((prefix + "/" if prefix else "") + "/".join(rel.split("/")[:i + 1]))
+                    entries.append({"type": "file", "path": p, "size": len(data),
+                                    "oid": hashlib.sha1(data).hexdigest()})
+                return [{"type": "directory", "path": d, "oid": COMMIT} for d in sorted(dirs)] + entries
+
+        return Handler
