@@ -1,0 +1,715 @@
+"""Training data for Echo: tar shards (local or on the Hugging Face Hub) -> fixed-shape batches.
+
+Shards hold `{key}.npy` (target latent, (N, 128) float16), `{key}.ref.npy` (speaker reference
+latent) and `{key}.json` ({"text": ...}); see `../shared/spec/formats.md`. Every host of a pod
+streams its own share of the shards; the stream is deterministic, resumable from a small JSON
+state, and survives a dirty corpus (bad samples are skipped and counted, never unpickled).
+
+    python data.py make-synthetic runs/synth --shards 8 --samples-per-shard 256 --seed 0
+    python data.py inspect runs/synth                       # or hf://datasets/ORG/REPO[@REV][/GLOB]
+    python data.py inspect hf://datasets/me/corpus --json
+
+Python:
+
+    pipeline = Pipeline(DataConfig(source="runs/synth", batch_size=32, silence_latent="runs/synth/silence_latent.npy"))
+    batch = next(pipeline)          # dict of numpy arrays, fixed shapes
+    state = pipeline.state()        # JSON-able; Pipeline(config, state=state) continues exactly here
+"""
+
+import argparse
+import dataclasses
+import fnmatch
+import glob
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import zlib
+from collections import Counter
+
+import numpy as np
+
+log = logging.getLogger("data")
+
+LATENT_SIZE = 128
+FRAMES_PER_SECOND = 25
+SPEAKER_PATCH = 4
+SHARD_SUFFIX = ".tar"
+
+
+class DataError(Exception):
+    """A problem the user can fix (bad source, bad flag); main() prints it as one sentence."""
+
+
+# ----------------------------------------------------------------------------
+# Text: shared with inference.py, so that training and inference never disagree.
+
+_TEXT_REPLACEMENTS = (("\u2026", "..."), ("\u2018", "'"), ("\u2019", "'"), ("\u201c", '"'), ("\u201d", '"'),
+                      ("\r\n", " "), ("\n", " "), ("\r", " "), (":", ","), (";", ","), ("\u2014", ", "))
+
+
+def normalize_text(text: str) -> str:
+    """The Echo text normalisation, plus the "[S1] " speaker prefix where the text names none."""
+    for old, new in _TEXT_REPLACEMENTS:
+        text = text.replace(old, new)
+    text = text.strip()
+    if not (text.startswith(("[", "(")) or "S1]" in text or "S2]" in text):
+        text = "[S1] " + text
+    return text
+
+
+def encode_text(text: str, max_len: int):
+    """Normalised text -> (ids, mask) int32 of length max_len: BOS 0, then UTF-8 bytes.
+
+    Returns None when the bytes do not fit: cutting text would teach the model to drop words.
+    """
+    raw = normalize_text(text).encode("utf-8")
+    if len(raw) + 1 > max_len:
+        return None
+    ids = np.zeros(max_len, np.int32)
+    ids[1:len(raw) + 1] = np.frombuffer(raw, np.uint8)
+    mask = np.zeros(max_len, np.int32)
+    mask[:len(raw) + 1] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------
+# Sources
+
+def parse_hub_source(source):
+    """hf://datasets/ORG/REPO[@REVISION][/GLOB] -> (repo_id, revision, glob)."""
+    rest = source[len("hf://"):]
+    if not rest.startswith("datasets/") or rest.count("/") < 2:
+        raise DataError(f"{source}: Hub sources look like hf://datasets/ORG/REPO[@REVISION][/GLOB]")
+    org, name, *pattern = rest[len("datasets/"):].split("/")
+    name, _, revision = name.partition("@")
+    return f"{org}/{name}", revision or "main", "/".join(pattern) or "*"
+
+
+def list_shards(source):
+    """The sorted shard list of a source: local dir, glob, text file of paths, or Hub dataset."""
+    if source.startswith("hf://"):
+        from huggingface_hub import HfApi
+        repo_id, revision, pattern = parse_hub_source(source)
+        try:
+            files = HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision)
+        except Exception as e:
+            raise DataError(f"cannot list the Hub dataset {repo_id}@{revision} ({type(e).__name__}); check the "
+                            "repo id, your token (HF_TOKEN) and the network") from None
+        shards = sorted(f for f in files if f.endswith(SHARD_SUFFIX) and fnmatch.fnmatch(f, pattern))
+        kind = f"Hub dataset {repo_id}@{revision} (pattern {pattern})"
+    elif os.path.isdir(source):
+        shards = sorted(glob.glob(os.path.join(source, "**", "*" + SHARD_SUFFIX), recursive=True))
+        kind = f"directory {source}"
+    elif os.path.isfile(source) and not source.endswith(SHARD_SUFFIX):
+        base = os.path.dirname(os.path.abspath(source))
+        with open(source) as f:
+            shards = [os.path.join(base, line.strip()) for line in f if line.strip() and not line.startswith("#")]
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if missing:
+            raise DataError(f"shard list {source} names {len(missing)} missing file(s), e.g. {missing[0]}")
+        kind = f"shard list {source}"
+    else:
+        shards = sorted(glob.glob(source))
+        kind = f"path or pattern {source}"
+    if not shards:
+        raise DataError(f"no {SHARD_SUFFIX} shards found in {kind}")
+    return shards
+
+
+class ShardFetcher:
+    """Local paths for shards; Hub shards are downloaded into a scratch directory just before use
+    (one ahead, in the background) and deleted once consumed, so disk holds a few shards."""
+
+    def __init__(self, source, scratch_dir, retries=5, backoff=1.0):
+        self.hub = parse_hub_source(source) if source.startswith("hf://") else None
+        self.scratch_dir = scratch_dir
+        self.retries, self.backoff = retries, backoff
+        self.pending = {}  # shard -> Thread
+        self.results = {}  # shard -> path or exception
+        self.current = None  # (shard, path) of the open download
+
+    def _download(self, shard):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        repo_id, revision, _ = self.hub
+        error = None
+        for attempt in range(self.retries + 1):
+            try:
+                self.results[shard] = hf_hub_download(repo_id, shard, repo_type="dataset", revision=revision,
+                                                      local_dir=self.scratch_dir)
+                return
+            except (RepositoryNotFoundError, EntryNotFoundError) as e:
+                if "Local" not in type(e).__name__:  # a real 404: retrying will not help
+                    error = e
+                    break
+                error = e
+            except Exception as e:
+                error = e
+            if attempt < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        self.results[shard] = error
+
+    def prefetch(self, shard):
+        if self.hub and shard not in self.pending and shard not in self.results:
+            self.pending[shard] = threading.Thread(target=self._download, args=(shard,), daemon=True)
+            self.pending[shard].start()
+
+    def open(self, shard):
+        """Local path of the shard, or an exception if it could not be fetched."""
+        if not self.hub:
+            return shard
+        if self.current and self.current[0] == shard:
+            return self.current[1]
+        self.prefetch(shard)
+        self.pending.pop(shard).join()
+        path = self.results.pop(shard)
+        self.current = (shard, path) if isinstance(path, str) else None
+        return path
+
+    def release(self, shard):
+        """The shard is consumed: delete its download."""
+        if self.current and self.current[0] == shard:
+            if os.path.exists(self.current[1]):
+                os.remove(self.current[1])
+            self.current = None
+
+
+# ----------------------------------------------------------------------------
+# Samples
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str
+    batch_size: int = 32  # per host
+    max_latent_len: int = 768  # frames (30.7 s); longer clips are skipped, never cropped
+    max_text_len: int = 768  # bytes including BOS; longer texts are skipped
+    max_speaker_len: int = 768  # frames, a multiple of 4; longer references are cropped
+    seed: int = 0
+    shuffle_block: int = 512  # samples shuffled together within a host
+    prefetch_batches: int = 4
+    silence_latent: str = None  # .npy of silence frames that pad targets (zeros if None)
+    scratch_dir: str = None  # where Hub shards are downloaded (default: a temp dir per host)
+    process_index: int = None  # default: jax.process_index()
+    process_count: int = None  # default: jax.process_count()
+    retries: int = 5
+    warn_every_s: float = 60.0
+
+    def validate(self):
+        for name in ("batch_size", "max_latent_len", "max_text_len", "max_speaker_len", "shuffle_block"):
+            if getattr(self, name) < 1:
+                raise DataError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_speaker_len % SPEAKER_PATCH:
+            raise DataError(f"max_speaker_len must be a multiple of {SPEAKER_PATCH}, got {self.max_speaker_len}")
+        if self.max_text_len < 2:
+            raise DataError("max_text_len must leave room for BOS and at least one byte")
+
+
+def load_silence(path, frames):
+    """(frames, 128) float32 padding: the silence latent, repeated as needed; zeros if no path."""
+    if path is None:
+        return np.zeros((frames, LATENT_SIZE), np.float32)
+    try:
+        silence = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"cannot read the silence latent {path} ({type(e).__name__})") from None
+    if silence.ndim != 2 or silence.shape[1] != LATENT_SIZE or len(silence) == 0 or not np.isfinite(silence).all():
+        raise DataError(f"silence latent {path} must be a finite (frames, {LATENT_SIZE}) array, got {silence.shape}")
+    return np.resize(silence.astype(np.float32), (frames, LATENT_SIZE)) if len(silence) < frames \
+        else silence[:frames].astype(np.float32)
+
+
+def _load_latent(raw):
+    """Bytes of a .npy -> (array, None) or (None, reason). Never unpickles."""
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except ValueError as e:
+        return None, "pickled_array" if "pickle" in str(e).lower() or "object" in str(e).lower() else "bad_npy"
+    except Exception:
+        return None, "bad_npy"
+    if array.ndim != 2 or array.shape[1] != LATENT_SIZE or array.shape[0] == 0:
+        return None, "wrong_shape"
+    if not np.issubdtype(array.dtype, np.floating):
+        return None, "wrong_dtype"
+    if not np.isfinite(array).all():
+        return None, "non_finite"
+    return array, None
+
+
+class Sample:
+    """One parsed training example (before padding)."""
+    __slots__ = ("key", "latent", "text_ids", "text_mask", "reference")
+
+    def __init__(self, key, latent, text_ids, text_mask, reference):
+        self.key, self.latent, self.text_ids, self.text_mask, self.reference = \
+            key, latent, text_ids, text_mask, reference
+
+
+def parse_sample(key, members, config, counters):
+    """Tar members of one key -> Sample, or None (and a counted reason)."""
+    def skip(reason):
+        counters[reason] += 1
+        return None
+
+    if key + ".npy" not in members:
+        return skip("missing_latent")
+    if key + ".json" not in members:
+        return skip("missing_json")
+    try:
+        meta = json.loads(members[key + ".json"].decode("utf-8"))
+    except UnicodeDecodeError:
+        return skip("non_utf8_text")
+    except ValueError:
+        return skip("bad_json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("text"), str):
+        return skip("bad_json")
+    if not meta["text"].strip():
+        return skip("empty_text")
+    encoded = encode_text(meta["text"], config.max_text_len)
+    if encoded is None:
+        return skip("text_too_long")
+    latent, reason = _load_latent(members[key + ".npy"])
+    if latent is None:
+        return skip(reason)
+    if len(latent) > config.max_latent_len:
+        return skip("latent_too_long")
+    reference = None
+    if key + ".ref.npy" in members:
+        reference, reason = _load_latent(members[key + ".ref.npy"])
+        if reference is None:
+            counters["unusable_reference"] += 1
+    else:
+        counters["no_reference"] += 1
+    return Sample(key, latent, encoded[0], encoded[1], reference)
+
+
+def read_shard(path, start, config, counters):
+    """Yield (index, Sample or None) for the raw sample groups of a tar, from group `start` on.
+
+    Members are grouped by key (the name up to the first dot of its basename). A truncated or
+    corrupt tar keeps the samples before the damage.
+    """
+    def key_of(name):
+        directory, base = os.path.split(name)
+        return os.path.join(directory, base.split(".", 1)[0])
+
+    index, key, members = 0, None, {}
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k = key_of(member.name)
+                if k != key and key is not None:
+                    if index >= start:
+                        yield index, parse_sample(key, members, config, counters)
+                    index, members = index + 1, {}
+                key = k
+                if index >= start:
+                    members[member.name] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError, zlib.error):
+        counters["truncated_tar"] += 1
+        return  # the group in progress may be cut: drop it
+    if key is not None and index >= start:
+        yield index, parse_sample(key, members, config, counters)
+
+
+def _rng(*parts):
+    """A numpy Generator from a tuple of ints/strings: the same inputs give the same stream."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+def shard_order(shards, seed, epoch):
+    return [shards[i] for i in _rng("shards", seed, epoch).permutation(len(shards))]
+
+
+# ----------------------------------------------------------------------------
+# The per-host stream
+
+class Pipeline:
+    """Infinite, deterministic, resumable batches for this host. Iterate, or call next()."""
+
+    def __init__(self, config: DataConfig, state: dict = None):
+        config.validate()
+        self.config = config
+        if config.process_index is None or config.process_count is None:
+            import jax
+            config = dataclasses.replace(config, process_index=jax.process_index(),
+                                         process_count=jax.process_count())
+            self.config = config
+        self.shards = list_shards(config.source)
+        if len(self.shards) < config.process_count:
+            raise DataError(f"{len(self.shards)} shard(s) in {config.source} cannot feed {config.process_count} "
+                            "hosts: every host needs at least one shard")
+        if config.silence_latent is None:
+            log.warning("no silence latent given: target latents are padded with zeros, not the codec's "
+                        "silence (make one with `python dacvae.py silence`)")
+        self.silence = load_silence(config.silence_latent, config.max_latent_len)
+        scratch = config.scratch_dir or tempfile.mkdtemp(prefix=f"echo-shards-{config.process_index}-")
+        self.fetcher = ShardFetcher(config.source, scratch, config.retries)
+        self._counters = Counter()
+        self._cursor = None  # (epoch, shard position, offset, reader) of the shard being read
+        self._state = dict(state) if state else {"epoch": 0, "shard": 0, "offset": 0, "block": 0,
+                                                  "emitted": 0, "samples_seen": 0, "seed": config.seed}
+        if self._state.get("seed", config.seed) != config.seed:
+            raise DataError(f"the saved data state used seed {self._state['seed']}, the config says {config.seed}")
+        self._queue = queue.Queue(maxsize=config.prefetch_batches)
+        self._stop = threading.Event()
+        self._last_warning = 0.0
+        self._thread = threading.Thread(target=self._produce, daemon=True)
+        self._thread.start()
+
+    # -- consumer side
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        batch, state, counters = item
+        self._state, self._delivered_counters = state, counters
+        return batch
+
+    def state(self):
+        """Where the NEXT batch starts: epoch, shard position, block offset, samples seen (JSON-able)."""
+        return dict(self._state)
+
+    def counters(self):
+        """Skipped samples by reason, and other events, as of the last batch handed out."""
+        return dict(getattr(self, "_delivered_counters", {}))
+
+    def close(self):
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                self._thread.join(timeout=0.1)
+
+    # -- producer side
+    def _host_shards(self, epoch):
+        c = self.config
+        return shard_order(self.shards, c.seed, epoch)[c.process_index::c.process_count]
+
+    def _read_block(self, epoch, shard_pos, offset, size):
+        """Up to `size` usable samples from (shard_pos, offset) on; returns them and the end position.
+
+        The open shard's reader carries over from block to block; only a resume reopens a shard
+        mid-way (and skips to the offset).
+        """
+        shards = self._host_shards(epoch)
+        samples = []
+        while shard_pos < len(shards) and len(samples) < size:
+            name = shards[shard_pos]
+            if self._cursor is not None and self._cursor[:3] == (epoch, shard_pos, offset):
+                reader = self._cursor[3]
+            else:
+                if shard_pos + 1 < len(shards):
+                    self.fetcher.prefetch(shards[shard_pos + 1])
+                path = self.fetcher.open(name)
+                if isinstance(path, BaseException):
+                    self._counters["shard_download_failed"] += 1
+                    log.warning("skipping shard %s: download failed after %d retries (%s)", name,
+                                self.config.retries, type(path).__name__)
+                    shard_pos, offset = shard_pos + 1, 0
+                    continue
+                reader = read_shard(path, offset, self.config, self._counters)
+            self._cursor = None
+            for index, sample in reader:
+                offset = index + 1
+                if sample is not None:
+                    samples.append((name, index, sample))
+                    if len(samples) == size:
+                        self._cursor = (epoch, shard_pos, offset, reader)
+                        break
+            if self._cursor is None:  # the shard is used up
+                self.fetcher.release(name)
+                shard_pos, offset = shard_pos + 1, 0
+        return samples, shard_pos, offset
+
+    def _samples(self):
+        """(Sample, state after it) forever, starting from self._state."""
+        c, s = self.config, dict(self._state)
+        empty_epochs = 0
+        while not self._stop.is_set():
+            block, end_shard, end_offset = self._read_block(s["epoch"], s["shard"], s["offset"], c.shuffle_block)
+            order = _rng("block", c.seed, s["epoch"], s["block"]).permutation(len(block))
+            for i in range(s["emitted"], len(block)):
+                shard, index, sample = block[order[i]]
+                s = dict(s, emitted=i + 1, samples_seen=s["samples_seen"] + 1)
+                yield (shard, index, s["epoch"], sample), s
+            empty_epochs = 0 if block else empty_epochs
+            if end_shard >= len(self._host_shards(s["epoch"])):
+                if not block and s["shard"] == 0 and s["offset"] == 0:
+                    empty_epochs += 1
+                    if empty_epochs >= 2:
+                        raise DataError(f"host {c.process_index} found no usable sample in a whole epoch of "
+                                        f"{c.source}; run `python data.py inspect` on it")
+                s = dict(s, epoch=s["epoch"] + 1, shard=0, offset=0, block=0, emitted=0)
+            else:
+                s = dict(s, shard=end_shard, offset=end_offset, block=s["block"] + 1, emitted=0)
+
+    def _produce(self):
+        try:
+            c = self.config
+            batch, count = self._empty_batch(), 0
+            for (shard, index, epoch, sample), state in self._samples():
+                self._fill(batch, count, sample, _rng("crop", c.seed, epoch, shard, index))
+                count += 1
+                if count == c.batch_size:
+                    self._maybe_warn()
+                    if not self._put((batch, state, dict(self._counters))):
+                        return
+                    batch, count = self._empty_batch(), 0
+        except BaseException as e:  # handed to the consumer, who raises it
+            self._put(e)
+
+    def _put(self, item):
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _maybe_warn(self):
+        skipped = {k: v for k, v in self._counters.items() if k not in ("no_reference",)}
+        now = time.monotonic()
+        if skipped and now - self._last_warning >= self.config.warn_every_s:
+            self._last_warning = now
+            log.warning("data: skipped so far %s", json.dumps(skipped, sort_keys=True))
+
+    def _empty_batch(self):
+        c = self.config
+        b = c.batch_size
+        return {"latent": np.empty((b, c.max_latent_len, LATENT_SIZE), np.float32),
+                "latent_mask": np.zeros((b, c.max_latent_len), np.int32),
+                "text_ids": np.empty((b, c.max_text_len), np.int32),
+                "text_mask": np.empty((b, c.max_text_len), np.int32),
+                "speaker_latent": np.zeros((b, c.max_speaker_len, LATENT_SIZE), np.float32),
+                "speaker_mask": np.zeros((b, c.max_speaker_len), np.int32)}
+
+    def _fill(self, batch, row, sample, rng):
+        fill_row(batch, row, sample, self.silence, self.config.max_speaker_len, rng, self._counters)
+
+
+def fill_row(batch, row, sample, silence, max_speaker_len, rng, counters):
+    """Write one sample into row `row` of a batch: padded latent, text, cropped reference."""
+    n = len(sample.latent)
+    batch["latent"][row, :n] = sample.latent
+    batch["latent"][row, n:] = silence[:batch["latent"].shape[1] - n]
+    batch["latent_mask"][row] = 0
+    batch["latent_mask"][row, :n] = 1
+    batch["text_ids"][row] = sample.text_ids
+    batch["text_mask"][row] = sample.text_mask
+    batch["speaker_latent"][row] = 0
+    batch["speaker_mask"][row] = 0
+    ref = sample.reference
+    if ref is not None:
+        if len(ref) > max_speaker_len:
+            start = int(rng.integers(0, len(ref) - max_speaker_len + 1))
+            ref = ref[start:start + max_speaker_len]
+            counters["cropped_reference"] += 1
+        batch["speaker_latent"][row, :len(ref)] = ref
+        batch["speaker_mask"][row, :len(ref)] = 1
+
+
+# ----------------------------------------------------------------------------
+# Tools for people: a learnable synthetic corpus, and a corpus inspector
+
+SYNTHETIC_FRAMES_PER_BYTE = 2
+SYNTHETIC_SPEAKERS = 8
+_SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "ve", "zu", "ba", "do", "fi", "gu", "ja", "xo",
+              "we", "yi", "hu", "qe", "ch", "st", "pl", "br"]
+_PUNCTUATION = [",", ".", "!", "?", "'", "-"]
+
+
+def synthetic_text(rng):
+    """A pseudo-sentence of 10-40 bytes over ~40 distinct characters."""
+    target = int(rng.integers(10, 41))
+    words = []
+    while len(" ".join(words)) < target:
+        word = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(1, 4))))
+        if rng.random() < 0.2:
+            word = word.capitalize()
+        if rng.random() < 0.15:
+            word += str(rng.choice(_PUNCTUATION))
+        if rng.random() < 0.1:
+            word += str(int(rng.integers(0, 10)))
+        words.append(word)
+    text = " ".join(words)[:target].strip()
+    return text if len(text) >= 10 else text + " kalo mine"[:10 - len(text)]
+
+
+def synthetic_tables(seed):
+    """Per-byte vectors, per-speaker offsets and the silence frame of the synthetic corpus."""
+    rng = _rng("synthetic-tables", seed)
+    byte_vectors = rng.normal(0, 1.0, (256, LATENT_SIZE)).astype(np.float32)
+    speaker_offsets = rng.normal(0, 0.5, (SYNTHETIC_SPEAKERS, LATENT_SIZE)).astype(np.float32)
+    silence = rng.normal(0, 0.1, (LATENT_SIZE,)).astype(np.float32)
+    return byte_vectors, speaker_offsets, silence
+
+
+def synthetic_latent(text, speaker, seed):
+    """The ground truth of the synthetic corpus: each byte of the (raw) text becomes
+    SYNTHETIC_FRAMES_PER_BYTE frames of its vector, plus the speaker's offset. (N, 128) float16."""
+    byte_vectors, speaker_offsets, _ = synthetic_tables(seed)
+    raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+    frames = np.repeat(byte_vectors[raw], SYNTHETIC_FRAMES_PER_BYTE, axis=0) + speaker_offsets[speaker]
+    return frames.astype(np.float16)
+
+
+def _add_member(tar, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def atomic_write(path, write):
+    """write(tmp_path) for a temporary file beside `path`, then rename it into place."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def make_synthetic(out_dir, shards, samples_per_shard, seed=0):
+    """Write a learnable synthetic corpus in the real shard format, and its silence_latent.npy."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = _rng("synthetic-corpus", seed)
+    _, _, silence = synthetic_tables(seed)
+    atomic_write(os.path.join(out_dir, "silence_latent.npy"),
+                 lambda tmp: open(tmp, "wb").write(_npy_bytes(np.tile(silence, (750, 1)).astype(np.float16))))
+    for shard in range(shards):
+        path = os.path.join(out_dir, f"shard-{shard:05d}.tar")
+
+        def write(tmp, shard=shard):
+            with tarfile.open(tmp, "w") as tar:
+                for i in range(samples_per_shard):
+                    key = f"{shard:05d}-{i:06d}"
+                    speaker = int(rng.integers(SYNTHETIC_SPEAKERS))
+                    text = synthetic_text(rng)
+                    ref_text = synthetic_text(rng)
+                    _add_member(tar, key + ".npy", _npy_bytes(synthetic_latent(text, speaker, seed)))
+                    _add_member(tar, key + ".ref.npy", _npy_bytes(synthetic_latent(ref_text, speaker, seed)))
+                    meta = {"text": text, "speaker": speaker, "synthetic_seed": seed}
+                    _add_member(tar, key + ".json", json.dumps(meta).encode())
+        atomic_write(path, write)
+    return out_dir
+
+
+def inspect(source, config=None):
+    """Read every sample of a source through the trainer's parsing code; counts and distributions."""
+    config = config or DataConfig(source=source)
+    config.validate()
+    counters = Counter()
+    fetcher = ShardFetcher(source, tempfile.mkdtemp(prefix="echo-inspect-"), config.retries)
+    latent_lens, text_lens, ref_lens = [], [], []
+    shards = list_shards(source)
+    from tqdm import tqdm
+    for name in tqdm(shards, desc="inspect", unit="shard", disable=len(shards) < 3):
+        path = fetcher.open(name)
+        if isinstance(path, BaseException):
+            counters["shard_download_failed"] += 1
+            continue
+        for _, sample in read_shard(path, 0, config, counters):
+            if sample is None:
+                continue
+            counters["samples_ok"] += 1
+            latent_lens.append(len(sample.latent))
+            text_lens.append(int(sample.text_mask.sum()))
+            if sample.reference is not None:
+                ref_lens.append(len(sample.reference))
+        fetcher.release(name)
+
+    def stats(values):
+        if not values:
+            return {}
+        v = np.asarray(values)
+        return {"min": int(v.min()), "mean": round(float(v.mean()), 1), "p50": int(np.percentile(v, 50)),
+                "p95": int(np.percentile(v, 95)), "max": int(v.max())}
+
+    informational = ("samples_ok", "no_reference", "unusable_reference", "cropped_reference", "truncated_tar",
+                     "shard_download_failed")
+    ok = counters["samples_ok"]
+    return {"source": source, "shards": len(shards), "samples_ok": ok,
+            "skipped": {k: v for k, v in sorted(counters.items()) if k not in informational},
+            "truncated_shards": counters["truncated_tar"], "failed_shards": counters["shard_download_failed"],
+            "no_reference": counters["no_reference"], "unusable_reference": counters["unusable_reference"],
+            "latent_frames": stats(latent_lens), "text_bytes": stats(text_lens), "reference_frames": stats(ref_lens),
+            "fraction_reference_cropped": round(sum(n > config.max_speaker_len for n in ref_lens) / max(ok, 1), 4)}
+
+
+def _print_report(report):
+    print(f"{report['source']}: {report['shards']} shard(s), {report['samples_ok']} usable samples")
+    skipped = report["skipped"]
+    print(f"skipped {sum(skipped.values())}: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
+    print(f"truncated shards {report['truncated_shards']}, failed downloads {report['failed_shards']}, "
+          f"no reference {report['no_reference']}, unusable reference {report['unusable_reference']}")
+    for name, unit in (("latent_frames", "frames"), ("text_bytes", "bytes"), ("reference_frames", "frames")):
+        s = report[name]
+        if s:
+            print(f"{name}: min {s['min']}, mean {s['mean']}, median {s['p50']}, p95 {s['p95']}, max {s['max']} {unit}")
+    print(f"references cropped to max_speaker_len: {100 * report['fraction_reference_cropped']:.1f}%")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make-synthetic", help="write a learnable synthetic corpus in the real shard format")
+    p.add_argument("out_dir", help="output directory (shards and silence_latent.npy)")
+    p.add_argument("--shards", type=int, default=8, help="number of .tar shards")
+    p.add_argument("--samples-per-shard", type=int, default=256, help="samples in each shard")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (texts, speakers, tables)")
+    p = sub.add_parser("inspect", help="read a corpus the way the trainer does; counts and length statistics")
+    p.add_argument("source", help="directory, glob, text file of shard paths, or hf://datasets/ORG/REPO[@REV][/GLOB]")
+    p.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    p.add_argument("--max_latent_len", type=int, default=768, help="frames; longer targets are skipped")
+    p.add_argument("--max_text_len", type=int, default=768, help="bytes; longer texts are skipped")
+    p.add_argument("--max_speaker_len", type=int, default=768, help="frames; longer references are cropped")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.command == "make-synthetic":
+            if args.shards < 1 or args.samples_per_shard < 1:
+                raise DataError("--shards and --samples-per-shard must be at least 1")
+            make_synthetic(args.out_dir, args.shards, args.samples_per_shard, args.seed)
+            print(f"wrote {args.shards} shard(s) of {args.samples_per_shard} samples and silence_latent.npy "
+                  f"to {args.out_dir}")
+        else:
+            config = DataConfig(source=args.source, max_latent_len=args.max_latent_len,
+                                max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len)
+            report = inspect(args.source, config)
+            print(json.dumps(report)) if args.json else _print_report(report)
+    except DataError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
