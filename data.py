@@ -201,7 +201,7 @@ class DataConfig:
     scratch_dir: str = None  # where Hub shards are downloaded (default: a temp dir per host)
     process_index: int = None  # default: jax.process_index()
     process_count: int = None  # default: jax.process_count()
-    retries: int = 5
+    retries: int = 2  # whole-download retries, on top of huggingface_hub's own per-request backoff
     warn_every_s: float = 60.0
 
     def validate(self):
@@ -270,8 +270,10 @@ def parse_sample(key, members, config, counters):
         return skip("non_utf8_text")
     except ValueError:
         return skip("bad_json")
-    if not isinstance(meta, dict) or not isinstance(meta.get("text"), str):
+    if not isinstance(meta, dict):
         return skip("bad_json")
+    if not isinstance(meta.get("text"), str):
+        return skip("missing_text")
     if not meta["text"].strip():
         return skip("empty_text")
     encoded = encode_text(meta["text"], config.max_text_len)

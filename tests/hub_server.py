@@ -17,7 +17,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 class FakeHub:
     def __init__(self):
         self.repos = {}  # (repo_type, repo_id) -> {path: bytes}
-        self.fail = {}  # path suffix -> remaining transient failures (HTTP 503)
+        self.fail = {}  # path suffix -> [remaining failures, HTTP status]
         self.requests = []  # (method, path) of every request
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -32,9 +32,10 @@ class FakeHub:
         with self.lock:
             self.repos.setdefault((repo_type, repo_id), {})[path] = bytes(data)
 
-    def fail_next(self, path_suffix, times):
+    def fail_next(self, path_suffix, times, status=503):
+        """The next `times` requests for paths ending in `path_suffix` get HTTP `status`."""
         with self.lock:
-            self.fail[path_suffix] = times
+            self.fail[path_suffix] = [times, status]
 
     def close(self):
         self.server.shutdown()
@@ -73,10 +74,10 @@ class FakeHub:
                 path = urllib.parse.unquote(url.path)
                 with hub.lock:
                     hub.requests.append((self.command, path))
-                    for suffix, remaining in hub.fail.items():
-                        if remaining > 0 and path.endswith(suffix):
-                            hub.fail[suffix] = remaining - 1
-                            return self.error(503, "ServiceUnavailable", "try again", head)
+                    for suffix, failure in hub.fail.items():
+                        if failure[0] > 0 and path.endswith(suffix):
+                            failure[0] -= 1
+                            return self.error(failure[1], "Injected", "injected failure", head)
                 parts = path.strip("/").split("/")
                 if parts[0] == "api":
                     return self.api(parts[1:], urllib.parse.parse_qs(url.query), head)

@@ -1,0 +1,399 @@
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+import data
+from data import DataConfig, DataError, Pipeline
+
+SMALL = dict(max_latent_len=64, max_text_len=64, max_speaker_len=32)
+
+
+def npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=True)
+    return buffer.getvalue()
+
+
+def add(tar, name, payload):
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def good_members(key, text, frames=10, ref_frames=12):
+    rng = np.random.default_rng(abs(hash(key)) % 2 ** 32)
+    return [(key + ".npy", npy(rng.normal(size=(frames, 128)).astype(np.float16))),
+            (key + ".ref.npy", npy(rng.normal(size=(ref_frames, 128)).astype(np.float16))),
+            (key + ".json", json.dumps({"text": text}).encode())]
+
+
+def write_corpus(directory, shards, per_shard, prefix="s"):
+    """Shards of samples whose text names them: 'utterance {shard}-{i}'."""
+    os.makedirs(directory, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        path = os.path.join(directory, f"{prefix}-{s:03d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                for name, payload in good_members(f"k{s:03d}_{i:04d}", f"utterance {s}-{i}", frames=5 + (i % 7)):
+                    add(tar, name, payload)
+        paths.append(path)
+    return paths
+
+
+def texts_of(batch):
+    out = []
+    for ids, mask in zip(batch["text_ids"], batch["text_mask"]):
+        out.append(bytes(ids[1:mask.sum()].astype(np.uint8)).decode())
+    return out
+
+
+def config(source, **kw):
+    return DataConfig(source=source, **{**SMALL, "batch_size": 3, "shuffle_block": 4, "process_index": 0,
+                                       "process_count": 1, **kw})
+
+
+def take(pipeline, n):
+    return [next(pipeline) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- text
+
+def test_text_normalisation_and_encoding():
+    assert data.normalize_text("Hello: world; \u201cquoted\u201d \u2018x\u2019\u2026\nnext\u2014end") == \
+        '[S1] Hello, world, "quoted" \'x\'... next, end'
+    assert data.normalize_text("[S2] already tagged") == "[S2] already tagged"
+    assert data.normalize_text("(laughs) ok") == "(laughs) ok"
+    ids, mask = data.encode_text("h\u00e9", 16)
+    raw = "[S1] h\u00e9".encode()
+    assert ids[0] == 0 and list(ids[1:len(raw) + 1]) == list(raw) and mask.sum() == len(raw) + 1
+    assert not ids[len(raw) + 1:].any()
+    assert data.encode_text("x" * 20, 20) is None  # never cut
+
+
+# ---------------------------------------------------------------- batches
+
+def test_batches_have_fixed_shapes_and_padding(tmp_path):
+    write_corpus(tmp_path, 2, 7)
+    silence = np.full((3, 128), 0.25, np.float16)
+    np.save(tmp_path / "silence.npy", silence)
+    p = Pipeline(config(str(tmp_path), silence_latent=str(tmp_path / "silence.npy")))
+    for batch in take(p, 12):
+        assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
+            "latent": ((3, 64, 128), "float32"), "latent_mask": ((3, 64), "int32"),
+            "text_ids": ((3, 64), "int32"), "text_mask": ((3, 64), "int32"),
+            "speaker_latent": ((3, 32, 128), "float32"), "speaker_mask": ((3, 32), "int32")}
+        for row in range(3):
+            n = batch["latent_mask"][row].sum()
+            assert 5 <= n <= 11 and batch["latent_mask"][row, :n].all()
+            assert np.all(batch["latent"][row, n:] == 0.25)  # the silence latent, not zeros
+            assert batch["speaker_mask"][row].sum() == 12 and not batch["speaker_latent"][row, 12:].any()
+            assert texts_of(batch)[row].startswith("[S1] utterance ")
+    p.close()
+
+
+def test_speaker_reference_is_cropped_reproducibly_and_missing_reference_is_masked(tmp_path):
+    path = tmp_path / "one.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, payload in good_members("a", "long reference", ref_frames=50):
+            add(tar, name, payload)
+        for name, payload in good_members("b", "no reference")[::2]:  # .npy and .json only
+            add(tar, name, payload)
+    batches = []
+    for _ in range(2):
+        p = Pipeline(config(str(path), batch_size=2))
+        batches.append(next(p))
+        counters = p.counters()
+        p.close()
+    np.testing.assert_array_equal(batches[0]["speaker_latent"], batches[1]["speaker_latent"])
+    rows = {t: i for i, t in enumerate(texts_of(batches[0]))}
+    a, b = rows["[S1] long reference"], rows["[S1] no reference"]
+    assert batches[0]["speaker_mask"][a].sum() == 32 and batches[0]["speaker_mask"][b].sum() == 0
+    assert counters["no_reference"] >= 1 and counters["cropped_reference"] >= 1
+
+
+# ---------------------------------------------------------------- hosts
+
+@pytest.mark.parametrize("hosts", [1, 2, 3])
+def test_hosts_partition_an_epoch_without_overlap_or_loss(tmp_path, hosts):
+    write_corpus(tmp_path, 6, 5)
+    expected = {f"[S1] utterance {s}-{i}" for s in range(6) for i in range(5)}
+    seen = []
+    for host in range(hosts):
+        p = Pipeline(config(str(tmp_path), batch_size=1, process_index=host, process_count=hosts))
+        while True:
+            batch = next(p)
+            if p.state()["epoch"] > 0:
+                break
+            seen += texts_of(batch)
+        p.close()
+    assert len(seen) == len(set(seen)) == len(expected) and set(seen) == expected
+
+
+def test_more_hosts_than_shards_is_a_clear_error(tmp_path):
+    write_corpus(tmp_path, 2, 3)
+    with pytest.raises(DataError, match="cannot feed 3 hosts"):
+        Pipeline(config(str(tmp_path), process_index=0, process_count=3))
+
+
+def test_epochs_reshuffle_the_order(tmp_path):
+    write_corpus(tmp_path, 4, 6)
+    p = Pipeline(config(str(tmp_path), batch_size=24))
+    first, second = texts_of(next(p)), texts_of(next(p))
+    p.close()
+    assert sorted(first) == sorted(second) and first != second
+
+
+# ---------------------------------------------------------------- resume
+
+def test_resume_yields_exactly_the_same_batches(tmp_path):
+    # 3 shards of 5 samples, blocks of 4, batches of 3: shard, block and epoch boundaries all
+    # fall inside the 15 batches below.
+    write_corpus(tmp_path, 3, 5)
+    reference = Pipeline(config(str(tmp_path)))
+    expected = take(reference, 15)
+    reference.close()
+    for stop in (1, 2, 4, 5, 7, 9, 12):
+        p = Pipeline(config(str(tmp_path)))
+        take(p, stop)
+        state = json.loads(json.dumps(p.state()))
+        p.close()
+        resumed = Pipeline(config(str(tmp_path)), state=state)
+        for want in expected[stop:]:
+            got = next(resumed)
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"stop {stop}, {k}")
+        resumed.close()
+    assert state["epoch"] >= 1  # the last resume point lies past an epoch boundary
+
+
+def test_resume_rejects_a_state_from_another_seed(tmp_path):
+    write_corpus(tmp_path, 1, 3)
+    with pytest.raises(DataError, match="seed"):
+        Pipeline(config(str(tmp_path), seed=1), state={"epoch": 0, "shard": 0, "offset": 0, "block": 0,
+                                                       "emitted": 0, "samples_seen": 0, "seed": 0})
+
+
+# ---------------------------------------------------------------- dirty data
+
+def dirty_corpus(directory):
+    os.makedirs(directory, exist_ok=True)
+    good = []
+
+    def good_sample(tar, key):
+        text = f"good {key}"
+        for name, payload in good_members(key, text):
+            add(tar, name, payload)
+        good.append("[S1] " + text)
+
+    with tarfile.open(os.path.join(directory, "dirty.tar"), "w") as tar:
+        good_sample(tar, "g1")
+        add(tar, "nolatent.json", b'{"text": "x"}')  # missing_latent
+        add(tar, "nojson.npy", npy(np.zeros((4, 128), np.float16)))  # missing_json
+        add(tar, "shape.npy", npy(np.zeros((4, 64), np.float16)))
+        add(tar, "shape.json", b'{"text": "wrong shape"}')
+        add(tar, "dtype.npy", npy(np.zeros((4, 128), np.int16)))
+        add(tar, "dtype.json", b'{"text": "wrong dtype"}')
+        nan = np.zeros((4, 128), np.float16)
+        nan[1, 2] = np.nan
+        add(tar, "nan.npy", npy(nan))
+        add(tar, "nan.json", b'{"text": "nan"}')
+        inf = np.zeros((4, 128), np.float32)
+        inf[0, 0] = np.inf
+        add(tar, "inf.npy", npy(inf))
+        add(tar, "inf.json", b'{"text": "inf"}')
+        add(tar, "pickle.npy", npy(np.array([{"evil": 1}], dtype=object)))
+        add(tar, "pickle.json", b'{"text": "pickled"}')
+        add(tar, "empty.npy", npy(np.zeros((4, 128), np.float16)))
+        add(tar, "empty.json", b'{"text": "   "}')
+        add(tar, "utf.npy", npy(np.zeros((4, 128), np.float16)))
+        add(tar, "utf.json", b'{"text": "caf\xe9"}')
+        add(tar, "long.npy", npy(np.zeros((4, 128), np.float16)))
+        add(tar, "long.json", json.dumps({"text": "y" * 100}).encode())
+        add(tar, "badjson.npy", npy(np.zeros((4, 128), np.float16)))
+        add(tar, "badjson.json", b'{"text": ')
+        add(tar, "notext.npy", npy(np.zeros((4, 128), np.float16)))
+        add(tar, "notext.json", b'{"caption": "no text field"}')
+        add(tar, "toolong.npy", npy(np.zeros((65, 128), np.float16)))
+        add(tar, "toolong.json", b'{"text": "latent too long"}')
+        add(tar, "garbage.npy", b"\x93NUMPY garbage")
+        add(tar, "garbage.json", b'{"text": "garbage npy"}')
+        for name, payload in good_members("badref", "bad reference"):
+            add(tar, name, npy(np.zeros((3, 7), np.float16)) if name.endswith(".ref.npy") else payload)
+        good.append("[S1] bad reference")
+        good_sample(tar, "g2")
+    # A truncated shard: the two samples before the cut survive.
+    whole = os.path.join(directory, "whole.tmp")
+    with tarfile.open(whole, "w") as tar:
+        good_sample(tar, "t1")
+        good_sample(tar, "t2")
+        for name, payload in good_members("t3", "cut off", frames=60):
+            add(tar, name, payload)
+    raw = open(whole, "rb").read()
+    os.remove(whole)
+    with open(os.path.join(directory, "truncated.tar"), "wb") as f:
+        f.write(raw[:len(raw) - 8000])
+    with open(os.path.join(directory, "zero.tar"), "wb") as f:
+        f.write(b"")
+    return good
+
+
+def test_dirty_samples_are_skipped_and_counted(tmp_path):
+    good = dirty_corpus(tmp_path)
+    p = Pipeline(config(str(tmp_path), batch_size=1))
+    seen = []
+    while True:
+        batch = next(p)
+        if p.state()["epoch"] > 0:
+            break
+        seen += texts_of(batch)
+        counters = p.counters()  # as of the last sample of epoch 0
+    p.close()
+    assert sorted(seen) == sorted(good)
+    for reason in ("missing_latent", "missing_json", "wrong_shape", "wrong_dtype", "pickled_array",
+                   "empty_text", "non_utf8_text", "text_too_long", "bad_json", "missing_text", "latent_too_long",
+                   "bad_npy", "unusable_reference"):
+        assert counters.get(reason) == 1, (reason, counters)
+    assert counters["non_finite"] == 2
+    assert counters["truncated_tar"] == 2  # the cut shard and the empty file
+
+
+def test_inspect_reports_the_same_counts(tmp_path):
+    good = dirty_corpus(tmp_path)
+    out = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "inspect", str(tmp_path), "--json",
+                          "--max_latent_len", "64", "--max_text_len", "64", "--max_speaker_len", "32"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["samples_ok"] == len(good)
+    assert report["skipped"]["non_finite"] == 2 and report["skipped"]["pickled_array"] == 1
+    assert report["truncated_shards"] >= 1 and report["unusable_reference"] == 1
+    human = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "inspect", str(tmp_path),
+                            "--max_latent_len", "64", "--max_text_len", "64", "--max_speaker_len", "32"],
+                           capture_output=True, text=True, timeout=120)
+    assert f"{len(good)} usable samples" in human.stdout and "latent_frames:" in human.stdout
+
+
+def test_a_corpus_with_no_usable_sample_is_an_error_not_a_hang(tmp_path):
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        add(tar, "x.json", b'{"text": "no latent"}')
+    p = Pipeline(config(str(tmp_path)))
+    with pytest.raises(DataError, match="no usable sample"):
+        next(p)
+    p.close()
+
+
+# ---------------------------------------------------------------- the Hub
+
+def publish(hub, repo_id, directory):
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".tar"):
+            hub.add_file(repo_id, f"data/{name}", os.path.join(directory, name), repo_type="dataset")
+    hub.add_file(repo_id, "README.md", b"# corpus", repo_type="dataset")
+
+
+def test_hub_streaming_matches_local_and_keeps_disk_bounded(hub, tmp_path):
+    local = tmp_path / "local"
+    write_corpus(local, 12, 4)
+    publish(hub, "me/corpus", local)
+    scratch = tmp_path / "scratch"
+    remote = Pipeline(config("hf://datasets/me/corpus", batch_size=4, scratch_dir=str(scratch)))
+    here = Pipeline(config(str(local), batch_size=4))
+    most_tars = 0
+    for _ in range(15):  # more than an epoch of 48 samples
+        a, b = next(remote), next(here)
+        # Same shard names in the same order (the listing is sorted), so the same stream.
+        assert texts_of(a) == texts_of(b)
+        tars = [f for _, _, files in os.walk(scratch) for f in files if f.endswith(".tar")]
+        most_tars = max(most_tars, len(tars))
+    remote.close()
+    here.close()
+    assert 1 <= most_tars <= 3
+    assert any(path.startswith("/datasets/me/corpus/resolve/") for _, path in hub.requests)
+
+
+def test_hub_source_revision_and_glob(hub, tmp_path):
+    write_corpus(tmp_path / "a", 2, 2, prefix="train")
+    write_corpus(tmp_path / "b", 2, 2, prefix="valid")
+    publish(hub, "me/split", tmp_path / "a")
+    publish(hub, "me/split", tmp_path / "b")
+    assert data.list_shards("hf://datasets/me/split@main/data/train-*") == ["data/train-000.tar",
+                                                                            "data/train-001.tar"]
+    assert len(data.list_shards("hf://datasets/me/split")) == 4
+    with pytest.raises(DataError, match="cannot list the Hub dataset"):
+        data.list_shards("hf://datasets/me/absent")
+    with pytest.raises(DataError, match="hf://datasets/ORG/REPO"):
+        data.list_shards("hf://models/x")
+
+
+def test_hub_downloads_retry_transient_errors_and_skip_dead_shards(hub, tmp_path):
+    write_corpus(tmp_path, 3, 2)
+    publish(hub, "me/flaky", tmp_path)
+    hub.fail_next("me/flaky/resolve/main/data/s-000.tar", 2)  # 503s: huggingface_hub's own backoff recovers
+    hub.fail_next("me/flaky/resolve/main/data/s-002.tar", 3, status=403)  # fails 3 downloads, then works
+    hub.fail_next("me/flaky/resolve/main/data/s-001.tar", 10 ** 6, status=403)  # never comes back
+    p = Pipeline(config("hf://datasets/me/flaky", batch_size=1, retries=3, scratch_dir=str(tmp_path / "x")))
+    p.fetcher.backoff = 0.01
+    seen = []
+    while True:
+        batch = next(p)
+        if p.state()["epoch"] > 0:
+            break
+        seen += texts_of(batch)
+        counters = p.counters()
+    p.close()
+    assert sorted(seen) == ["[S1] utterance 0-0", "[S1] utterance 0-1", "[S1] utterance 2-0", "[S1] utterance 2-1"]
+    assert counters["shard_download_failed"] == 1
+
+
+# ---------------------------------------------------------------- sources and tools
+
+def test_local_sources_directory_glob_and_list_file(tmp_path):
+    paths = write_corpus(tmp_path / "c", 3, 1)
+    assert data.list_shards(str(tmp_path / "c")) == paths
+    assert data.list_shards(str(tmp_path / "c" / "s-00[01].tar")) == paths[:2]
+    listing = tmp_path / "shards.txt"
+    listing.write_text("c/s-002.tar\n# comment\nc/s-000.tar\n")
+    assert data.list_shards(str(listing)) == [paths[2], paths[0]]
+    listing.write_text("c/missing.tar\n")
+    with pytest.raises(DataError, match="missing file"):
+        data.list_shards(str(listing))
+    with pytest.raises(DataError, match="no .tar shards"):
+        data.list_shards(str(tmp_path / "nothing-*"))
+
+
+def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "make-synthetic", str(tmp_path / "a"),
+                          "--shards", "2", "--samples-per-shard", "40", "--seed", "5"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data.make_synthetic(str(tmp_path / "b"), 2, 40, seed=5)
+    assert open(tmp_path / "a" / "shard-00001.tar", "rb").read() == open(tmp_path / "b" / "shard-00001.tar", "rb").read()
+    silence = np.load(tmp_path / "a" / "silence_latent.npy")
+    assert silence.shape == (750, 128) and silence.dtype == np.float16
+    texts, speakers = set(), set()
+    with tarfile.open(tmp_path / "a" / "shard-00000.tar") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}
+    for name, payload in members.items():
+        if name.endswith(".json"):
+            meta = json.loads(payload)
+            key = name[:-5]
+            latent = np.load(io.BytesIO(members[key + ".npy"]))
+            np.testing.assert_array_equal(latent, data.synthetic_latent(meta["text"], meta["speaker"], 5))
+            assert 10 <= len(meta["text"].encode()) <= 40
+            texts.add(meta["text"])
+            speakers.add(meta["speaker"])
+    assert len(set("".join(texts))) >= 30 and len(speakers) == data.SYNTHETIC_SPEAKERS
+    # Every byte and the speaker change the latent.
+    a = data.synthetic_latent("abcdefghij", 0, 5)
+    assert not np.array_equal(a, data.synthetic_latent("abcdefghiz", 0, 5))
+    assert not np.array_equal(a, data.synthetic_latent("abcdefghij", 1, 5))
