@@ -8,16 +8,22 @@ Sections:
           achieved GFLOP/s, the machine's measured float32 matmul peak, MFU, compile time.
   dacvae  encode and decode of 10 s of audio with the full-size codec (random weights):
           seconds, real-time factors, peak memory, and the chunked-vs-whole gap.
+  data    samples per second on ONE core, from local shards to batches, default lengths
+          (768 frames / bytes / speaker frames), against what a 1.3B run needs per host.
 """
 
 import argparse
 import concurrent.futures
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
 import resource
+import shutil
 import sys
+import tarfile
+import tempfile
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -188,7 +194,54 @@ def bench_dacvae(seconds=10.0, chunk_frames=100):
     }
 
 
-SECTIONS = {"model": bench_model, "dacvae": bench_dacvae}
+def _data_measurements(directory, batches, batch_size):
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
+    import data
+
+    pipeline = data.Pipeline(data.DataConfig(source=directory, batch_size=batch_size, process_index=0,
+                                             process_count=1, silence_latent=os.path.join(directory, "silence.npy")))
+    next(pipeline)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(pipeline)
+    seconds = time.perf_counter() - start
+    pipeline.close()
+    return batches * batch_size / seconds
+
+
+def bench_data(shards=4, per_shard=256, batches=40, batch_size=32):
+    rng = np.random.default_rng(0)
+    directory = tempfile.mkdtemp(prefix="bench-data-")
+    np.save(os.path.join(directory, "silence.npy"), np.zeros((750, 128), np.float16))
+
+    def member(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    def latent_bytes(frames):
+        buffer = io.BytesIO()
+        np.save(buffer, rng.normal(size=(frames, 128)).astype(np.float16))
+        return buffer.getvalue()
+
+    for s in range(shards):  # clips of 4-30 s with references of 3-40 s, texts of 50-400 bytes
+        with tarfile.open(os.path.join(directory, f"shard-{s:05d}.tar"), "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}-{i:06d}"
+                member(tar, key + ".npy", latent_bytes(int(rng.integers(100, 760))))
+                member(tar, key + ".ref.npy", latent_bytes(int(rng.integers(75, 1000))))
+                member(tar, key + ".json", json.dumps({"text": "word " * int(rng.integers(10, 80))}).encode())
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rate = pool.submit(_data_measurements, directory, batches, batch_size).result()
+    shutil.rmtree(directory)
+    needed = 32 * 1.0  # 1.3B at global batch 256 on 8 hosts: 32 samples per host per ~1 s step
+    return {"section": "data", "cores": 1, "batch_size": batch_size,
+            "lengths": {"latent": 768, "text": 768, "speaker": 768},
+            "samples_per_s": round(rate, 1), "needed_per_host_samples_per_s": needed,
+            "headroom": round(rate / needed, 1)}
+
+
+SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data}
 
 
 def main():

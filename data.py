@@ -487,7 +487,7 @@ class Pipeline:
         return False
 
     def _maybe_warn(self):
-        skipped = {k: v for k, v in self._counters.items() if k not in ("no_reference",)}
+        skipped = {k: v for k, v in self._counters.items() if k not in ("no_reference", "cropped_reference")}
         now = time.monotonic()
         if skipped and now - self._last_warning >= self.config.warn_every_s:
             self._last_warning = now
