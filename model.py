@@ -15,6 +15,8 @@ Self-check (parity with the reference vectors and parameter counts):
 
 import dataclasses
 import math
+import os
+import pickle
 import re
 from typing import Any
 
@@ -672,6 +674,131 @@ def export_reference_params(params, config: EchoConfig) -> dict:
     ours = flatten(jax.tree.map(np.asarray, nn.unbox(params)))
     layout, _ = _reference_layout(config)
     return {ref: (ours[path] if index is None else ours[path][index]) for ref, (path, index, _) in layout.items()}
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint files (format: ../shared/spec/formats.md). Reading never runs code from the file.
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt or does not fit; main()s print it as one sentence."""
+
+
+class _Boxed:
+    """Stand-in for Flax's LogicallyPartitioned / Partitioned boxes: keeps the state, never runs code."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):  # (dict, slots) from dataclass pickling
+            state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
+        self.__dict__.update(state)
+
+
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"), ("builtins", "slice"), ("collections", "OrderedDict"),
+    ("copyreg", "__newobj__"), ("copyreg", "_reconstructor"), ("builtins", "object"), ("builtins", "tuple"),
+    ("builtins", "list"), ("builtins", "dict"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "complex"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.endswith("DType"):  # numpy 2 dtype classes
+            return super().find_class(module, name)
+        if name in ("LogicallyPartitioned", "Partitioned") and module.startswith("flax"):
+            return _Boxed
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: checkpoints hold only arrays, "
+                                     "containers and scalars")
+
+
+def _unbox(tree):
+    if isinstance(tree, _Boxed):
+        return _unbox(tree.__dict__.get("value"))
+    if isinstance(tree, dict):
+        return {k: _unbox(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_unbox(v) for v in tree)
+    return tree
+
+
+def load_checkpoint_file(path):
+    """Read a checkpoint .pkl with restricted unpickling; Flax boxes are unwrapped."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            payload = _RestrictedUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} is not a safe checkpoint ({e})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("params"), dict):
+        raise CheckpointError(f"{path} is not an Echo checkpoint: expected a dict with 'params'")
+    return _unbox(payload)
+
+
+def config_from_checkpoint(payload, path="checkpoint"):
+    """The EchoConfig stored in a checkpoint, or one inferred from its parameter shapes."""
+    stored = payload.get("config")
+    if isinstance(stored, dict):
+        known = {f.name for f in dataclasses.fields(EchoConfig)}
+        return EchoConfig(**{k: v for k, v in stored.items() if k in known})
+    flat = flatten(payload["params"])
+    try:
+        if "in_proj/kernel" not in flat:
+            raise KeyError("in_proj/kernel")
+        latent, d = flat["in_proj/kernel"].shape
+        emb = flat["text_encoder/text_embedding/embedding"]
+        ds = flat["speaker_encoder/in_proj/kernel"].shape[1]
+        p = flat["speaker_encoder/in_proj/kernel"].shape[0] // latent
+        count = lambda prefix: len({k.split("/")[len(prefix.split("/")) - 1] for k in flat if k.startswith(prefix)})
+        if "layers/mlp/w1/kernel" in flat:  # our stacked layout
+            layers = flat["layers/mlp/w1/kernel"].shape[0]
+            text_layers = flat["text_encoder/layers/mlp/w1/kernel"].shape[0]
+            spk_layers = flat["speaker_encoder/layers/mlp/w1/kernel"].shape[0]
+            heads = flat["layers/attention/q_norm/weight"].shape[1]
+            text_heads = flat["text_encoder/layers/attention/q_norm/weight"].shape[1]
+            spk_heads = flat["speaker_encoder/layers/attention/q_norm/weight"].shape[1]
+            mlp, text_mlp, spk_mlp = (flat[f"{p_}layers/mlp/w1/kernel"].shape[2]
+                                      for p_ in ("", "text_encoder/", "speaker_encoder/"))
+            rank = flat["layers/attn_adaln/adaln_rank_shift/kernel"].shape[2]
+        else:  # the reference per-layer layout
+            layers = count("TransformerBlock_")
+            text_layers = count("text_encoder/TextTransformerBlock_")
+            spk_layers = count("speaker_encoder/EncoderTransformerBlock_")
+            heads = flat["TransformerBlock_0/attention/q_norm/weight"].shape[0]
+            text_heads = flat["text_encoder/TextTransformerBlock_0/attention/q_norm/weight"].shape[0]
+            spk_heads = flat["speaker_encoder/EncoderTransformerBlock_0/attention/q_norm/weight"].shape[0]
+            mlp = flat["TransformerBlock_0/mlp/w1/kernel"].shape[1]
+            text_mlp = flat["text_encoder/TextTransformerBlock_0/mlp/w1/kernel"].shape[1]
+            spk_mlp = flat["speaker_encoder/EncoderTransformerBlock_0/mlp/w1/kernel"].shape[1]
+            rank = flat["TransformerBlock_0/attn_adaln/adaln_rank_shift/kernel"].shape[1]
+        return EchoConfig(model_size=d, num_layers=layers, num_heads=heads, intermediate_size=mlp,
+                          latent_size=latent, timestep_embed_size=flat["cond_dense_0/kernel"].shape[0],
+                          adaln_rank=rank, encoder_model_size=ds, encoder_num_layers=spk_layers,
+                          encoder_num_heads=spk_heads, encoder_intermediate_size=spk_mlp, encoder_patch_size=p,
+                          text_vocab_size=emb.shape[0], text_model_size=emb.shape[1], text_num_layers=text_layers,
+                          text_num_heads=text_heads, text_intermediate_size=text_mlp)
+    except (KeyError, IndexError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path} has no config and its parameters do not describe an Echo DiT "
+                              f"(missing or odd {e})") from None
+
+
+def params_from_checkpoint(payload, config: EchoConfig, path="checkpoint"):
+    """Parameters of a loaded checkpoint in this model's layout (stacked or reference per-layer)."""
+    params = payload["params"]
+    flat = flatten(params)
+    try:
+        if any(k.startswith("TransformerBlock_") for k in flat):
+            return import_reference_params(flat, config)
+        # Our own layout: check it against the config's shapes.
+        return import_reference_params(export_reference_params(params, config), config)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit the model config: {e}") from None
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,679 @@
+"""Pretrain Echo: multi-host FSDP flow matching on TPU pods (or CPU, for the tiny preset).
+
+Every worker of a pod runs this same command (see launch.sh); roles come from
+jax.process_index(). The embedded default trains the tiny preset on a learnable synthetic corpus
+in a few minutes on a CPU, and scores what it generates:
+
+    python train_pretrain.py --preset tiny --data synthetic
+    python train_pretrain.py --preset 1.3B --data hf://datasets/ORG/REPO --silence_latent silence.npy \\
+        --checkpoint_dir /mnt/disk/ckpt --metrics_file /mnt/disk/ckpt/metrics.jsonl
+
+Checkpoints (`step_XXXXXXX.pkl` plus a weights-only `.params.pkl`) hold params, Adam moments,
+the step, every host's data position and the config: `--resume auto` (the default) continues
+bit-identically from the newest complete one found on ANY worker. SIGTERM writes a checkpoint at
+the next step boundary and exits 0.
+"""
+
+import sys
+
+sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never pull TF in next to JAX
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+log = logging.getLogger("train")
+
+TPU_V4_PEAK_FLOPS = 275e12  # bf16 per chip
+TIMESTEP_BUCKETS = 5
+
+
+class TrainError(Exception):
+    """A user-fixable problem (bad flag, bad data source, missing peer); main() prints one sentence."""
+
+
+# ----------------------------------------------------------------------------
+# Flags
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default="tiny", help="model preset from model.PRESETS: 1.3B, 840M or tiny")
+    a("--data", default="synthetic", help="'synthetic' (generated in the run directory), a shard directory, "
+      "glob, list file, or hf://datasets/ORG/REPO[@REV][/GLOB]")
+    a("--run_dir", default="runs/echo", help="directory for the synthetic corpus and default outputs")
+    a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 2000)")
+    a("--global_batch_size", type=int, default=None, help="samples per step over all hosts (default 256; synthetic 32)")
+    a("--grad_accum", type=int, default=1, help="split each step into this many micro-batches (same result)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 1e-4; synthetic 2e-3)")
+    a("--warmup_frac", type=float, default=0.05, help="linear warmup over this fraction of steps, then cosine to 0")
+    a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms, AdaLN, gates)")
+    a("--seed", type=int, default=0, help="seed for init, timesteps, noise, dropout and data order")
+    a("--checkpoint_dir", default=None, help="where step_XXXXXXX.pkl files go (default RUN_DIR/checkpoints)")
+    a("--checkpoint_every", type=int, default=5000, help="steps between checkpoints (and one at the end)")
+    a("--keep_checkpoints", type=int, default=3, help="keep only the newest N checkpoints (0: keep all)")
+    a("--resume", default="auto", help="'auto' (newest complete checkpoint on any worker), 'none', or a path")
+    a("--init_from", default=None, help="start from this checkpoint's weights with a fresh optimizer at step 0")
+    a("--metrics_file", default=None, help="JSON Lines metrics (default RUN_DIR/metrics.jsonl)")
+    a("--log_every", type=int, default=1, help="steps between metrics lines")
+    a("--eval_every", type=int, default=None, help="steps between validation (default 1000; synthetic 250)")
+    a("--silence_latent", default=None, help=".npy silence latent that pads targets (python dacvae.py silence)")
+    a("--max_latent_len", type=int, default=None, help="target frames per sample (default 768; synthetic 96)")
+    a("--max_text_len", type=int, default=None, help="text bytes per sample incl. BOS (default 768; synthetic 64)")
+    a("--max_speaker_len", type=int, default=None, help="speaker frames, multiple of 4 (default 768; synthetic 96)")
+    a("--dtype", default=None, choices=("float32", "bfloat16"),
+      help="compute dtype (default: bfloat16 on TPU, float32 elsewhere)")
+    a("--remat", default="none", choices=("none", "full", "save_dots"), help="rematerialisation policy")
+    a("--mesh_data", type=int, default=1, help="size of the 'data' mesh axis; the rest is 'fsdp'")
+    a("--max_bad_steps", type=int, default=20, help="stop after this many non-finite steps in a row")
+    a("--eval_samples", type=int, default=16, help="held-out texts sampled at each synthetic eval")
+    a("--sample_steps", type=int, default=16, help="Euler steps when sampling at eval")
+    a("--aot_topology", default=None, help="compile for a TPU topology (e.g. v4-64, v4:2x2x1) and report memory")
+    a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache")
+    a("--distributed_timeout", type=int, default=300, help="seconds to wait for all hosts to join")
+    return p.parse_args(argv)
+
+
+def resolve_defaults(args):
+    """Fill defaults that depend on --data synthetic; validate every flag before anything compiles."""
+    synthetic = args.data == "synthetic"
+    defaults = dict(steps=2000 if synthetic else 1_000_000, global_batch_size=32 if synthetic else 256,
+                    lr=2e-3 if synthetic else 1e-4, eval_every=250 if synthetic else 1000,
+                    max_latent_len=96 if synthetic else 768, max_text_len=64 if synthetic else 768,
+                    max_speaker_len=96 if synthetic else 768)
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.run_dir, "checkpoints")
+    args.metrics_file = args.metrics_file or os.path.join(args.run_dir, "metrics.jsonl")
+    import model
+    if args.preset not in model.PRESETS:
+        raise TrainError(f"--preset must be one of {', '.join(model.PRESETS)}, got {args.preset!r}")
+    for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
+                 "max_latent_len", "max_text_len", "max_speaker_len", "mesh_data", "max_bad_steps"):
+        if getattr(args, name) < 1:
+            raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_speaker_len % 4:
+        raise TrainError(f"--max_speaker_len must be a multiple of 4, got {args.max_speaker_len}")
+    if args.global_batch_size % args.grad_accum:
+        raise TrainError(f"--global_batch_size {args.global_batch_size} must divide into --grad_accum "
+                         f"{args.grad_accum} micro-batches")
+    if not args.lr > 0 or not 0 <= args.warmup_frac < 1:
+        raise TrainError("--lr must be positive and --warmup_frac in [0, 1)")
+    if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
+        raise TrainError(f"--resume {args.resume}: no such checkpoint file")
+    if args.init_from and not os.path.isfile(args.init_from):
+        raise TrainError(f"--init_from {args.init_from}: no such checkpoint file")
+    if args.silence_latent and not os.path.isfile(args.silence_latent):
+        raise TrainError(f"--silence_latent {args.silence_latent}: no such file")
+    return args
+
+
+# ----------------------------------------------------------------------------
+# Distributed setup
+
+def init_distributed(timeout):
+    """Join the other hosts: a local simulated pod (ECHO_COORDINATOR, ECHO_NUM_PROCESSES,
+    ECHO_PROCESS_ID) or a TPU pod (detected by JAX). Single-host runs skip this."""
+    import jax
+    coordinator = os.environ.get("ECHO_COORDINATOR")
+    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if not coordinator and not tpu_pod:
+        return
+    try:
+        if coordinator:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+            jax.distributed.initialize(coordinator, int(os.environ["ECHO_NUM_PROCESSES"]),
+                                       int(os.environ["ECHO_PROCESS_ID"]), initialization_timeout=timeout)
+        else:
+            jax.distributed.initialize(initialization_timeout=timeout)
+    except Exception as e:
+        raise TrainError(f"could not join the other hosts within {timeout} s ({type(e).__name__}); check that "
+                         "every worker started and can reach the coordinator") from None
+
+
+def make_mesh(mesh_data):
+    import jax
+    n = jax.device_count()
+    if n % mesh_data:
+        raise TrainError(f"--mesh_data {mesh_data} does not divide the {n} devices")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((mesh_data, n // mesh_data), ("data", "fsdp"), axis_types=auto)
+
+
+# ----------------------------------------------------------------------------
+# The objective
+
+def stratified_timesteps(rng, batch):
+    """Stratified logit-normal t over the GLOBAL batch: one uniform u and one shift m."""
+    import jax
+    import jax.numpy as jnp
+    from jax.scipy.special import ndtri
+    ru, rm = jax.random.split(rng)
+    u = jax.random.uniform(ru, ())
+    m = jax.random.randint(rm, (), 0, batch)
+    q = ((jnp.arange(batch) + m) % batch + u) / batch
+    return jax.nn.sigmoid(ndtri(q))
+
+
+def make_optimizer(args):
+    import optax
+    warmup = int(args.warmup_frac * args.steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(warmup, 1), max(args.steps, warmup + 1), 0.0)
+
+    def decay_mask(params):
+        from flax.traverse_util import path_aware_map
+        no_decay = re.compile(r"(bias|norm|adaln|cond_dense_global|wgate)")
+        return path_aware_map(lambda path, _: not no_decay.search("/".join(path)), params)
+
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=args.weight_decay, mask=decay_mask))
+    return tx, schedule
+
+
+def build_train_step(model, tx, args):
+    """(state, batch) -> (state, metrics). state = {params, opt_state, step}; all randomness from
+    fold_in(seed, step). Non-finite steps leave params and moments untouched."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    accum = args.grad_accum
+
+    def step_fn(state, batch):
+        rng = jax.random.fold_in(jax.random.key(args.seed), state["step"])
+        r_t, r_noise, r_text, r_spk = jax.random.split(rng, 4)
+        x0 = batch["latent"]
+        b = x0.shape[0]
+        t = stratified_timesteps(r_t, b)
+        noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        target = noise - x0
+        keep_text = (jax.random.uniform(r_text, (b,)) >= 0.1).astype(jnp.int32)
+        keep_spk = (jax.random.uniform(r_spk, (b,)) >= 0.1).astype(jnp.int32)
+        inputs = dict(x=x_t, t=t, text_ids=batch["text_ids"], text_mask=batch["text_mask"] * keep_text[:, None],
+                      speaker_latent=batch["speaker_latent"] * keep_spk[:, None, None].astype(jnp.float32),
+                      speaker_mask=batch["speaker_mask"] * keep_spk[:, None], target=target)
+        valid_fraction = jnp.maximum(jnp.mean(batch["latent_mask"].astype(jnp.float32)), 1e-6)
+        norm = x0.size * valid_fraction
+
+        def micro_loss(params, micro):
+            pred = model.apply({"params": params}, micro["x"], micro["t"], micro["text_ids"], micro["text_mask"],
+                               micro["speaker_latent"], micro["speaker_mask"])
+            per_sample = jnp.sum((pred - micro["target"]) ** 2, axis=(1, 2))
+            return jnp.sum(per_sample) / norm, per_sample
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        if accum == 1:
+            (loss, per_sample), grads = grad_fn(state["params"], inputs)
+        else:
+            micro = jax.tree.map(lambda a: a.reshape(accum, b // accum, *a.shape[1:]), inputs)
+
+            def body(carry, mb):
+                (l, ps), g = grad_fn(state["params"], mb)
+                return jax.tree.map(jnp.add, carry, (l, g)), ps
+
+            zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
+            (loss, grads), per_sample = jax.lax.scan(body, zeros, micro)
+            per_sample = per_sample.reshape(b)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = {"params": keep(new_params, state["params"]), "opt_state": keep(new_opt, state["opt_state"]),
+                     "step": state["step"] + 1}
+        # Loss by timestep bucket: per-sample MSE over frames normalised the same way as the loss.
+        per_sample = per_sample / (x0[0].size * valid_fraction)
+        bucket = jnp.clip((t * TIMESTEP_BUCKETS).astype(jnp.int32), 0, TIMESTEP_BUCKETS - 1)
+        one_hot = jax.nn.one_hot(bucket, TIMESTEP_BUCKETS)
+        bucket_loss = (one_hot * per_sample[:, None]).sum(0) / jnp.maximum(one_hot.sum(0), 1)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "bucket_loss": bucket_loss,
+                   "bucket_count": one_hot.sum(0)}
+        return new_state, metrics
+
+    return step_fn
+
+
+def build_eval_loss(model, args):
+    """Validation loss on a fixed batch with fixed t (evenly spaced) and noise: a meaningful curve."""
+    import jax
+    import jax.numpy as jnp
+
+    def eval_fn(params, batch):
+        x0 = batch["latent"]
+        b = x0.shape[0]
+        t = (jnp.arange(b) + 0.5) / b
+        noise = jax.random.normal(jax.random.key(args.seed + 12345), x0.shape, jnp.float32)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        pred = model.apply({"params": params}, x_t, t, batch["text_ids"], batch["text_mask"],
+                           batch["speaker_latent"], batch["speaker_mask"])
+        valid_fraction = jnp.maximum(jnp.mean(batch["latent_mask"].astype(jnp.float32)), 1e-6)
+        return jnp.mean((pred - (noise - x0)) ** 2) / valid_fraction
+
+    return eval_fn
+
+
+def build_sampler(model, steps, cfg_scale=2.0):
+    """Euler ODE t: 1 -> 0 with joint CFG; conditions encoded once, both passes in one call."""
+    import jax
+    import jax.numpy as jnp
+
+    def sample(params, rng, text_ids, text_mask, speaker_latent, speaker_mask, num_frames):
+        from model import EchoDiT
+        b = text_ids.shape[0]
+        variables = {"params": params}
+        cond = model.apply(variables, text_ids, text_mask, speaker_latent, speaker_mask,
+                           method=EchoDiT.encode_conditions)
+        both = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=1 if a.ndim == 5 else 0), cond)
+        both["mask"] = jnp.concatenate([cond["mask"], jnp.zeros_like(cond["mask"])], axis=0)
+        x = jax.random.normal(rng, (b, num_frames, model.config.latent_size), jnp.float32)
+        ts = jnp.linspace(1.0, 0.0, steps + 1)
+
+        def body(x, k):
+            t = jnp.full((2 * b,), ts[k])
+            v = model.apply(variables, jnp.concatenate([x, x]), t, both, method=EchoDiT.decode)
+            v_c, v_u = v[:b], v[b:]
+            return x + (ts[k + 1] - ts[k]) * (v_c + cfg_scale * (v_c - v_u)), None
+
+        x, _ = jax.lax.scan(body, x, jnp.arange(steps))
+        return x
+
+    return sample
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_RE = re.compile(r"^step_(\d{7})\.pkl$")
+
+
+def complete_checkpoints(directory):
+    """{step: path} of complete full checkpoints in a directory (temporary files never match)."""
+    found = {}
+    for path in glob.glob(os.path.join(directory, "step_*.pkl")):
+        m = CHECKPOINT_RE.match(os.path.basename(path))
+        if m:
+            found[int(m.group(1))] = path
+    return found
+
+
+def atomic_pickle(path, payload):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def to_numpy_tree(tree):
+    """Plain dicts/lists/tuples of numpy arrays (optax states become dicts)."""
+    import flax.serialization
+    import jax
+    return jax.tree.map(np.asarray, flax.serialization.to_state_dict(tree))
+
+
+class Trainer:
+    def __init__(self, args):
+        import jax
+        import jax.numpy as jnp
+        import flax.linen as nn
+
+        import data
+        import model as echo
+
+        self.args = args
+        self.jax, self.jnp, self.nn = jax, jnp, nn
+        self.process = jax.process_index()
+        self.processes = jax.process_count()
+        log.info("host %s is process %d of %d (%d local / %d global devices)", socket.gethostname(),
+                 self.process, self.processes, jax.local_device_count(), jax.device_count())
+        if args.global_batch_size % self.processes:
+            raise TrainError(f"--global_batch_size {args.global_batch_size} must split evenly over "
+                             f"{self.processes} hosts")
+        dtype = args.dtype or ("bfloat16" if jax.default_backend() == "tpu" else "float32")
+        self.config = dataclasses.replace(echo.PRESETS[args.preset], dtype=dtype, remat=args.remat)
+        self.model = echo.EchoDiT(self.config)
+        self.mesh = make_mesh(args.mesh_data)
+        self.rules = echo.logical_axis_rules()
+        self.tx, self.schedule = make_optimizer(args)
+
+        # Data: every host streams its own shards.
+        self.source, silence = args.data, args.silence_latent
+        if args.data == "synthetic":
+            self.source = os.path.join(args.run_dir, f"synthetic-{self.process}")
+            if not os.path.exists(os.path.join(self.source, "silence_latent.npy")):
+                data.make_synthetic(self.source, shards=max(4, self.processes), samples_per_shard=512, seed=args.seed)
+            silence = os.path.join(self.source, "silence_latent.npy")
+        self.data_config = data.DataConfig(
+            source=self.source, batch_size=args.global_batch_size // self.processes, seed=args.seed,
+            max_latent_len=args.max_latent_len, max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len,
+            silence_latent=silence, process_index=self.process, process_count=self.processes)
+        try:
+            data.list_shards(self.source)
+        except data.DataError as e:
+            raise TrainError(str(e)) from None
+
+        # Shardings from the model's logical axis rules.
+        abstract = echo.abstract_params(self.config)
+        self.param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), self.mesh, self.rules)
+        abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(abstract))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.opt_shardings = __import__("optax").tree_map_params(
+            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: replicated,
+            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        self.state_shardings = {"params": self.param_shardings, "opt_state": self.opt_shardings, "step": replicated}
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        self.replicated = replicated
+
+    # -- state
+    def init_state(self):
+        jax, nn = self.jax, self.nn
+        import model as echo
+
+        def init():
+            params = nn.unbox(echo.init_params(self.config, jax.random.key(self.args.seed)))
+            return {"params": params, "opt_state": self.tx.init(params), "step": self.jnp.zeros((), self.jnp.int32)}
+
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return jax.jit(init, out_shardings=self.state_shardings)()
+
+    def state_from_numpy(self, params, opt_state, step):
+        """Host numpy trees (same on every process) -> the sharded train state."""
+        jax = self.jax
+        opt_template = jax.eval_shape(self.tx.init, params)
+        import flax.serialization
+        opt_state = flax.serialization.from_state_dict(opt_template, opt_state) if opt_state is not None \
+            else self.tx.init(params)
+        put = lambda tree, shardings: jax.tree.map(
+            lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]), tree, shardings)
+        return {"params": put(params, self.param_shardings), "opt_state": put(opt_state, self.opt_shardings),
+                "step": put(np.asarray(step, np.int32), self.replicated)}
+
+    def find_resume_checkpoint(self):
+        """Agree over all processes on the newest complete checkpoint on ANY worker's disk."""
+        from jax.experimental import multihost_utils
+        local = complete_checkpoints(self.args.checkpoint_dir)
+        newest = max(local) if local else -1
+        steps = np.asarray(multihost_utils.process_allgather(np.asarray([newest], np.int64))).reshape(-1)
+        best = int(steps.max())
+        if best < 0:
+            return None, None
+        holder = int(np.argmax(steps == best))
+        return best, holder
+
+    def load_resume(self, step, holder):
+        """The holder reads the file; everyone receives it (broadcast) and shards it onto the mesh."""
+        import model as echo
+        from jax.experimental import multihost_utils
+        path = os.path.join(self.args.checkpoint_dir, f"step_{step:07d}.pkl")
+        payload = echo.load_checkpoint_file(path) if self.process == holder else None
+        if self.processes > 1:
+            payload = self.broadcast_payload(payload, holder)
+        params = echo.params_from_checkpoint(payload, self.config, path)
+        state = self.state_from_numpy(params, payload.get("opt_state"), payload["step"])
+        data_states = payload.get("data_states")
+        if data_states and len(data_states) == self.processes:
+            data_state = data_states[self.process]
+        else:
+            data_state = None
+            log.warning("checkpoint has no data position for %d hosts: the data stream restarts", self.processes)
+        return state, data_state, payload.get("samples_seen", 0)
+
+    def broadcast_payload(self, payload, holder):
+        """Send a picklable payload from `holder` to every process (as bytes over the collectives)."""
+        from jax.experimental import multihost_utils
+        blob = pickle.dumps(payload) if self.process == holder else b""
+        size = np.asarray(multihost_utils.process_allgather(np.asarray([len(blob)], np.int64))).reshape(-1)[holder]
+        buffer = np.frombuffer(blob, np.uint8) if self.process == holder else np.zeros(int(size), np.uint8)
+        buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer, is_source=self.process == holder))
+        import model as echo
+        import io
+        return echo._RestrictedUnpickler(io.BytesIO(buffer.tobytes())).load() if self.process != holder \
+            else payload
+
+    def save_checkpoint(self, state, data_state, samples_seen):
+        """Every process joins the gather; process 0 writes both files atomically, then prunes."""
+        from jax.experimental import multihost_utils
+        args = self.args
+        full = multihost_utils.process_allgather(state, tiled=True)
+        encoded = json.dumps(data_state).encode()
+        lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)], np.int64))).reshape(-1)
+        padded = np.zeros(int(lengths.max()), np.uint8)
+        padded[:len(encoded)] = np.frombuffer(encoded, np.uint8)
+        gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.processes, -1)
+        data_states = [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
+        step = int(full["step"])
+        if self.process == 0:
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+            config = dataclasses.asdict(self.config)
+            params = to_numpy_tree(full["params"])
+            base = os.path.join(args.checkpoint_dir, f"step_{step:07d}")
+            atomic_pickle(base + ".params.pkl", {"params": params, "step": step, "config": config})
+            atomic_pickle(base + ".pkl", {"params": params, "opt_state": to_numpy_tree(full["opt_state"]),
+                                          "step": step, "samples_seen": samples_seen, "config": config,
+                                          "data_states": data_states, "train_args": vars(args)})
+            if args.keep_checkpoints > 0:
+                for old in sorted(complete_checkpoints(args.checkpoint_dir))[:-args.keep_checkpoints]:
+                    for suffix in (".pkl", ".params.pkl"):
+                        path = os.path.join(args.checkpoint_dir, f"step_{old:07d}{suffix}")
+                        if os.path.exists(path):
+                            os.remove(path)
+        multihost_utils.sync_global_devices(f"checkpoint {step}")
+        return step
+
+
+# ----------------------------------------------------------------------------
+# Metrics
+
+class Metrics:
+    """Append-only JSON Lines on process 0, flushed line by line."""
+
+    def __init__(self, path, enabled):
+        self.file = None
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "a", buffering=1)
+
+    def write(self, **fields):
+        if self.file:
+            fields.setdefault("time", time.time())
+            self.file.write(json.dumps(fields) + "\n")
+            self.file.flush()
+
+
+def synthetic_eval_set(args, count, max_latent_len, max_text_len, max_speaker_len):
+    """Held-out synthetic texts (new strings) with their true latents and same-speaker references."""
+    import data
+    rng = data._rng("held-out", args.seed)
+    rows = {k: [] for k in ("text_ids", "text_mask", "speaker_latent", "speaker_mask", "truth", "frames")}
+    while len(rows["frames"]) < count:
+        text, speaker = data.synthetic_text(rng), int(rng.integers(data.SYNTHETIC_SPEAKERS))
+        truth = data.synthetic_latent(text, speaker, args.seed).astype(np.float32)
+        encoded = data.encode_text(text, max_text_len)
+        if encoded is None or len(truth) > max_latent_len:
+            continue
+        ref = data.synthetic_latent(data.synthetic_text(rng), speaker, args.seed).astype(np.float32)[:max_speaker_len]
+        spk = np.zeros((max_speaker_len, 128), np.float32)
+        spk[:len(ref)] = ref
+        padded = np.zeros((max_latent_len, 128), np.float32)
+        padded[:len(truth)] = truth
+        for k, v in (("text_ids", encoded[0]), ("text_mask", encoded[1]), ("speaker_latent", spk),
+                     ("speaker_mask", (np.arange(max_speaker_len) < len(ref)).astype(np.int32)),
+                     ("truth", padded), ("frames", len(truth))):
+            rows[k].append(v)
+    return {k: np.stack(v) if k != "frames" else np.asarray(v) for k, v in rows.items()}
+
+
+def nmse(generated, truth, frames):
+    """MSE of generated vs true latents over the valid frames, over that of the per-channel mean."""
+    err, base = 0.0, 0.0
+    for g, t, n in zip(generated, truth, frames):
+        err += np.sum((g[:n] - t[:n]) ** 2)
+        base += np.sum((t[:n] - t[:n].mean(axis=0)) ** 2)
+    return float(err / max(base, 1e-12))
+
+
+# ----------------------------------------------------------------------------
+
+def train(args):
+    import jax
+    import data
+    import model as echo
+
+    trainer = Trainer(args)
+    nn = trainer.nn
+    metrics = Metrics(args.metrics_file, trainer.process == 0)
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
+
+    data_state, samples_seen, state = None, 0, None
+    if args.resume != "none":
+        if args.resume == "auto":
+            step, holder = trainer.find_resume_checkpoint()
+        else:
+            step, holder = int(echo.load_checkpoint_file(args.resume)["step"]), 0
+            args.checkpoint_dir = os.path.dirname(os.path.abspath(args.resume))
+        if step is not None:
+            try:
+                state, data_state, samples_seen = trainer.load_resume(step, holder)
+            except echo.CheckpointError as e:
+                raise TrainError(str(e)) from None
+            log.info("resumed from step %d (checkpoint on process %d)", step, holder)
+            metrics.write(event="resumed", step=step)
+    if state is None and args.init_from:
+        try:
+            payload = echo.load_checkpoint_file(args.init_from)
+            params = echo.params_from_checkpoint(payload, trainer.config, args.init_from)
+        except echo.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        state = trainer.state_from_numpy(params, None, 0)
+        metrics.write(event="init_from", path=args.init_from, step=0)
+    if state is None:
+        state = trainer.init_state()
+
+    pipeline = data.Pipeline(trainer.data_config, state=data_state)
+    step_fn = build_train_step(trainer.model, trainer.tx, args)
+    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+        train_step = jax.jit(step_fn, in_shardings=(trainer.state_shardings, trainer.batch_sharding),
+                             out_shardings=(trainer.state_shardings, trainer.replicated), donate_argnums=(0,))
+        eval_loss = jax.jit(build_eval_loss(trainer.model, args), in_shardings=(trainer.param_shardings,
+                                                                                 trainer.batch_sharding))
+
+    def global_batch(local):
+        global_shape = lambda a: (args.global_batch_size,) + a.shape[1:]
+        return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v, global_shape(v))
+                for k, v in local.items()}
+
+    # A fixed validation batch: the first batch of the stream with another seed.
+    eval_pipeline = data.Pipeline(dataclasses.replace(trainer.data_config, seed=args.seed + 1))
+    eval_batch = global_batch(next(eval_pipeline))
+    eval_pipeline.close()
+    eval_set = None
+    if args.data == "synthetic":
+        eval_set = synthetic_eval_set(args, args.eval_samples, args.max_latent_len, args.max_text_len,
+                                      args.max_speaker_len)
+        sampler = jax.jit(build_sampler(trainer.model, args.sample_steps), static_argnums=(6,))
+
+    start_step = int(state["step"])
+    flops = echo.flops_per_sample(trainer.config, args.max_latent_len, args.max_text_len, args.max_speaker_len)
+    bad_in_a_row, last = 0, time.perf_counter()
+    step = start_step
+    while step < args.steps:
+        t0 = time.perf_counter()
+        local = next(pipeline)
+        data_wait = time.perf_counter() - t0
+        with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+            compile_start = time.perf_counter()
+            state, out = train_step(state, global_batch(local))
+            if step == start_step:
+                jax.block_until_ready(out["loss"])
+                metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - compile_start, 2))
+        step += 1
+        samples_seen += args.global_batch_size
+        finite = bool(out["finite"])
+        if not finite:
+            bad_in_a_row += 1
+            metrics.write(event="nan_step", step=step, loss=float(out["loss"]))
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
+            if bad_in_a_row >= args.max_bad_steps:
+                raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
+                                 f"checkpoint in {args.checkpoint_dir} is intact (lower --lr or check the data)")
+        else:
+            bad_in_a_row = 0
+        now = time.perf_counter()
+        step_time, last = now - last, now
+        if step % args.log_every == 0 or step == args.steps:
+            counts = np.asarray(out["bucket_count"])
+            line = dict(step=step, loss=float(out["loss"]), lr=float(trainer.schedule(step - 1)),
+                        grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4),
+                        data_wait=round(data_wait, 4), samples_per_sec=round(args.global_batch_size / step_time, 2),
+                        latent_seconds_per_sec=round(float(local["latent_mask"].sum()) * trainer.processes
+                                                     / 25.0 / step_time, 2),
+                        samples_seen=samples_seen, skipped=pipeline.counters(),
+                        loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
+                                   for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
+            if jax.default_backend() == "tpu":
+                line["mfu"] = round(flops * args.global_batch_size / step_time
+                                    / (TPU_V4_PEAK_FLOPS * jax.device_count()), 4)
+            metrics.write(**line)
+            if trainer.process == 0:
+                print(f"step {step}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
+                      f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
+        if step % args.eval_every == 0 or step == args.steps:
+            with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+                fields = {"step": step, "event": "eval", "val_loss": float(eval_loss(state["params"], eval_batch))}
+                if eval_set is not None:
+                    generated = sampler(state["params"], jax.random.key(args.seed + 7), eval_set["text_ids"],
+                                        eval_set["text_mask"], eval_set["speaker_latent"], eval_set["speaker_mask"],
+                                        args.max_latent_len)
+                    fields["synthetic_nmse"] = nmse(np.asarray(generated), eval_set["truth"], eval_set["frames"])
+            metrics.write(**fields)
+        preempted = stop["signal"] is not None
+        if step % args.checkpoint_every == 0 or step == args.steps or preempted:
+            trainer.save_checkpoint(state, pipeline.state(), samples_seen)
+            metrics.write(event="checkpoint", step=step, path=os.path.join(args.checkpoint_dir, f"step_{step:07d}.pkl"))
+        if preempted:
+            metrics.write(event="preempted", step=step)
+            log.info("SIGTERM: checkpoint written at step %d, exiting", step)
+            break
+    pipeline.close()
+    return state
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    try:
+        args = resolve_defaults(args)
+        import jax
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        init_distributed(args.distributed_timeout)
+        train(args)
+    except TrainError as e:
+        print(f"train_pretrain.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
