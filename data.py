@@ -467,7 +467,8 @@ class Pipeline:
             c = self.config
             batch, count = self._empty_batch(), 0
             for (shard, index, epoch, sample), state in self._samples():
-                self._fill(batch, count, sample, _rng("crop", c.seed, epoch, shard, index))
+                # Keyed by the shard's file name: a corpus copied elsewhere crops the same way.
+                self._fill(batch, count, sample, _rng("crop", c.seed, epoch, os.path.basename(shard), index))
                 count += 1
                 if count == c.batch_size:
                     self._maybe_warn()

@@ -77,6 +77,8 @@ def parse_args(argv=None):
       help="compute dtype (default: bfloat16 on TPU, float32 elsewhere)")
     a("--remat", default="none", choices=("none", "full", "save_dots"), help="rematerialisation policy")
     a("--mesh_data", type=int, default=1, help="size of the 'data' mesh axis; the rest is 'fsdp'")
+    a("--run_steps", type=int, default=None, help="stop this invocation after N steps, with a checkpoint (to fit "
+      "a time slot); the schedule still follows --steps")
     a("--max_bad_steps", type=int, default=20, help="stop after this many non-finite steps in a row")
     a("--eval_samples", type=int, default=16, help="held-out texts sampled at each synthetic eval")
     a("--sample_steps", type=int, default=16, help="Euler steps when sampling at eval")
@@ -228,7 +230,7 @@ def build_train_step(model, tx, args):
             zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
             (loss, grads), per_sample = jax.lax.scan(body, zeros, micro)
             per_sample = per_sample.reshape(b)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
         new_params = optax.apply_updates(state["params"], updates)
@@ -649,12 +651,15 @@ def train(args):
                     fields["synthetic_nmse"] = nmse(np.asarray(generated), eval_set["truth"], eval_set["frames"])
             metrics.write(**fields)
         preempted = stop["signal"] is not None
-        if step % args.checkpoint_every == 0 or step == args.steps or preempted:
+        slot_done = args.run_steps is not None and step - start_step >= args.run_steps
+        if step % args.checkpoint_every == 0 or step == args.steps or preempted or slot_done:
             trainer.save_checkpoint(state, pipeline.state(), samples_seen)
             metrics.write(event="checkpoint", step=step, path=os.path.join(args.checkpoint_dir, f"step_{step:07d}.pkl"))
         if preempted:
             metrics.write(event="preempted", step=step)
             log.info("SIGTERM: checkpoint written at step %d, exiting", step)
+            break
+        if slot_done:
             break
     pipeline.close()
     return state

@@ -1,0 +1,293 @@
+import io
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+import model as echo
+import train_pretrain
+
+FAST = ["--steps", "12", "--global_batch_size", "8", "--max_latent_len", "80", "--max_text_len", "48",
+        "--max_speaker_len", "48", "--eval_every", "6", "--eval_samples", "4", "--sample_steps", "2",
+        "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(metrics):
+    return [m["loss"] for m in metrics if "loss" in m and "event" not in m]
+
+
+def final_params(checkpoint_dir, step):
+    return echo.load_checkpoint_file(os.path.join(checkpoint_dir, f"step_{step:07d}.pkl"))
+
+
+def assert_trees_equal(a, b):
+    fa, fb = echo.flatten(a), echo.flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+def run_inprocess(tmp_path, name, *extra):
+    run_dir = tmp_path / name
+    code = train_pretrain.main(["--run_dir", str(run_dir), *FAST, *extra])
+    assert code == 0
+    return run_dir
+
+
+def test_loss_decreases_and_metrics_parse(tmp_path):
+    run_dir = run_inprocess(tmp_path, "a", "--steps", "60", "--lr", "3e-3", "--eval_every", "30")
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    steps = [m for m in metrics if "event" not in m]
+    assert [m["step"] for m in steps] == list(range(1, 61))
+    for m in steps:
+        for field in ("step", "time", "loss", "lr", "grad_norm", "samples_per_sec", "step_time", "data_wait",
+                      "latent_seconds_per_sec", "loss_by_t", "skipped"):
+            assert field in m, field
+        assert np.isfinite(m["loss"]) and m["lr"] >= 0
+    first, last = np.mean(losses(metrics)[:10]), np.mean(losses(metrics)[-10:])
+    assert last < 0.85 * first, (first, last)
+    events = {m["event"] for m in metrics if "event" in m}
+    assert {"compiled", "eval", "checkpoint"} <= events
+    evals = [m for m in metrics if m.get("event") == "eval"]
+    assert all(np.isfinite(e["val_loss"]) and np.isfinite(e["synthetic_nmse"]) for e in evals)
+    # The weights-only file loads into the model.
+    payload = echo.load_checkpoint_file(str(run_dir / "checkpoints" / "step_0000060.params.pkl"))
+    config = echo.config_from_checkpoint(payload)
+    assert config.model_size == echo.PRESETS["tiny"].model_size
+    echo.params_from_checkpoint(payload, config)
+
+
+def test_lossless_resume_in_one_process(tmp_path):
+    straight = run_inprocess(tmp_path, "straight")
+    split = run_inprocess(tmp_path, "split", "--run_steps", "5")
+    assert sorted(train_pretrain.complete_checkpoints(str(split / "checkpoints"))) == [5]
+    run_inprocess(tmp_path, "split")
+    a, b = final_params(str(straight / "checkpoints"), 12), final_params(str(split / "checkpoints"), 12)
+    assert_trees_equal(a["params"], b["params"])
+    assert_trees_equal(a["opt_state"], b["opt_state"])
+    la, lb = losses(read_metrics(straight / "metrics.jsonl")), losses(read_metrics(split / "metrics.jsonl"))
+    assert la == lb and len(la) == 12
+    assert any(m.get("event") == "resumed" for m in read_metrics(split / "metrics.jsonl"))
+
+
+def test_grad_accumulation_matches_the_large_batch(tmp_path):
+    one = run_inprocess(tmp_path, "one", "--steps", "3")
+    two = run_inprocess(tmp_path, "two", "--steps", "3", "--grad_accum", "2")
+    a, b = final_params(str(one / "checkpoints"), 3), final_params(str(two / "checkpoints"), 3)
+    for k, v in echo.flatten(a["params"]).items():
+        np.testing.assert_allclose(v, echo.flatten(b["params"])[k], rtol=2e-4, atol=2e-6, err_msg=k)
+    np.testing.assert_allclose(losses(read_metrics(one / "metrics.jsonl")),
+                               losses(read_metrics(two / "metrics.jsonl")), rtol=1e-5)
+
+
+def test_non_finite_steps_are_skipped(tmp_path):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    args = train_pretrain.resolve_defaults(train_pretrain.parse_args(["--run_dir", str(tmp_path), *FAST]))
+    config = echo.PRESETS["tiny"]
+    model = echo.EchoDiT(config)
+    tx, _ = train_pretrain.make_optimizer(args)
+    params = nn.unbox(echo.init_params(config, jax.random.key(0)))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    b, s = 4, 16
+    batch = {"latent": np.zeros((b, s, 128), np.float32), "latent_mask": np.ones((b, s), np.int32),
+             "text_ids": np.zeros((b, 8), np.int32), "text_mask": np.ones((b, 8), np.int32),
+             "speaker_latent": np.zeros((b, 8, 128), np.float32), "speaker_mask": np.ones((b, 8), np.int32)}
+    step = jax.jit(train_pretrain.build_train_step(model, tx, args))
+    good, _ = step(state, batch)  # the warmup's first learning rate is 0
+    good, metrics = step(good, batch)
+    assert bool(metrics["finite"]) and int(good["step"]) == 2
+    assert not np.array_equal(good["params"]["out_proj"]["kernel"], params["out_proj"]["kernel"])
+    batch["latent"][1, 3, 5] = np.nan
+    bad, metrics = step(good, batch)
+    assert not bool(metrics["finite"]) and int(bad["step"]) == 3
+    assert_trees_equal(jax.tree.map(np.asarray, bad["params"]), jax.tree.map(np.asarray, good["params"]))
+    assert_trees_equal(train_pretrain.to_numpy_tree(bad["opt_state"]),
+                       train_pretrain.to_numpy_tree(good["opt_state"]))
+
+
+def test_crash_during_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    run_dir = run_inprocess(tmp_path, "c", "--steps", "4", "--checkpoint_every", "2")
+    ckpt = run_dir / "checkpoints"
+    assert sorted(train_pretrain.complete_checkpoints(str(ckpt))) == [2, 4]
+    real_dump = pickle.dump
+
+    def dying_dump(obj, f, *a, **k):
+        f.write(b"partial bytes of a checkpoint")
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(pickle, "dump", dying_dump)
+    with pytest.raises(KeyboardInterrupt):
+        train_pretrain.main(["--run_dir", str(run_dir), *FAST, "--steps", "6", "--checkpoint_every", "2"])
+    monkeypatch.setattr(pickle, "dump", real_dump)
+    assert sorted(train_pretrain.complete_checkpoints(str(ckpt))) == [2, 4]
+    assert sorted(os.listdir(ckpt)) == ["step_0000002.params.pkl", "step_0000002.pkl", "step_0000004.params.pkl",
+                                        "step_0000004.pkl"]
+    assert int(echo.load_checkpoint_file(str(ckpt / "step_0000004.pkl"))["step"]) == 4
+
+
+def test_restricted_unpickling_refuses_code_and_unboxes_flax(tmp_path):
+    import flax.linen as nn
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"params": {"x": Exploit()}}))
+    with pytest.raises(echo.CheckpointError, match="not a safe checkpoint"):
+        echo.load_checkpoint_file(str(evil))
+    assert not marker.exists()
+    boxed = tmp_path / "boxed.pkl"
+    value = np.arange(6, dtype=np.float32).reshape(2, 3)
+    boxed.write_bytes(pickle.dumps({"params": {"w": nn.LogicallyPartitioned(value, ("embed", "mlp"))}, "step": 1}))
+    loaded = echo.load_checkpoint_file(str(boxed))
+    np.testing.assert_array_equal(loaded["params"]["w"], value)
+
+
+def test_bad_flags_fail_before_anything_compiles(tmp_path):
+    for flags, message in ((["--max_speaker_len", "30"], "multiple of 4"), (["--preset", "7B"], "--preset"),
+                           (["--global_batch_size", "10", "--grad_accum", "3"], "--grad_accum"),
+                           (["--data", str(tmp_path / "nothing")], "no .tar shards"),
+                           (["--init_from", str(tmp_path / "none.pkl")], "--init_from")):
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir",
+                              str(tmp_path / "r"), *flags], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, (flags, out.stderr[-500:])
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-500:]
+        assert time.perf_counter() - start < 60
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
+    run_dir = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir),
+                             *FAST, "--steps", "100000", "--checkpoint_every", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    for line in proc.stdout:
+        if line.startswith("step 3/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    preempted = [m for m in metrics if m.get("event") == "preempted"]
+    assert len(preempted) == 1
+    step = preempted[0]["step"]
+    assert step >= 3 and step in train_pretrain.complete_checkpoints(str(run_dir / "checkpoints"))
+
+
+# ---------------------------------------------------------------- several processes
+
+def identical_corpus(directory, count=64):
+    """Every sample the same: the global batch is then the same for any number of hosts."""
+    os.makedirs(directory, exist_ok=True)
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(30, 128)).astype(np.float16)
+    ref = rng.normal(size=(20, 128)).astype(np.float16)
+    for shard in range(4):
+        with tarfile.open(os.path.join(directory, f"s{shard}.tar"), "w") as tar:
+            for i in range(count // 4):
+                for name, array in ((f"k{shard}_{i}.npy", latent), (f"k{shard}_{i}.ref.npy", ref)):
+                    buffer = io.BytesIO()
+                    np.save(buffer, array)
+                    payload = buffer.getvalue()
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                payload = json.dumps({"text": "the same words"}).encode()
+                info = tarfile.TarInfo(f"k{shard}_{i}.json")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=None, expect=0):
+    port = free_port()
+    procs = []
+    for i in range(processes):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+               "JAX_PLATFORMS": "cpu"}
+        if processes > 1:
+            env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
+                       ECHO_PROCESS_ID=str(i))
+        ckpt = checkpoint_dirs[i] if checkpoint_dirs else os.path.join(run_dir, "checkpoints")
+        procs.append(subprocess.Popen(
+            [sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir), *FAST,
+             "--checkpoint_dir", str(ckpt), "--distributed_timeout", "60", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == expect, out[-3000:]
+    return outs
+
+
+def test_two_processes_match_one_and_resume_losslessly(tmp_path):
+    corpus = tmp_path / "corpus"
+    identical_corpus(corpus)
+    common = ["--data", str(corpus), "--steps", "6", "--eval_every", "100"]
+    run_pod(tmp_path / "one", 1, 4, *common)
+    run_pod(tmp_path / "two", 2, 2, *common)
+    one = losses(read_metrics(tmp_path / "one" / "metrics.jsonl"))
+    two = losses(read_metrics(tmp_path / "two" / "metrics.jsonl"))
+    np.testing.assert_allclose(one, two, rtol=1e-4)
+    # 2 processes: 3 steps, restart, 3 more == 6 straight, bit for bit.
+    run_pod(tmp_path / "split", 2, 2, *common, "--run_steps", "3")
+    run_pod(tmp_path / "split", 2, 2, *common)
+    a = final_params(str(tmp_path / "two" / "checkpoints"), 6)
+    b = final_params(str(tmp_path / "split" / "checkpoints"), 6)
+    assert_trees_equal(a["params"], b["params"])
+    assert losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == two
+
+
+def test_resume_finds_the_checkpoint_on_another_worker(tmp_path):
+    """Each worker has its own disk; after a restart only worker 1 holds the newest checkpoint."""
+    corpus = tmp_path / "corpus"
+    identical_corpus(corpus)
+    common = ["--data", str(corpus), "--steps", "6", "--eval_every", "100"]
+    disks = [tmp_path / "disk0", tmp_path / "disk1"]
+    run_pod(tmp_path / "pod", 2, 2, *common, "--run_steps", "3", checkpoint_dirs=disks)
+    # Process 0 wrote the checkpoint on disk0: move it to worker 1's disk, as if roles had changed.
+    os.makedirs(disks[1], exist_ok=True)
+    for name in os.listdir(disks[0]):
+        os.replace(disks[0] / name, disks[1] / name)
+    run_pod(tmp_path / "pod", 2, 2, *common, checkpoint_dirs=disks)
+    metrics = read_metrics(tmp_path / "pod" / "metrics.jsonl")
+    assert any(m.get("event") == "resumed" and m["step"] == 3 for m in metrics)
+    straight = tmp_path / "straight"
+    run_pod(straight, 2, 2, *common)
+    assert_trees_equal(final_params(str(disks[0]), 6)["params"],
+                       final_params(str(straight / "checkpoints"), 6)["params"])
+
+
+def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
+    identical_corpus(tmp_path / "corpus")
+    env = {**os.environ, "ECHO_COORDINATOR": f"127.0.0.1:{free_port()}", "ECHO_NUM_PROCESSES": "2",
+           "ECHO_PROCESS_ID": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(tmp_path / "r"),
+                          "--data", str(tmp_path / "corpus"), "--distributed_timeout", "5"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "could not join the other hosts" in out.stderr
