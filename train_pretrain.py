@@ -134,6 +134,10 @@ def init_distributed(timeout):
     tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if not coordinator and not tpu_pod:
         return
+    if coordinator:
+        # JAX aborts the process when a peer never shows up; meet on the next port first, with a
+        # deadline, so that a missing host is one clear sentence.
+        rendezvous(coordinator, int(os.environ["ECHO_NUM_PROCESSES"]), int(os.environ["ECHO_PROCESS_ID"]), timeout)
     try:
         if coordinator:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -144,6 +148,43 @@ def init_distributed(timeout):
     except Exception as e:
         raise TrainError(f"could not join the other hosts within {timeout} s ({type(e).__name__}); check that "
                          "every worker started and can reach the coordinator") from None
+
+
+def rendezvous(coordinator, processes, index, timeout):
+    """Every process checks in with process 0 on the coordinator's port + 1 before `timeout` s."""
+    host, port = coordinator.rsplit(":", 1)
+    address, deadline = (host, int(port) + 1), time.monotonic() + timeout
+    missing = lambda joined: f"only {joined} of {processes} hosts joined within {timeout} s; check that every " \
+                             "worker started and can reach the coordinator"
+    if index == 0:
+        with socket.socket() as server:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(address)
+            server.listen(processes)
+            server.settimeout(0.5)
+            joined = set()
+            while len(joined) < processes - 1:
+                if time.monotonic() > deadline:
+                    raise TrainError(missing(len(joined) + 1))
+                try:
+                    conn, _ = server.accept()
+                except socket.timeout:
+                    continue
+                with conn:
+                    joined.add(conn.recv(16))
+                    conn.sendall(b"ok")
+        return
+    while True:
+        try:
+            with socket.create_connection(address, timeout=2) as conn:
+                conn.sendall(str(index).encode())
+                if conn.recv(2) == b"ok":
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TrainError(missing("fewer than all"))
+        time.sleep(0.5)
 
 
 def make_mesh(mesh_data):
