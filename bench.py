@@ -10,6 +10,10 @@ Sections:
           seconds, real-time factors, peak memory, and the chunked-vs-whole gap.
   data    samples per second on ONE core, from local shards to batches, default lengths
           (768 frames / bytes / speaker frames), against what a 1.3B run needs per host.
+  train   train_pretrain.py's real step (flow matching, CFG dropout, AdamW, clipping) for the tiny
+          preset and the small config: step time and MFU.
+  tpu_aot the 1.3B train step compiled for a v4-64 with libtpu: per-chip memory at global batch
+          256 and 448, compile time.
 """
 
 import argparse
@@ -241,7 +245,55 @@ def bench_data(shards=4, per_shard=256, batches=40, batch_size=32):
             "headroom": round(rate / needed, 1)}
 
 
-SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data}
+def bench_train():
+    import train_pretrain
+
+    results = {"section": "train"}
+    peak = matmul_peak_gflops()
+    results["matmul_peak_gflops_per_s"] = round(peak, 1)
+    for name, config, batch, lengths in (("tiny", echo.PRESETS["tiny"], 32, (96, 64, 96)),
+                                         ("small", SMALL, 4, (250, 128, 128))):
+        args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
+            ["--global_batch_size", str(batch), "--max_latent_len", str(lengths[0]), "--max_text_len",
+             str(lengths[1]), "--max_speaker_len", str(lengths[2])]))
+        model = echo.EchoDiT(config)
+        tx, _ = train_pretrain.make_optimizer(args)
+        params = nn.unbox(echo.init_params(config, jax.random.key(0)))
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        b = random_batch(config, batch, *lengths)
+        b = {"latent": b["x"], "latent_mask": np.ones(b["x"].shape[:2], np.int32), "text_ids": b["text_ids"],
+             "text_mask": b["text_mask"], "speaker_latent": b["speaker_latent"], "speaker_mask": b["speaker_mask"]}
+        step = jax.jit(train_pretrain.build_train_step(model, tx, args), donate_argnums=(0,))
+        start = time.perf_counter()
+        compiled = step.lower(state, b).compile()
+        compile_s = time.perf_counter() - start
+        holder = [state]
+
+        def one(batch):
+            holder[0], metrics = compiled(holder[0], batch)
+            return metrics["loss"]
+
+        seconds = best_time(one, b)
+        flops = batch * echo.flops_per_sample(config, *lengths)
+        results[name] = {"batch": batch, "lengths": lengths, "compile_s": round(compile_s, 2),
+                         "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
+                         "mfu": round(flops / seconds / 1e9 / peak, 3)}
+    return results
+
+
+def bench_tpu_aot():
+    import train_pretrain
+
+    runs = []
+    for batch in (256, 448):
+        args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
+            ["--preset", "1.3B", "--aot_topology", "v4-64", "--global_batch_size", str(batch)]))
+        runs.append(train_pretrain.aot_compile(args))
+    return {"section": "tpu_aot", "runs": runs}
+
+
+SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "train": bench_train,
+            "tpu_aot": bench_tpu_aot}
 
 
 def main():

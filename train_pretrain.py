@@ -90,7 +90,7 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill defaults that depend on --data synthetic; validate every flag before anything compiles."""
-    synthetic = args.data == "synthetic"
+    synthetic = args.data == "synthetic" and not args.aot_topology  # AOT sizes the real run
     defaults = dict(steps=2000 if synthetic else 1_000_000, global_batch_size=32 if synthetic else 256,
                     lr=2e-3 if synthetic else 1e-4, eval_every=250 if synthetic else 1000,
                     max_latent_len=96 if synthetic else 768, max_text_len=64 if synthetic else 768,
@@ -706,6 +706,103 @@ def train(args):
     return state
 
 
+# ----------------------------------------------------------------------------
+# Ahead-of-time compile for a TPU pod (no TPU, no data needed)
+
+TPU_TOPOLOGIES = {"v4-8": "v4:2x2x1", "v4-16": "v4:2x2x2", "v4-32": "v4:2x2x4", "v4-64": "v4:4x4x2",
+                  "v4-128": "v4:4x4x4"}
+V4_HBM_BYTES = 32 * 2 ** 30
+
+
+def aot_compile(args):
+    """Compile the real train step for a TPU topology with libtpu; report per-chip memory."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+
+    import model as echo
+
+    # Compile-only use: several processes may hold libtpu at once (no chip is touched).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    name = TPU_TOPOLOGIES.get(args.aot_topology, args.aot_topology)
+    if not re.fullmatch(r"v4:\d+x\d+x\d+", name):
+        raise TrainError(f"--aot_topology must be one of {', '.join(TPU_TOPOLOGIES)} or v4:AxBxC, got "
+                         f"{args.aot_topology!r}")
+    try:
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=name, chip_config_name="megacore",
+                                                chips_per_host_bounds=(2, 2, 1))
+    except Exception as e:
+        raise TrainError(f"cannot build TPU topology {name} ({type(e).__name__}: {e}); install "
+                         "requirements-tpu.txt (libtpu)") from None
+    devices = np.asarray(topology.devices)
+    if args.global_batch_size % len(devices) or len(devices) % args.mesh_data:
+        raise TrainError(f"--global_batch_size {args.global_batch_size} must split over the {len(devices)} chips")
+    mesh = jax.sharding.Mesh(devices.reshape(args.mesh_data, -1), ("data", "fsdp"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    config = dataclasses.replace(echo.PRESETS[args.preset], dtype=args.dtype or "bfloat16", remat=args.remat)
+    model = echo.EchoDiT(config)
+    rules = echo.logical_axis_rules()
+    tx, _ = make_optimizer(args)
+    abstract = echo.abstract_params(config)
+    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abstract_opt = jax.eval_shape(tx.init, nn.unbox(abstract))
+    opt_shardings = __import__("optax").tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
+    with_sharding = lambda tree, sh: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    state = with_sharding({"params": nn.unbox(abstract), "opt_state": abstract_opt,
+                           "step": jax.ShapeDtypeStruct((), jnp.int32)}, shardings)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    b = args.global_batch_size
+    shapes = {"latent": ((b, args.max_latent_len, 128), jnp.float32), "latent_mask": ((b, args.max_latent_len), jnp.int32),
+              "text_ids": ((b, args.max_text_len), jnp.int32), "text_mask": ((b, args.max_text_len), jnp.int32),
+              "speaker_latent": ((b, args.max_speaker_len, 128), jnp.float32),
+              "speaker_mask": ((b, args.max_speaker_len), jnp.int32)}
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding) for k, (s, d) in shapes.items()}
+    step_fn = build_train_step(model, tx, args)
+    start = time.perf_counter()
+    result = {"topology": name, "chips": len(devices), "preset": args.preset, "global_batch_size": b,
+              "remat": args.remat, "dtype": config.dtype, "hbm_bytes": V4_HBM_BYTES,
+              "flops_per_step": echo.flops_per_sample(config, args.max_latent_len, args.max_text_len,
+                                                      args.max_speaker_len) * b}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        lowered = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                          donate_argnums=(0,)).lower(state, batch)
+        try:
+            memory = lowered.compile().memory_analysis()
+            per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
+                        - memory.alias_size_in_bytes)
+            result.update(per_chip_bytes=int(per_chip), fits=bool(per_chip <= V4_HBM_BYTES),
+                          temp_bytes=int(memory.temp_size_in_bytes), argument_bytes=int(memory.argument_size_in_bytes))
+        except Exception as e:  # the compiler refuses a program that does not fit in HBM
+            used = (re.search(r"\(([\d.]+)([MGK])\) exceeds available HBM", str(e))
+                    or re.search(r"[Uu]sed ([\d.]+)([MGK]) of [\d.]+[MGK] hbm", str(e)))
+            if not used:
+                raise
+            scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+            result.update(per_chip_bytes=int(float(used.group(1)) * scale[used.group(2)]), fits=False)
+    result["compile_s"] = round(time.perf_counter() - start, 1)
+    result["headroom"] = round(1 - result["per_chip_bytes"] / V4_HBM_BYTES, 3)
+    return result
+
+
+def print_aot(result):
+    gib = result["per_chip_bytes"] / 2 ** 30
+    verdict = "fits" if result["fits"] else "does NOT fit"
+    print(f"{result['preset']} on {result['topology']} ({result['chips']} chips), global batch "
+          f"{result['global_batch_size']}, remat {result['remat']}, {result['dtype']}: {gib:.2f} GiB per chip of "
+          f"{result['hbm_bytes'] / 2 ** 30:.0f} GiB -> {verdict} ({100 * result['headroom']:.0f}% headroom); "
+          f"{result['flops_per_step'] / 1e15:.2f} PFLOP per step; compiled in {result['compile_s']} s")
+    if not result["fits"] or result["headroom"] < 0.1:
+        print("suggestion: --remat save_dots keeps the weight matmuls and recomputes the rest; --remat full "
+              "recomputes everything and needs the least memory")
+    print(json.dumps(result))
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -713,6 +810,9 @@ def main(argv=None):
         args = resolve_defaults(args)
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        if args.aot_topology:
+            print_aot(aot_compile(args))
+            return 0
         init_distributed(args.distributed_timeout)
         train(args)
     except TrainError as e:

@@ -292,3 +292,15 @@ def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "only 1 of 2 hosts joined within 5 s" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_aot_compile_for_a_small_tpu_topology(capsys):
+    code = train_pretrain.main(["--preset", "tiny", "--aot_topology", "v4:2x2x1", "--global_batch_size", "8",
+                                "--max_latent_len", "96", "--max_text_len", "64", "--max_speaker_len", "96"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["chips"] == 4 and result["fits"] is True
+    assert 0 < result["per_chip_bytes"] < result["hbm_bytes"] == 32 * 2 ** 30
+    assert result["flops_per_step"] == 8 * echo.flops_per_sample(echo.PRESETS["tiny"], 96, 64, 96)
+    assert result["compile_s"] > 0
+    assert train_pretrain.main(["--aot_topology", "v5:2x2"]) == 2
