@@ -679,6 +679,10 @@ def train(args):
             if jax.default_backend() == "tpu":
                 line["mfu"] = round(flops * args.global_batch_size / step_time
                                     / (TPU_V4_PEAK_FLOPS * jax.device_count()), 4)
+            memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+            if "bytes_in_use" in memory:
+                line["device_bytes_in_use"] = int(memory["bytes_in_use"])
+                line["device_peak_bytes"] = int(memory.get("peak_bytes_in_use", 0))
             metrics.write(**line)
             if trainer.process == 0:
                 print(f"step {step}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
