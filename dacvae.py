@@ -67,29 +67,36 @@ class Snake(nn.Module):
         return snake(x, self.alpha)
 
 
-class Conv(nn.Module):
-    """Conv1d, weight-normalised (weight_g, weight_v) or plain (weight).
+class _Weighted(nn.Module):
+    """A conv weight of `shape`, weight-normalised over all axes but the first (weight_g,
+    weight_v: w = g v / ||v||, as torch's old weight_norm stored it) or plain (weight); plus a bias."""
+
+    def __init__(self, shape, bias_size, weight_norm):
+        super().__init__()
+        self.weight_norm = weight_norm
+        if weight_norm:
+            self.weight_v = nn.Parameter(torch.empty(shape))
+            self.weight_g = nn.Parameter(torch.empty(shape[0], 1, 1))
+        else:
+            self.weight = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.zeros(bias_size))
+
+    def get_weight(self):
+        if not self.weight_norm:
+            return self.weight
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=(1, 2), keepdim=True)
+
+
+class Conv(_Weighted):
+    """Conv1d, weight-normalised or plain.
 
     `causal=False`: symmetric padding (kernel - stride) * dilation // 2 (the official "none" mode).
     `causal=True`: all padding on the left, plus what the last stride needs on the right ("auto").
     """
 
     def __init__(self, cin, cout, kernel, stride=1, dilation=1, weight_norm=True, causal=False):
-        super().__init__()
-        self.stride, self.dilation, self.causal, self.weight_norm = stride, dilation, causal, weight_norm
-        self.kernel = kernel
-        shape = (cout, cin, kernel)
-        if weight_norm:
-            self.weight_v = nn.Parameter(torch.empty(shape))
-            self.weight_g = nn.Parameter(torch.empty(cout, 1, 1))
-        else:
-            self.weight = nn.Parameter(torch.empty(shape))
-        self.bias = nn.Parameter(torch.zeros(cout))
-
-    def get_weight(self):
-        if not self.weight_norm:
-            return self.weight
-        return self.weight_g * self.weight_v / self.weight_v.norm(dim=(1, 2), keepdim=True)
+        super().__init__((cout, cin, kernel), cout, weight_norm)
+        self.kernel, self.stride, self.dilation, self.causal = kernel, stride, dilation, causal
 
     def forward(self, x):
         if self.causal:
@@ -102,23 +109,15 @@ class Conv(nn.Module):
         return F.conv1d(x, self.get_weight(), self.bias, self.stride, padding, self.dilation)
 
 
-class ConvTranspose(nn.Module):
+class ConvTranspose(_Weighted):
     """ConvTranspose1d with kernel 2 * stride: output length = input length * stride."""
 
     def __init__(self, cin, cout, stride, weight_norm=True, causal=False):
-        super().__init__()
-        self.stride, self.causal, self.weight_norm = stride, causal, weight_norm
-        shape = (cin, cout, 2 * stride)
-        if weight_norm:
-            self.weight_v = nn.Parameter(torch.empty(shape))
-            self.weight_g = nn.Parameter(torch.empty(cin, 1, 1))
-        else:
-            self.weight = nn.Parameter(torch.empty(shape))
-        self.bias = nn.Parameter(torch.zeros(cout))
+        super().__init__((cin, cout, 2 * stride), cout, weight_norm)
+        self.stride, self.causal = stride, causal
 
     def forward(self, x):
-        w = self.weight_g * self.weight_v / self.weight_v.norm(dim=(1, 2), keepdim=True) if self.weight_norm \
-            else self.weight
+        w = self.get_weight()
         b, cin, t = x.shape
         cout, s = w.shape[1], self.stride
         # With kernel 2s, each input step writes two length-s blocks: one matmul, then an

@@ -66,6 +66,17 @@ def take(pipeline, n):
     return [next(pipeline) for _ in range(n)]
 
 
+def first_epoch(pipeline):
+    """Texts of every sample of epoch 0 (batch size 1), and the counters as of its last sample."""
+    seen, counters = [], {}
+    while True:
+        batch = next(pipeline)
+        if pipeline.state()["epoch"] > 0:
+            return seen, counters
+        seen += texts_of(batch)
+        counters = pipeline.counters()
+
+
 # ---------------------------------------------------------------- text
 
 def test_text_normalisation_and_encoding():
@@ -130,11 +141,7 @@ def test_hosts_partition_an_epoch_without_overlap_or_loss(tmp_path, hosts):
     seen = []
     for host in range(hosts):
         p = Pipeline(config(str(tmp_path), batch_size=1, process_index=host, process_count=hosts))
-        while True:
-            batch = next(p)
-            if p.state()["epoch"] > 0:
-                break
-            seen += texts_of(batch)
+        seen += first_epoch(p)[0]
         p.close()
     assert len(seen) == len(set(seen)) == len(expected) and set(seen) == expected
 
@@ -250,13 +257,7 @@ def dirty_corpus(directory):
 def test_dirty_samples_are_skipped_and_counted(tmp_path):
     good = dirty_corpus(tmp_path)
     p = Pipeline(config(str(tmp_path), batch_size=1))
-    seen = []
-    while True:
-        batch = next(p)
-        if p.state()["epoch"] > 0:
-            break
-        seen += texts_of(batch)
-        counters = p.counters()  # as of the last sample of epoch 0
+    seen, counters = first_epoch(p)
     p.close()
     assert sorted(seen) == sorted(good)
     for reason in ("missing_latent", "missing_json", "wrong_shape", "wrong_dtype", "pickled_array",
@@ -343,13 +344,7 @@ def test_hub_downloads_retry_transient_errors_and_skip_dead_shards(hub, tmp_path
     hub.fail_next("me/flaky/resolve/main/data/s-001.tar", 10 ** 6, status=403)  # never comes back
     p = Pipeline(config("hf://datasets/me/flaky", batch_size=1, retries=3, scratch_dir=str(tmp_path / "x")))
     p.fetcher.backoff = 0.01
-    seen = []
-    while True:
-        batch = next(p)
-        if p.state()["epoch"] > 0:
-            break
-        seen += texts_of(batch)
-        counters = p.counters()
+    seen, counters = first_epoch(p)
     p.close()
     assert sorted(seen) == ["[S1] utterance 0-0", "[S1] utterance 0-1", "[S1] utterance 2-0", "[S1] utterance 2-1"]
     assert counters["shard_download_failed"] == 1
