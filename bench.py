@@ -12,6 +12,10 @@ Sections:
           (768 frames / bytes / speaker frames), against what a 1.3B run needs per host.
   train   train_pretrain.py's real step (flow matching, CFG dropout, AdamW, clipping) for the tiny
           preset and the small config: step time and MFU.
+  inference  inference.py's sampler for the tiny preset and the small config (768 text bytes,
+          768 speaker frames, 15 s = 375 frames): seconds per Euler step with joint guidance,
+          against one decoder-only forward at twice the batch; sampling real-time factor at 32
+          steps; the per-step dispatch cost; compile time cold and from a warm cache.
   tpu_aot the 1.3B train step compiled for a v4-64 with libtpu: per-chip memory at global batch
           256 and 448, compile time.
 """
@@ -281,6 +285,69 @@ def bench_train():
     return results
 
 
+_COMPILE_PROBE = """
+import json, sys, time
+import jax
+jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+import bench, inference
+config = bench.SMALL if sys.argv[1] == "small" else bench.echo.PRESETS["tiny"]
+module, params, inputs = bench.inference_inputs(config)
+timings = {}
+inference.sample_latents(module, params, *inputs, steps=1, num_frames=375, timings=timings, progress=False)
+print(json.dumps(timings["compile"]))
+"""
+
+
+def inference_inputs(config, text_len=768, speaker_len=768):
+    """(module, params, (text_ids, text_mask, speaker_latent, speaker_mask)) for one utterance."""
+    b = random_batch(config, 1, 375, text_len, speaker_len)
+    params = nn.unbox(echo.init_params(config, jax.random.key(0)))
+    return echo.EchoDiT(config), params, (b["text_ids"], b["text_mask"], b["speaker_latent"], b["speaker_mask"])
+
+
+def bench_inference(frames=375, steps=32):
+    import subprocess
+
+    import inference
+
+    results = {"section": "inference", "frames": frames, "steps": steps}
+    for name, config in (("tiny", echo.PRESETS["tiny"]), ("small", SMALL)):
+        module, params, inputs = inference_inputs(config)
+        _, step = inference._compiled(module, "joint", params, tuple(jnp.asarray(a) for a in inputs), frames)
+        encode, _ = inference._build(module, "joint")
+        cond = encode(params, *inputs)
+        x = jnp.zeros((1, frames, config.latent_size), jnp.float32)
+        args = (np.float32(0.5), np.float32(0.4), jnp.asarray([3.0], jnp.float32), np.bool_(True))
+        holder = [x]
+
+        def guided_step():
+            holder[0] = step(params, holder[0], cond, *args)
+            return holder[0]
+
+        step_s = best_time(guided_step)
+        # The target's yardstick: one decoder-only forward over conditional and unconditional together.
+        decode = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c, method=echo.EchoDiT.decode))
+        x2, t2 = jnp.zeros((2, frames, config.latent_size)), jnp.full((2,), 0.5)
+        forward_2b_s = best_time(decode, params, x2, t2, cond)
+        encode_s = best_time(encode, params, *inputs)
+        noop = jax.jit(lambda p, x, c, *rest: x)  # the cost of dispatching a step with these arguments
+        dispatch_s = best_time(lambda: noop(params, holder[0], cond, *args), repeats=20)
+        sampling_s = encode_s + steps * step_s
+        compile_s = {}
+        with tempfile.TemporaryDirectory() as cache:
+            for kind in ("cold", "warm_cache"):
+                out = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, name, cache], capture_output=True,
+                                     text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                compile_s[kind] = round(json.loads(out.stdout.strip().splitlines()[-1]), 2)
+        results[name] = {"step_s": round(step_s, 4), "decoder_forward_2b_s": round(forward_2b_s, 4),
+                         "step_over_forward_2b": round(step_s / forward_2b_s, 3), "encode_s": round(encode_s, 4),
+                         "dispatch_fraction": round(dispatch_s / step_s, 4),
+                         "sampling_s_15s_audio": round(sampling_s, 2),
+                         "sampling_rtf": round(sampling_s / (frames / 25), 4), "compile_s": compile_s}
+    return results
+
+
 def bench_tpu_aot():
     import train_pretrain
 
@@ -293,7 +360,7 @@ def bench_tpu_aot():
 
 
 SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "train": bench_train,
-            "tpu_aot": bench_tpu_aot}
+            "inference": bench_inference, "tpu_aot": bench_tpu_aot}
 
 
 def main():

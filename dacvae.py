@@ -346,10 +346,12 @@ class DACVAE(nn.Module):
         self.decoder = Decoder(latent_dim, decoder_dim, decoder_rates)
 
     @classmethod
-    def load(cls, source=None):
-        """A local weights.pth, or a Hub repo id (default $DACVAE_WEIGHTS, else the release)."""
+    def load(cls, source=None, flag="--weights"):
+        """A local weights.pth, or a Hub repo id (default $DACVAE_WEIGHTS, else the release).
+
+        `flag` is the caller's command-line flag for the weights, named in error messages."""
         source = source or os.environ.get("DACVAE_WEIGHTS") or DEFAULT_WEIGHTS
-        path = source if os.path.exists(source) else _download_weights(source)
+        path = source if os.path.exists(source) else _download_weights(source, flag)
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -423,7 +425,7 @@ def message_tensor(message, batch):
     return m
 
 
-def _download_weights(repo_id):
+def _download_weights(repo_id, flag):
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -433,13 +435,13 @@ def _download_weights(repo_id):
         return hf_hub_download(repo_id, "weights.pth")
     except LocalEntryNotFoundError:  # the Hub was unreachable and nothing is cached
         raise DACVAEError(f"could not download DACVAE weights from the Hugging Face Hub ({repo_id}: unreachable); "
-                          "pass a local weights.pth with --weights PATH or set DACVAE_WEIGHTS=PATH") from None
+                          f"pass a local weights.pth with {flag} PATH or set DACVAE_WEIGHTS=PATH") from None
     except (RepositoryNotFoundError, EntryNotFoundError):
         raise DACVAEError(f"the Hub has no weights.pth in {repo_id}; check the repo id, or pass a local file "
-                          "with --weights PATH") from None
+                          f"with {flag} PATH") from None
     except Exception as e:
         raise DACVAEError(f"could not download DACVAE weights from the Hugging Face Hub ({repo_id}: "
-                          f"{type(e).__name__}); pass a local weights.pth with --weights PATH or set "
+                          f"{type(e).__name__}); pass a local weights.pth with {flag} PATH or set "
                           "DACVAE_WEIGHTS=PATH") from None
 
 

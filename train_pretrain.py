@@ -413,6 +413,7 @@ class Trainer:
             silence_latent=silence, process_index=self.process, process_count=self.processes)
         try:
             data.list_shards(self.source)
+            self.silence_latent = data.load_silence(silence, min(args.max_latent_len, 250)).astype(np.float16)
         except data.DataError as e:
             raise TrainError(str(e)) from None
 
@@ -512,9 +513,14 @@ class Trainer:
             config = dataclasses.asdict(self.config)
             params = to_numpy_tree(full["params"])
             base = os.path.join(args.checkpoint_dir, f"step_{step:07d}")
-            atomic_pickle(base + ".params.pkl", {"params": params, "step": step, "config": config})
+            # What inference needs besides the weights: the trained lengths, and the silence the
+            # model learned to end speech with (trailing-silence trimming).
+            about = {"config": config, "max_lengths": {k: getattr(args, k) for k in
+                                                       ("max_latent_len", "max_text_len", "max_speaker_len")},
+                     "silence_latent": self.silence_latent}
+            atomic_pickle(base + ".params.pkl", {"params": params, "step": step, **about})
             atomic_pickle(base + ".pkl", {"params": params, "opt_state": to_numpy_tree(full["opt_state"]),
-                                          "step": step, "samples_seen": samples_seen, "config": config,
+                                          "step": step, "samples_seen": samples_seen, **about,
                                           "data_states": data_states, "train_args": vars(args)})
             if args.keep_checkpoints > 0:
                 for old in sorted(complete_checkpoints(args.checkpoint_dir))[:-args.keep_checkpoints]:

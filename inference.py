@@ -1,0 +1,513 @@
+"""Echo inference: text (and optionally a voice to clone) -> 48 kHz speech.
+
+    python inference.py --checkpoint checkpoints/step_0935000.params.pkl \\
+        --text "Hello, this is a test." --speaker_ref ref.mp3 --output out.wav
+    python inference.py --checkpoint ckpt.pkl --text_file lines.txt --output outdir/      # one wav per line
+    python inference.py --checkpoint ckpt.pkl --input_jsonl jobs.jsonl --output outdir/  # {"text", "speaker_ref", ...}
+
+Text and speaker are encoded once per utterance (their per-layer keys/values too); every Euler
+step is one jitted call over all guidance passes. Without --speaker_ref the model invents a
+voice, and --seed decides which. The compilation cache is on, so a second run starts fast.
+"""
+
+import sys
+
+sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never pull TF in next to JAX
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+log = logging.getLogger("inference")
+
+FRAMES_PER_SECOND = 25
+SAMPLE_RATE = 48000
+DEFAULT_MAX_LEN = 768  # latent frames, text bytes and speaker frames of the original runs
+MIN_REFERENCE_SECONDS = 0.5
+SILENT_PEAK = 1e-4  # a reference whose peak stays below this (-80 dBFS) is digital silence
+TAIL_FRAMES = 5  # trailing silence kept after the speech: 0.2 s, within the promised 0.3 s
+CROSSFADE_SECONDS = 0.05  # between the generations of a text split at sentence boundaries
+
+
+class InferenceError(Exception):
+    """A user-fixable problem (bad flag, text, file); main() prints it as one sentence."""
+
+
+# ----------------------------------------------------------------------------
+# Model
+
+@dataclasses.dataclass
+class LoadedModel:
+    module: object  # model.EchoDiT
+    params: dict
+    config: object  # model.EchoConfig
+    max_latent_len: int
+    max_text_len: int
+    max_speaker_len: int
+    silence_frame: np.ndarray  # (128,): what the model learned to end speech with; None if unknown
+    step: int
+
+
+def load_model(path, dtype="float32"):
+    """A checkpoint (full or weights-only, ours or the reference layout) -> LoadedModel."""
+    import model as echo
+
+    payload = echo.load_checkpoint_file(path)
+    if payload.pop("opt_state", None) is not None:
+        weights_only = re.sub(r"\.pkl$", ".params.pkl", path)
+        hint = f" ({os.path.basename(weights_only)} beside it)" if os.path.exists(weights_only) else ""
+        log.info("full checkpoint: the weights-only .params.pkl%s loads faster", hint)
+    config = dataclasses.replace(echo.config_from_checkpoint(payload, path), dtype=dtype, remat="none",
+                                 scan_layers=True)
+    params = echo.params_from_checkpoint(payload, config, path)
+    lengths = payload.get("max_lengths") or {}
+    train_args = payload.get("train_args") or {}
+    length = lambda name: int(lengths.get(name) or train_args.get(name) or DEFAULT_MAX_LEN)
+    silence = payload.get("silence_latent")
+    silence_frame = None
+    if isinstance(silence, np.ndarray) and silence.ndim == 2 and silence.shape[1] == config.latent_size:
+        silence_frame = np.median(silence.astype(np.float32), axis=0)
+    return LoadedModel(echo.EchoDiT(config), params, config, length("max_latent_len"), length("max_text_len"),
+                       length("max_speaker_len"), silence_frame, int(payload.get("step") or 0))
+
+
+# ----------------------------------------------------------------------------
+# Text and speaker
+
+_SPLITS = (r"(?<=[.!?])\s+", r"(?<=[,])\s+", r"\s+")  # sentences, then clauses, then words
+
+
+def prepare_text(text, max_text_len=DEFAULT_MAX_LEN):
+    """Text -> [(ids, mask)], int32 of length max_text_len each: one entry per generation.
+
+    Text whose bytes do not fit is split at sentence boundaries (then clauses, then words),
+    never cut: every word of the input is spoken.
+    """
+    import data
+
+    if not isinstance(text, str) or not text.strip():
+        raise InferenceError("the text is empty: pass the words to speak with --text")
+    fits = lambda s: data.encode_text(s, max_text_len) is not None
+    pieces = _split_to_fit(data.normalize_text(text), fits, _SPLITS, max_text_len)
+    return [data.encode_text(piece, max_text_len) for piece in pieces]
+
+
+def _split_to_fit(text, fits, separators, max_text_len):
+    if fits(text):
+        return [text]
+    if not separators:
+        raise InferenceError(f"the text holds a word too long to speak ({text[:40]!r}...): the model reads at "
+                             f"most {max_text_len - 1} bytes at once")
+    parts = [p for p in re.split(separators[0], text) if p]
+    if len(parts) == 1:
+        return _split_to_fit(text, fits, separators[1:], max_text_len)
+    chunks, current = [], ""
+    for part in parts:
+        joined = f"{current} {part}" if current else part
+        if fits(joined):
+            current = joined
+            continue
+        if current:
+            chunks.append(current)
+        current = ""
+        if fits(part):
+            current = part
+        else:
+            chunks.extend(_split_to_fit(part, fits, separators[1:], max_text_len))
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def encode_reference(path, codec, max_speaker_len=DEFAULT_MAX_LEN):
+    """Reference audio -> (latent (S, 128) float32, mask (S,) int32), S = max_speaker_len.
+
+    A missing or unreadable file is an error (the user asked for that voice); one that is
+    shorter than 0.5 s or digitally silent is warned about and gives None (no speaker).
+    """
+    import torch
+
+    import dacvae
+
+    try:
+        audio = dacvae.load_audio(path)
+    except dacvae.DACVAEError as e:
+        raise InferenceError(f"speaker reference: {e}") from None
+    if len(audio) < MIN_REFERENCE_SECONDS * SAMPLE_RATE:
+        log.warning("speaker reference %s is %.2f s long, under %.1f s: continuing without a reference voice",
+                    path, len(audio) / SAMPLE_RATE, MIN_REFERENCE_SECONDS)
+        return None
+    if float(np.max(np.abs(audio))) < SILENT_PEAK:
+        log.warning("speaker reference %s is digital silence: continuing without a reference voice", path)
+        return None
+    audio = audio[:max_speaker_len * codec.hop]  # the model reads at most max_speaker_len frames
+    latent = codec.encode(torch.from_numpy(audio)[None, None])[0].T.numpy()
+    frames = min(len(latent), max_speaker_len)
+    speaker_latent = np.zeros((max_speaker_len, latent.shape[1]), np.float32)
+    speaker_latent[:frames] = latent[:frames]
+    speaker_mask = np.zeros(max_speaker_len, np.int32)
+    speaker_mask[:frames] = 1
+    return speaker_latent, speaker_mask
+
+
+# ----------------------------------------------------------------------------
+# Sampling
+
+_COMPILED = {}
+
+
+def _guidance(cfg_scale, cfg_text, cfg_speaker):
+    """('joint', (s,)) or ('independent', (s_text, s_speaker)); a missing scale takes --cfg_scale."""
+    if cfg_text is None and cfg_speaker is None:
+        return "joint", (float(cfg_scale),)
+    return "independent", (float(cfg_scale if cfg_text is None else cfg_text),
+                           float(cfg_scale if cfg_speaker is None else cfg_speaker))
+
+
+def _build(module, mode):
+    """(encode, step) for one guidance mode: encode runs once per utterance, step once per Euler step."""
+    import jax
+    import jax.numpy as jnp
+
+    from model import EchoDiT
+
+    def encode(params, text_ids, text_mask, speaker_latent, speaker_mask):
+        cond = module.apply({"params": params}, text_ids, text_mask, speaker_latent, speaker_mask,
+                            method=EchoDiT.encode_conditions)
+        # Zeroing part of the key mask is exactly CFG dropout of that condition, so every
+        # guidance pass shares the keys and values computed here.
+        is_speaker = jnp.arange(cond["mask"].shape[1]) >= text_ids.shape[1]
+        if mode == "joint":
+            masks = [cond["mask"], jnp.zeros_like(cond["mask"])]
+        else:
+            masks = [cond["mask"], cond["mask"] & is_speaker, cond["mask"] & ~is_speaker]
+        passes = len(masks)
+        return {"k": jnp.concatenate([cond["k"]] * passes, axis=1),
+                "v": jnp.concatenate([cond["v"]] * passes, axis=1), "mask": jnp.concatenate(masks, axis=0)}
+
+    def step(params, x, cond, t, t_next, scales, guided):
+        b = x.shape[0]
+        passes = cond["mask"].shape[0] // b
+
+        def guided_velocity():
+            v = module.apply({"params": params}, jnp.concatenate([x] * passes), jnp.full((passes * b,), t), cond,
+                             method=EchoDiT.decode).reshape((passes,) + x.shape)
+            return v[0] + sum(scales[i] * (v[0] - v[i + 1]) for i in range(passes - 1))
+
+        def conditional_velocity():
+            first = {"k": cond["k"][:, :b], "v": cond["v"][:, :b], "mask": cond["mask"][:b]}
+            return module.apply({"params": params}, x, jnp.full((b,), t), first, method=EchoDiT.decode)
+
+        v = jax.lax.cond(guided, guided_velocity, conditional_velocity)
+        return x + (t_next - t) * v
+
+    return jax.jit(encode), jax.jit(step, donate_argnums=(1,))
+
+
+def _compiled(module, mode, params, inputs, num_frames):
+    """AOT-compiled (encode, step) for these shapes, built once per process."""
+    import jax
+    import jax.numpy as jnp
+
+    shapes = tuple(a.shape for a in inputs)
+    key = (module, mode, shapes, num_frames)
+    if key not in _COMPILED:
+        encode, step = _build(module, mode)
+        encode_c = encode.lower(params, *inputs).compile()
+        cond = jax.eval_shape(encode, params, *inputs)
+        x = jax.ShapeDtypeStruct((shapes[0][0], num_frames, module.config.latent_size), jnp.float32)
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)
+        scales = jax.ShapeDtypeStruct((1 if mode == "joint" else 2,), jnp.float32)
+        step_c = step.lower(params, x, cond, scalar, scalar, scales, jax.ShapeDtypeStruct((), jnp.bool_)).compile()
+        _COMPILED[key] = (encode_c, step_c)
+    return _COMPILED[key]
+
+
+def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_mask, *, steps=32, cfg_scale=3.0,
+                   cfg_text=None, cfg_speaker=None, cfg_min_t=0.0, cfg_max_t=1.0, seed=42, num_frames=375,
+                   timings=None, progress=True):
+    """Euler from t=1 to 0 with classifier-free guidance -> (B, num_frames, 128) float32 numpy.
+
+    --cfg_scale alone is joint guidance (v_c + s (v_c - v_uncond)); --cfg_text / --cfg_speaker make
+    it independent (three passes batched as one). Guidance applies for t in [cfg_min_t, cfg_max_t].
+    """
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    timings = {} if timings is None else timings
+    mode, scales = _guidance(cfg_scale, cfg_text, cfg_speaker)
+    inputs = tuple(jnp.asarray(a) for a in (np.asarray(text_ids, np.int32), np.asarray(text_mask, np.int32),
+                                            np.asarray(speaker_latent, np.float32),
+                                            np.asarray(speaker_mask, np.int32)))
+    t0 = time.perf_counter()
+    encode, step = _compiled(module, mode, params, inputs, num_frames)
+    t1 = time.perf_counter()
+    timings["compile"] = timings.get("compile", 0.0) + t1 - t0
+    cond = encode(params, *inputs)
+    x = jax.random.normal(jax.random.key(seed), (inputs[0].shape[0], num_frames, module.config.latent_size),
+                          jnp.float32)
+    ts = np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)
+    scales_arr = jnp.asarray(scales, jnp.float32)
+    any_guidance = any(s != 0 for s in scales)
+    for k in tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False):
+        guided = bool(any_guidance and cfg_min_t <= ts[k] <= cfg_max_t)
+        x = step(params, x, cond, ts[k], ts[k + 1], scales_arr, np.bool_(guided))
+    x = np.array(x)  # a writable copy on the host
+    timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t1
+    return x
+
+
+def trim_trailing_silence(latent, silence_frame, tolerance=0.5, tail_frames=TAIL_FRAMES):
+    """Cut the silence frames the model ends speech with: keep `tail_frames` after the last frame
+    whose RMS distance to `silence_frame` is at least `tolerance`. Never cuts into speech."""
+    if silence_frame is None or tolerance <= 0:
+        return latent
+    distance = np.sqrt(np.mean((latent - silence_frame[None]) ** 2, axis=1))
+    speech = np.flatnonzero(distance >= tolerance)
+    end = (speech[-1] + 1 + tail_frames) if len(speech) else tail_frames
+    return latent[:min(len(latent), end)]
+
+
+def crossfade_join(segments, sample_rate=SAMPLE_RATE, seconds=CROSSFADE_SECONDS):
+    """Join waveforms with a short linear crossfade."""
+    out = segments[0]
+    for seg in segments[1:]:
+        n = min(int(seconds * sample_rate), len(out), len(seg))
+        fade = np.linspace(0.0, 1.0, n, dtype=np.float32)
+        out = np.concatenate([out[:len(out) - n], out[len(out) - n:] * (1 - fade) + seg[:n] * fade, seg[n:]])
+    return out
+
+
+def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, steps=32, cfg_scale=3.0, cfg_text=None,
+               cfg_speaker=None, cfg_min_t=0.0, cfg_max_t=1.0, seed=42, duration=30.0, trim_tolerance=0.5,
+               timings=None, progress=True):
+    """Text (+ a reference audio path, or an already encoded `reference`) -> 48 kHz float32 waveform."""
+    import torch
+
+    timings = {} if timings is None else timings
+    chunks = prepare_text(text, loaded.max_text_len)
+    if reference is None and speaker_ref is not None:
+        reference = encode_reference(speaker_ref, codec, loaded.max_speaker_len)
+    if reference is None:
+        reference = (np.zeros((loaded.max_speaker_len, loaded.config.latent_size), np.float32),
+                     np.zeros(loaded.max_speaker_len, np.int32))
+    num_frames = max(1, min(int(round(duration * FRAMES_PER_SECOND)), loaded.max_latent_len))
+    silence = loaded.silence_frame
+    if silence is None:
+        silence = codec_silence_frame(codec)
+    segments = []
+    for i, (ids, mask) in enumerate(chunks):
+        latent = sample_latents(loaded.module, loaded.params, ids[None], mask[None], reference[0][None],
+                                reference[1][None], steps=steps, cfg_scale=cfg_scale, cfg_text=cfg_text,
+                                cfg_speaker=cfg_speaker, cfg_min_t=cfg_min_t, cfg_max_t=cfg_max_t,
+                                seed=seed + i, num_frames=num_frames, timings=timings, progress=progress)[0]
+        latent = trim_trailing_silence(latent, silence, trim_tolerance)
+        t0 = time.perf_counter()
+        wave = codec.decode(torch.from_numpy(np.ascontiguousarray(latent.T))[None])[0, 0].numpy()
+        timings["decoding"] = timings.get("decoding", 0.0) + time.perf_counter() - t0
+        segments.append(wave)
+    timings["frames"] = timings.get("frames", 0) + sum(len(s) for s in segments) // codec.hop
+    return crossfade_join(segments)
+
+
+_SILENCE_FRAMES = {}
+
+
+def codec_silence_frame(codec):
+    """The codec's own silence latent frame (median over 2 s of digital silence)."""
+    import dacvae
+    if id(codec) not in _SILENCE_FRAMES:
+        _SILENCE_FRAMES[id(codec)] = np.median(dacvae.silence_latent(codec, 2.0).astype(np.float32), axis=0)
+    return _SILENCE_FRAMES[id(codec)]
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--checkpoint", required=True, help="step_XXXXXXX.params.pkl (fastest) or step_XXXXXXX.pkl")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="the words to speak")
+    src.add_argument("--text_file", help="a text file: one utterance per non-empty line, one wav each")
+    src.add_argument("--input_jsonl", help='JSON Lines: {"text": ..., optional "speaker_ref", "seed", "output"}')
+    a("--speaker_ref", default=None, help="reference audio of the voice to clone (any format soundfile reads)")
+    a("--output", default="output.wav", help="output wav; with --text_file/--input_jsonl, an output directory")
+    a("--cfg_scale", type=float, default=3.0, help="joint guidance scale (text and speaker together)")
+    a("--cfg_text", type=float, default=None, help="independent text guidance scale (the other defaults to "
+      "--cfg_scale)")
+    a("--cfg_speaker", type=float, default=None, help="independent speaker guidance scale (the other defaults to "
+      "--cfg_scale)")
+    a("--cfg_min_t", type=float, default=0.0, help="guidance applies for t >= this (t=1 is noise)")
+    a("--cfg_max_t", type=float, default=1.0, help="guidance applies for t <= this")
+    a("--steps", type=int, default=32, help="Euler steps")
+    a("--duration", type=float, default=15.0, help="maximum seconds of output (25 latent frames per second), "
+      "capped at the model's trained length")
+    a("--seed", type=int, default=42, help="noise seed: the same seed gives bit-identical output on one machine")
+    a("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    a("--dacvae_weights", default=None, help="local DACVAE weights.pth or Hub repo id (default $DACVAE_WEIGHTS, "
+      "else facebook/dacvae-watermarked)")
+    a("--trim_tolerance", type=float, default=0.5, help="RMS latent distance under which a trailing frame counts "
+      "as silence (0: no trimming)")
+    a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache "
+      "('' to disable)")
+    return p.parse_args(argv)
+
+
+def validate(args):
+    """Every flag checked before anything heavy loads."""
+    if args.steps < 1:
+        raise InferenceError(f"--steps must be at least 1, got {args.steps}")
+    if not args.duration > 0:
+        raise InferenceError(f"--duration must be positive, got {args.duration}")
+    if not 0 <= args.cfg_min_t <= args.cfg_max_t <= 1:
+        raise InferenceError(f"--cfg_min_t {args.cfg_min_t} and --cfg_max_t {args.cfg_max_t} must satisfy "
+                             "0 <= min <= max <= 1")
+    for name in ("cfg_scale", "cfg_text", "cfg_speaker", "trim_tolerance"):
+        value = getattr(args, name)
+        if value is not None and not np.isfinite(value):
+            raise InferenceError(f"--{name} must be a finite number, got {value}")
+    if not os.path.isfile(args.checkpoint):
+        raise InferenceError(f"checkpoint {args.checkpoint} does not exist")
+    if args.speaker_ref is not None and not os.path.isfile(args.speaker_ref):
+        raise InferenceError(f"speaker reference {args.speaker_ref} does not exist")
+    if args.text is not None:
+        _check_writable(args.output)
+        if not args.text.strip():
+            raise InferenceError("the text is empty: pass the words to speak with --text")
+
+
+def _check_writable(path):
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InferenceError(f"--output {path} is a directory; name the .wav file to write")
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise InferenceError(f"cannot write {path}: directory {directory} does not exist or is not writable")
+
+
+def read_jobs(args):
+    """[(text, speaker_ref, seed, output_path)] for --text, --text_file or --input_jsonl."""
+    if args.text is not None:
+        return [(args.text, args.speaker_ref, args.seed, args.output)]
+    path = args.text_file or args.input_jsonl
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InferenceError(f"cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    if not lines:
+        raise InferenceError(f"{path} holds no utterances")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise InferenceError(f"--output {args.output} must be a directory for batch input")
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+        raise InferenceError(f"cannot create the output directory {args.output} ({e.strerror})") from None
+    jobs = []
+    for i, line in enumerate(lines, 1):
+        name = f"{i:04d}.wav"
+        text, ref, seed = line, args.speaker_ref, args.seed
+        if args.input_jsonl:
+            try:
+                job = json.loads(line)
+                if not isinstance(job, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                raise InferenceError(f"{path} line {i} is not a JSON object") from None
+            text, ref = job.get("text"), job.get("speaker_ref", ref)
+            seed = int(job["seed"]) if isinstance(job.get("seed"), int) else seed
+            if isinstance(job.get("output"), str) and job["output"].strip():
+                # A name only: a line of the input never writes outside the output directory.
+                name = os.path.basename(job["output"].strip()) or name
+                name = name if name.lower().endswith(".wav") else name + ".wav"
+        jobs.append((text, ref, seed, os.path.join(args.output, name)))
+    return jobs
+
+
+def run(args):
+    import dacvae
+    import model as echo
+
+    validate(args)
+    if args.compile_cache_dir:
+        import jax
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jobs = read_jobs(args)
+    t0 = time.perf_counter()
+    try:
+        loaded = load_model(args.checkpoint, args.dtype)
+        codec = dacvae.DACVAE.load(args.dacvae_weights, flag="--dacvae_weights")
+    except (echo.CheckpointError, dacvae.DACVAEError) as e:
+        raise InferenceError(str(e)) from None
+    if codec.codebook_dim != loaded.config.latent_size:
+        raise InferenceError(f"the codec's {codec.codebook_dim}-dim latents do not fit the model's "
+                             f"{loaded.config.latent_size}-dim latents")
+    timings = {"load": time.perf_counter() - t0}
+    requested = int(round(args.duration * FRAMES_PER_SECOND))
+    if requested > loaded.max_latent_len:
+        log.warning("--duration %.1f s is longer than the model was trained for: capped at %.1f s", args.duration,
+                    loaded.max_latent_len / FRAMES_PER_SECOND)
+    references, summary = {}, []
+    for text, ref, seed, output in jobs:
+        entry = {"output": output, "text": text, "speaker_ref": ref, "seed": seed}
+        try:
+            if ref is not None and ref not in references:
+                references[ref] = encode_reference(ref, codec, loaded.max_speaker_len)
+            frames_before = timings.get("frames", 0)
+            wave = synthesize(loaded, codec, text, reference=references.get(ref), steps=args.steps,
+                              cfg_scale=args.cfg_scale, cfg_text=args.cfg_text, cfg_speaker=args.cfg_speaker,
+                              cfg_min_t=args.cfg_min_t, cfg_max_t=args.cfg_max_t, seed=seed,
+                              duration=args.duration, trim_tolerance=args.trim_tolerance, timings=timings,
+                              progress=True)
+            dacvae.save_audio(output, wave, SAMPLE_RATE)
+            entry.update(ok=True, seconds=round(len(wave) / SAMPLE_RATE, 3),
+                         frames=timings["frames"] - frames_before)
+        except (InferenceError, dacvae.DACVAEError) as e:
+            if len(jobs) == 1:
+                raise InferenceError(str(e)) from None
+            entry.update(ok=False, error=str(e))
+            log.error("%s: %s", output, e)
+        summary.append(entry)
+    audio_seconds = timings.get("frames", 0) / FRAMES_PER_SECOND
+    rtf = (timings.get("sampling", 0) + timings.get("decoding", 0)) / max(audio_seconds, 1e-9)
+    print(f"load {timings['load']:.2f}s, compile {timings.get('compile', 0):.2f}s, sampling "
+          f"{timings.get('sampling', 0):.2f}s, decoding {timings.get('decoding', 0):.2f}s, "
+          f"{audio_seconds:.2f}s of audio, real-time factor {rtf:.3f}", flush=True)
+    if len(jobs) > 1 or args.text is None:
+        ok = sum(e["ok"] for e in summary)
+        dacvae.atomic_write(os.path.join(args.output, "summary.json"), lambda tmp: _write_text(tmp, json.dumps(
+            summary, indent=1) + "\n"))
+        print(f"{ok} of {len(summary)} utterances written to {args.output} (summary.json)", flush=True)
+        if ok < len(summary):
+            raise InferenceError(f"{len(summary) - ok} of {len(summary)} utterances failed; see "
+                                 f"{os.path.join(args.output, 'summary.json')}")
+    return summary
+
+
+def _write_text(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = parse_args(argv)
+    try:
+        run(args)
+    except InferenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
