@@ -10,6 +10,8 @@ Sections:
           seconds, real-time factors, peak memory, and the chunked-vs-whole gap.
   data    samples per second on ONE core, from local shards to batches, default lengths
           (768 frames / bytes / speaker frames), against what a 1.3B run needs per host.
+  build   data.py build with the full-size codec (random weights): clips per second and seconds of
+          audio encoded per second, from a manifest of 2-6 s clips to finished shards.
   train   train_pretrain.py's real step (flow matching, CFG dropout, AdamW, clipping) for the tiny
           preset and the small config: step time and MFU.
   inference  inference.py's sampler for the tiny preset and the small config (768 text bytes,
@@ -202,6 +204,48 @@ def bench_dacvae(seconds=10.0, chunk_frames=100):
     }
 
 
+def bench_build(clips=12, batch_size=4):
+    import csv
+
+    import soundfile
+
+    import dacvae
+    import data
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as root:
+        weights = os.path.join(root, "codec.pth")
+        dacvae.init_random(dacvae.RELEASED_KWARGS).save(weights)
+        rows, audio_s = [], 0.0
+        for i in range(clips):
+            # Speech-like clips of a few lengths, so that equal lengths batch together.
+            seconds = float(rng.choice([2.0, 4.0, 6.0]))
+            t = np.arange(int(seconds * 48000)) / 48000
+            wave = 0.3 * np.sin(2 * np.pi * (150 + 50 * i) * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2
+            path = os.path.join(root, f"clip{i}.flac")
+            soundfile.write(path, (wave + 0.01 * rng.normal(size=t.shape)).astype(np.float32), 48000)
+            rows.append({"audio": path, "text": f"clip number {i}", "speaker": f"s{i % 3}"})
+            audio_s += seconds
+        manifest = os.path.join(root, "manifest.csv")
+        with open(manifest, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["audio", "text", "speaker"])
+            writer.writeheader()
+            writer.writerows(rows)
+        start = time.perf_counter()
+        report = data.build_corpus(manifest, os.path.join(root, "out"), weights, shard_size=1000,
+                                   batch_size=batch_size, progress=False)
+        seconds = time.perf_counter() - start
+        # A fixed cost of every build, whatever its size: the 30 s silence latent it writes.
+        start = time.perf_counter()
+        dacvae.silence_latent(dacvae.DACVAE.load(weights), 30.0)
+        silence_s = time.perf_counter() - start
+    encode_s = seconds - silence_s
+    return {"section": "build", "codec": "released size, random weights, float32", "clips": clips,
+            "audio_s": audio_s, "samples": report["samples"], "build_s": round(seconds, 2),
+            "silence_latent_s": round(silence_s, 2), "clips_per_s": round(clips / encode_s, 3),
+            "audio_s_per_s": round(audio_s / encode_s, 3)}
+
+
 def _data_measurements(directory, batches, batch_size):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
     import data
@@ -359,7 +403,8 @@ def bench_tpu_aot():
     return {"section": "tpu_aot", "runs": runs}
 
 
-SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "train": bench_train,
+SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "build": bench_build,
+            "train": bench_train,
             "inference": bench_inference, "tpu_aot": bench_tpu_aot}
 
 

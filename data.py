@@ -8,6 +8,7 @@ state, and survives a dirty corpus (bad samples are skipped and counted, never u
     python data.py make-synthetic runs/synth --shards 8 --samples-per-shard 256 --seed 0
     python data.py inspect runs/synth                       # or hf://datasets/ORG/REPO[@REV][/GLOB]
     python data.py inspect hf://datasets/me/corpus --json
+    python data.py build manifest.csv shards/ --push_to_hub me/corpus   # recordings + transcripts -> shards
 
 Python:
 
@@ -606,7 +607,7 @@ def make_synthetic(out_dir, shards, samples_per_shard, seed=0):
     rng = _rng("synthetic-corpus", seed)
     _, _, silence = synthetic_tables(seed)
     atomic_write(os.path.join(out_dir, "silence_latent.npy"),
-                 lambda tmp: open(tmp, "wb").write(_npy_bytes(np.tile(silence, (750, 1)).astype(np.float16))))
+                 lambda tmp: _write_bytes(tmp, _npy_bytes(np.tile(silence, (750, 1)).astype(np.float16))))
     for shard in range(shards):
         path = os.path.join(out_dir, f"shard-{shard:05d}.tar")
 
@@ -680,6 +681,259 @@ def _print_report(report):
     print(f"references cropped to max_speaker_len: {100 * report['fraction_reference_cropped']:.1f}%")
 
 
+# ----------------------------------------------------------------------------
+# Corpus builder: a folder of recordings and transcripts -> training shards (python data.py build)
+
+MANIFEST_COLUMNS = {"audio": ("audio", "audio_path", "path", "file", "wav"),
+                    "text": ("text", "transcript", "transcription", "sentence"),
+                    "speaker": ("speaker", "speaker_id", "spk")}
+SILENT_PEAK = 1e-4  # a clip whose peak stays below this (-80 dBFS) is digital silence
+BUILD_STATE = ".build.json"  # what the directory was built from: a rerun must continue the same build
+LATENT_CACHE = ".latents"  # every clip's latent (or why it was skipped) until the build completes
+
+
+def read_manifest(path):
+    """A CSV or JSON Lines manifest -> [row dict or (None, reason)], audio paths made absolute.
+
+    Each row names an audio file, a transcript and a speaker (MANIFEST_COLUMNS lists the accepted
+    column names); every other column is kept for the sample's JSON."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            if path.lower().endswith((".jsonl", ".ndjson", ".json")):
+                raw = []
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            row = json.loads(line)
+                        except ValueError:
+                            row = None
+                        raw.append(row if isinstance(row, dict) else {"__bad__": number})
+            else:
+                reader = csv.DictReader(f)
+                header = [c.strip() for c in reader.fieldnames or []]
+                for role, names in MANIFEST_COLUMNS.items():
+                    if not set(names) & set(header):
+                        raise DataError(f"manifest {path} has no {role} column (one of {', '.join(names)}); "
+                                        f"its columns are {', '.join(header) or 'none'}")
+                raw = [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    except FileNotFoundError:
+        raise DataError(f"manifest {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the manifest {path} ({getattr(e, 'strerror', None) or e})") from None
+    if not raw:
+        raise DataError(f"manifest {path} holds no rows")
+    base = os.path.dirname(os.path.abspath(path))
+    rows = []
+    for row in raw:
+        if "__bad__" in row:
+            rows.append((None, "bad_manifest_row"))
+            continue
+        found = {role: next((row[n] for n in names if row.get(n) not in (None, "")), None)
+                 for role, names in MANIFEST_COLUMNS.items()}
+        if found["audio"] is None or found["speaker"] is None or not isinstance(found["audio"], str):
+            rows.append((None, "bad_manifest_row"))
+            continue
+        extra = {k: v for k, v in row.items() if k not in sum(MANIFEST_COLUMNS.values(), ())}
+        rows.append({"audio": os.path.join(base, os.path.expanduser(found["audio"])),
+                     "text": found["text"] if isinstance(found["text"], str) else "",
+                     "speaker": str(found["speaker"]), "extra": extra})
+    return rows
+
+
+def _encode_clips(codec, rows, cache, max_seconds, batch_size, progress):
+    """Encode every clip not yet in the cache: `{i}.npy` latent plus `{i}.json` ({"duration"} or
+    {"skip": reason}), the JSON written last as the clip's completion mark. Clips of one
+    hop-rounded length are batched together (padding clips of other lengths would change them)."""
+    import torch
+    from tqdm import tqdm
+
+    import dacvae
+
+    def done(i, **info):
+        atomic_write(os.path.join(cache, f"{i:08d}.json"),
+                     lambda tmp: _write_bytes(tmp, json.dumps(info).encode()))
+
+    pending = [i for i, row in enumerate(rows) if not os.path.exists(os.path.join(cache, f"{i:08d}.json"))]
+    bar = tqdm(total=len(pending), desc="encode", unit="clip", disable=not progress)
+    encoded_seconds, start = 0.0, time.perf_counter()
+    window = max(64, 4 * batch_size)  # clips loaded at once: enough to find equal lengths, bounded memory
+    for w in range(0, len(pending), window):
+        by_frames = {}
+        for i in pending[w:w + window]:
+            row = rows[i]
+            if isinstance(row, tuple):
+                done(i, skip=row[1])
+            elif not row["text"].strip():
+                done(i, skip="empty_text")
+            else:
+                try:
+                    audio = dacvae.load_audio(row["audio"])
+                except dacvae.DACVAEError as e:
+                    log.warning("skipping %s", e)
+                    done(i, skip="unreadable_audio")
+                    bar.update()
+                    continue
+                if len(audio) > max_seconds * dacvae.SAMPLE_RATE:
+                    done(i, skip="too_long")
+                elif float(np.max(np.abs(audio))) < SILENT_PEAK:
+                    done(i, skip="silent")
+                else:
+                    by_frames.setdefault(-(-len(audio) // codec.hop), []).append((i, audio))
+                    continue
+            bar.update()
+        for frames, clips in sorted(by_frames.items()):
+            for b in range(0, len(clips), batch_size):
+                group = clips[b:b + batch_size]
+                audio = torch.cat([dacvae.reflect_pad_right(torch.from_numpy(a)[None, None],
+                                                            frames * codec.hop - len(a)) for _, a in group])
+                latents = codec.encode(audio).transpose(1, 2).numpy().astype(np.float16)
+                for (i, a), latent in zip(group, latents):
+                    if not np.isfinite(latent).all():
+                        done(i, skip="non_finite_latent")
+                    else:
+                        atomic_write(os.path.join(cache, f"{i:08d}.npy"),
+                                     lambda tmp: _write_bytes(tmp, _npy_bytes(latent)))
+                        done(i, duration=round(len(a) / dacvae.SAMPLE_RATE, 4))
+                    encoded_seconds += len(a) / dacvae.SAMPLE_RATE
+                bar.update(len(group))
+                bar.set_postfix(audio_s_per_s=f"{encoded_seconds / (time.perf_counter() - start):.1f}")
+    bar.close()
+
+
+def _write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def build_corpus(manifest, out_dir, dacvae_weights=None, shard_size=1000, max_seconds=30.7, batch_size=8, seed=0,
+                 progress=True):
+    """Encode a manifest's clips with DACVAE and write training shards, resumably. Returns the report
+    (also written as OUT_DIR/manifest.json)."""
+    import dacvae
+
+    if shard_size < 1 or batch_size < 1 or not max_seconds > 0:
+        raise DataError("--shard_size and --batch_size must be at least 1 and --max_seconds positive")
+    rows = read_manifest(manifest)
+    with open(manifest, "rb") as f:
+        plan = {"manifest_sha256": hashlib.sha256(f.read()).hexdigest(), "shard_size": shard_size,
+                "max_seconds": max_seconds, "seed": seed}
+    os.makedirs(out_dir, exist_ok=True)
+    state_path = os.path.join(out_dir, BUILD_STATE)
+    if os.path.exists(state_path):
+        with open(state_path) as f:
+            if json.load(f) != plan:
+                raise DataError(f"{out_dir} holds a build of another manifest or other settings; build into a new "
+                                "directory (or delete it)")
+    else:
+        atomic_write(state_path, lambda tmp: _write_bytes(tmp, json.dumps(plan).encode()))
+    report_path = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(report_path):
+        with open(report_path) as f:
+            log.info("%s is complete already", out_dir)
+            return json.load(f)
+
+    codec = dacvae.DACVAE.load(dacvae_weights, flag="--dacvae_weights")
+    cache = os.path.join(out_dir, LATENT_CACHE)
+    os.makedirs(cache, exist_ok=True)
+    _encode_clips(codec, rows, cache, max_seconds, batch_size, progress)
+
+    info = []
+    for i in range(len(rows)):
+        with open(os.path.join(cache, f"{i:08d}.json")) as f:
+            info.append(json.load(f))
+    skipped = Counter(x["skip"] for x in info if "skip" in x)
+    by_speaker = {}
+    for i, row in enumerate(rows):
+        if "duration" in info[i]:
+            by_speaker.setdefault(row["speaker"], []).append(i)
+
+    def reference_of(i):
+        others = [j for j in by_speaker[rows[i]["speaker"]] if j != i]
+        return others[int(_rng("reference", seed, i).integers(len(others)))] if others else None
+
+    latent_path = lambda i: os.path.join(cache, f"{i:08d}.npy")
+    shards, no_reference = [], 0
+    for s in range(-(-len(rows) // shard_size)):
+        members = [i for i in range(s * shard_size, min((s + 1) * shard_size, len(rows))) if "duration" in info[i]]
+        no_reference += sum(reference_of(i) is None for i in members)
+        if not members:
+            continue
+        name = f"shard-{s:05d}{SHARD_SUFFIX}"
+        shards.append({"name": name, "samples": len(members),
+                       "seconds": round(sum(info[i]["duration"] for i in members), 3)})
+        if os.path.exists(os.path.join(out_dir, name)):
+            continue  # written whole by an earlier run
+
+        def write(tmp, members=members):
+            with tarfile.open(tmp, "w") as tar:
+                for i in members:
+                    row, key = rows[i], f"{i:08d}"
+                    meta = {**row["extra"], "text": row["text"], "duration": info[i]["duration"],
+                            "speaker": row["speaker"], "source": row["audio"]}
+                    _add_member(tar, key + ".json", json.dumps(meta, ensure_ascii=False).encode())
+                    with open(latent_path(i), "rb") as f:
+                        _add_member(tar, key + ".npy", f.read())
+                    ref = reference_of(i)
+                    if ref is not None:
+                        with open(latent_path(ref), "rb") as f:
+                            _add_member(tar, key + ".ref.npy", f.read())
+        atomic_write(os.path.join(out_dir, name), write)
+
+    silence = dacvae.silence_latent(codec, 30.0)
+    atomic_write(os.path.join(out_dir, "silence_latent.npy"), lambda tmp: _write_bytes(tmp, _npy_bytes(silence)))
+    report = {"shards": shards, "samples": sum(s["samples"] for s in shards),
+              "seconds": round(sum(s["seconds"] for s in shards), 3), "clips": len(rows),
+              "skipped": dict(sorted(skipped.items())), "speakers": len(by_speaker),
+              "no_reference": no_reference, "codec": codec.kwargs, "max_seconds": max_seconds}
+    atomic_write(report_path, lambda tmp: _write_bytes(tmp, json.dumps(report, indent=1).encode()))
+    shutil.rmtree(cache)
+    return report
+
+
+def push_to_hub(out_dir, repo_id, shards_per_commit=20):
+    """Upload a built corpus to a Hub dataset repo: files already there (same size) are skipped, the
+    shards go up in commits of a few, the manifest last, so a rerun continues an interrupted push."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    report_path = os.path.join(out_dir, "manifest.json")
+    if not os.path.exists(report_path):
+        raise DataError(f"{out_dir} is not a complete build (no manifest.json); run data.py build first")
+    with open(report_path) as f:
+        names = [s["name"] for s in json.load(f)["shards"]] + ["silence_latent.npy"]
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
+        remote = {f.path: getattr(f, "size", None) for f in api.list_repo_tree(repo_id, repo_type="dataset",
+                                                                              recursive=True)}
+        pending = [n for n in names if remote.get(n) != os.path.getsize(os.path.join(out_dir, n))]
+        for b in range(0, len(pending), shards_per_commit):
+            batch = pending[b:b + shards_per_commit]
+            api.create_commit(repo_id, [CommitOperationAdd(n, os.path.join(out_dir, n)) for n in batch],
+                              commit_message=f"Add {', '.join(batch[:3])}{' ...' if len(batch) > 3 else ''}",
+                              repo_type="dataset")
+            log.info("pushed %d/%d files to %s", b + len(batch), len(pending), repo_id)
+        api.create_commit(repo_id, [CommitOperationAdd("manifest.json", report_path)],
+                          commit_message="Add manifest.json", repo_type="dataset")
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"could not push to the Hub dataset {repo_id} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check the repo id, your token (HF_TOKEN) "
+                        "and the network, then rerun: files already pushed are skipped") from None
+    return len(pending)
+
+
+def _print_build_report(report, out_dir):
+    print(f"{out_dir}: {report['samples']} clips in {len(report['shards'])} shard(s), "
+          f"{report['seconds'] / 3600:.2f} h of audio, {report['speakers']} speaker(s)")
+    skipped = report["skipped"]
+    print(f"skipped {sum(skipped.values())} of {report['clips']}: "
+          + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
+    print(f"without a reference (a speaker's only clip): {report['no_reference']}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -694,10 +948,33 @@ def main(argv=None):
     p.add_argument("--max_latent_len", type=int, default=768, help="frames; longer targets are skipped")
     p.add_argument("--max_text_len", type=int, default=768, help="bytes; longer texts are skipped")
     p.add_argument("--max_speaker_len", type=int, default=768, help="frames; longer references are cropped")
+    p = sub.add_parser("build", help="encode a corpus of recordings and transcripts into training shards")
+    p.add_argument("manifest", help="CSV or JSONL: an audio path, a transcript and a speaker id per row "
+                   "(columns audio/path, text/transcript, speaker/speaker_id; others are kept)")
+    p.add_argument("out_dir", help="output directory for shard-XXXXX.tar, manifest.json and silence_latent.npy")
+    p.add_argument("--dacvae_weights", default=None, help="local DACVAE weights.pth or Hub repo id (default "
+                   "$DACVAE_WEIGHTS, else facebook/dacvae-watermarked)")
+    p.add_argument("--shard_size", type=int, default=1000, help="manifest rows per shard")
+    p.add_argument("--max_seconds", type=float, default=30.7, help="longer clips are skipped (the training maximum)")
+    p.add_argument("--batch_size", type=int, default=8, help="clips of equal length encoded together")
+    p.add_argument("--seed", type=int, default=0, help="seed for choosing each clip's speaker reference")
+    p.add_argument("--push_to_hub", default=None, metavar="ORG/REPO", help="then upload to this Hub dataset repo")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on one line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        if args.command == "make-synthetic":
+        if args.command == "build":
+            import dacvae
+            try:
+                report = build_corpus(args.manifest, args.out_dir, args.dacvae_weights, args.shard_size,
+                                      args.max_seconds, args.batch_size, args.seed)
+            except dacvae.DACVAEError as e:
+                raise DataError(str(e)) from None
+            if args.push_to_hub:
+                pushed = push_to_hub(args.out_dir, args.push_to_hub)
+                report = dict(report, pushed_files=pushed, hub=f"hf://datasets/{args.push_to_hub}")
+            print(json.dumps(report)) if args.json else _print_build_report(report, args.out_dir)
+        elif args.command == "make-synthetic":
             if args.shards < 1 or args.samples_per_shard < 1:
                 raise DataError("--shards and --samples-per-shard must be at least 1")
             make_synthetic(args.out_dir, args.shards, args.samples_per_shard, args.seed)

@@ -1,9 +1,11 @@
 """A small HTTP server on 127.0.0.1 that speaks enough of the Hugging Face Hub's protocol for the
 real `huggingface_hub` client (reached through HF_ENDPOINT): file resolve (HEAD/GET, ranges),
-repo info and tree listings, for model and dataset repos. Tests put files in repos and can make
-paths fail with transient errors.
+repo info and tree listings, for model and dataset repos; and for uploads, repo creation,
+preupload (every file goes up as a regular file) and commits. Tests put files in repos and can
+make paths fail with transient errors.
 """
 
+import base64
 import hashlib
 import json
 import os
@@ -19,6 +21,7 @@ class FakeHub:
         self.repos = {}  # (repo_type, repo_id) -> {path: bytes}
         self.fail = {}  # path suffix -> [remaining failures, HTTP status]
         self.requests = []  # (method, path) of every request
+        self.commits = []  # (repo_id, [paths added]) of every commit
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -68,6 +71,51 @@ class FakeHub:
 
             def do_GET(self):
                 self.route(head=False)
+
+            def do_POST(self):
+                path = urllib.parse.unquote(urllib.parse.urlparse(self.path).path)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with hub.lock:
+                    hub.requests.append(("POST", path))
+                    for suffix, failure in hub.fail.items():
+                        if failure[0] > 0 and path.endswith(suffix):
+                            failure[0] -= 1
+                            return self.error(failure[1], "Injected", "injected failure")
+                parts = path.strip("/").split("/")
+                json_reply = lambda obj: self.send(200, json.dumps(obj).encode(), {"Content-Type": "application/json"})
+                if parts[:3] == ["api", "repos", "create"]:
+                    request = json.loads(body)
+                    repo_type = request.get("type") or "model"
+                    repo_id = f"{request['organization']}/{request['name']}"
+                    url = f"{hub.endpoint}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
+                    with hub.lock:
+                        if (repo_type, repo_id) in hub.repos:  # the Hub names the existing repo's url
+                            body = json.dumps({"error": "You already created this repo", "url": url}).encode()
+                            return self.send(409, body, {"Content-Type": "application/json"})
+                        hub.repos[(repo_type, repo_id)] = {}
+                    return json_reply({"url": url, "name": repo_id})
+                if len(parts) >= 6 and parts[0] == "api" and parts[1] in ("models", "datasets"):
+                    repo_type, repo_id, action = parts[1][:-1], "/".join(parts[2:4]), parts[4]
+                    files = hub.repos.get((repo_type, repo_id))
+                    if files is None:
+                        return self.error(404, "RepoNotFound", f"repository {repo_id} not found")
+                    if action == "preupload":
+                        return json_reply({"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
+                                                     for f in json.loads(body)["files"]]})
+                    if action == "commit":
+                        added = []
+                        for line in body.splitlines():
+                            item = json.loads(line)
+                            if item["key"] == "file":
+                                value = item["value"]
+                                with hub.lock:
+                                    files[value["path"]] = base64.b64decode(value["content"])
+                                added.append(value["path"])
+                        with hub.lock:
+                            hub.commits.append((repo_id, added))
+                        return json_reply({"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{COMMIT}",
+                                           "commitOid": COMMIT})
+                return self.error(404, "RepoNotFound", "no such API route")
 
             def route(self, head):
                 url = urllib.parse.urlparse(self.path)
