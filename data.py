@@ -137,6 +137,7 @@ class ShardFetcher:
         self.pending = {}  # shard -> Thread
         self.results = {}  # shard -> path or exception
         self.current = None  # (shard, path) of the open download
+        self.held = {}  # shard -> open file: a download in use, from arrival to release
 
     def _download(self, shard):
         from huggingface_hub import hf_hub_download
@@ -146,8 +147,11 @@ class ShardFetcher:
         error = None
         for attempt in range(self.retries + 1):
             try:
-                self.results[shard] = hf_hub_download(repo_id, shard, repo_type="dataset", revision=revision,
-                                                      local_dir=self.scratch_dir)
+                path = hf_hub_download(repo_id, shard, repo_type="dataset", revision=revision,
+                                       local_dir=self.scratch_dir)
+                # Held open until released: disk_watchdog.py never deletes a file some process has open.
+                self.held[shard] = open(path, "rb")
+                self.results[shard] = path
                 return
             except (RepositoryNotFoundError, EntryNotFoundError) as e:
                 if "Local" not in type(e).__name__:  # a real 404: retrying will not help
@@ -180,6 +184,9 @@ class ShardFetcher:
     def release(self, shard):
         """The shard is consumed: delete its download."""
         if self.current and self.current[0] == shard:
+            held = self.held.pop(shard, None)
+            if held:
+                held.close()
             if os.path.exists(self.current[1]):
                 os.remove(self.current[1])
             self.current = None

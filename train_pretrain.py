@@ -645,6 +645,9 @@ def train(args):
         sampler = jax.jit(build_sampler(trainer.model, args.sample_steps), static_argnums=(6,))
 
     start_step = int(state["step"])
+    metrics.write(event="start", step=start_step, total_steps=args.steps, run=os.path.basename(
+        os.path.abspath(args.run_dir)), preset=args.preset, global_batch_size=args.global_batch_size,
+        processes=trainer.processes, devices=jax.device_count())
     flops = echo.flops_per_sample(trainer.config, args.max_latent_len, args.max_text_len, args.max_speaker_len)
     bad_in_a_row, last = 0, time.perf_counter()
     step = start_step
