@@ -620,6 +620,9 @@ def train(args):
         metrics.write(event="init_from", path=args.init_from, step=0)
     if state is None:
         state = trainer.init_state()
+    # Finish building the state before the first step is dispatched: on CPU (gloo) two programs with
+    # collectives in flight at once can interleave differently on each host and deadlock.
+    jax.block_until_ready(state)
 
     pipeline = data.Pipeline(trainer.data_config, state=data_state)
     step_fn = build_train_step(trainer.model, trainer.tx, args)
@@ -703,9 +706,14 @@ def train(args):
                     generated = sampler(state["params"], jax.random.key(args.seed + 7), eval_set["text_ids"],
                                         eval_set["text_mask"], eval_set["speaker_latent"], eval_set["speaker_mask"],
                                         args.max_latent_len)
-                    fields["synthetic_nmse"] = nmse(np.asarray(generated), eval_set["truth"], eval_set["frames"])
+                    from jax.experimental import multihost_utils  # the samples span every host's devices
+                    generated = np.asarray(multihost_utils.process_allgather(generated, tiled=True))
+                    fields["synthetic_nmse"] = nmse(generated, eval_set["truth"], eval_set["frames"])
             metrics.write(**fields)
         preempted = stop["signal"] is not None
+        if trainer.processes > 1:  # hosts get SIGTERM at different steps; they must checkpoint at the same one
+            from jax.experimental import multihost_utils
+            preempted = bool(np.asarray(multihost_utils.process_allgather(np.asarray([preempted]))).any())
         slot_done = args.run_steps is not None and step - start_step >= args.run_steps
         if step % args.checkpoint_every == 0 or step == args.steps or preempted or slot_done:
             trainer.save_checkpoint(state, pipeline.state(), samples_seen)

@@ -1,0 +1,98 @@
+"""launch.sh --local: a simulated 2-host pod end to end, and a clean stop on SIGTERM."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import soundfile
+from conftest import REPO
+
+TINY = ["--preset", "tiny", "--data", "synthetic", "--global_batch_size", "8", "--max_latent_len", "48",
+        "--max_text_len", "48", "--max_speaker_len", "48", "--eval_samples", "2", "--sample_steps", "2"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(tmp_path, port, *flags, **popen):
+    env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+    env.pop("DACVAE_WEIGHTS", None)
+    env.pop("HF_HOME", None)  # launch.sh puts it on the large disk unless the user chose one
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), "--local", "2", *TINY, *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+
+
+def processes_of(tmp_path):
+    """PIDs of any process whose command line mentions this test's directory."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(tmp_path).encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def metrics(run):
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in open(path)] if path.exists() else []
+
+
+def test_local_pod_runs_end_to_end_with_companions_and_inference(tmp_path):
+    proc = launch(tmp_path, free_port(), "--steps", "4", "--checkpoint_every", "2", "--eval_every", "4")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    run = tmp_path / "disk" / "run"
+    lines = metrics(run)
+    assert [m["step"] for m in lines if "event" not in m] == [1, 2, 3, 4]
+    start = [m for m in lines if m.get("event") == "start"][0]
+    assert start["processes"] == 2 and start["devices"] == 2
+    assert any(m.get("event") == "eval" and "synthetic_nmse" in m for m in lines)
+    assert sorted(os.listdir(run / "checkpoints"))[-2:] == ["step_0000004.params.pkl", "step_0000004.pkl"]
+    assert "cannot be reached" in out and "RANDOM codec weights" in out  # the offline fallback, said aloud
+    audio, rate = soundfile.read(str(run / "demo.wav"))
+    assert rate == 48000 and len(audio) > 0 and abs(audio).max() > 0
+    assert "watchdog_started" in (run / "logs" / "disk_watchdog.log").read_text()
+    assert "dashboard of" in (run / "logs" / "monitor.log").read_text()
+    assert (tmp_path / "disk" / "hf").is_dir() and (tmp_path / "disk" / "jax_cache").is_dir()
+    time.sleep(0.5)
+    assert processes_of(tmp_path) == []
+
+
+def test_sigterm_checkpoints_and_leaves_no_process(tmp_path):
+    port = free_port()
+    proc = launch(tmp_path, port, "--steps", "100000", "--checkpoint_every", "100000", "--eval_every", "100000",
+                  start_new_session=True)
+    run = tmp_path / "disk" / "run"
+    deadline = time.time() + 300
+    served = None
+    while time.time() < deadline and proc.poll() is None:
+        steps = [m for m in metrics(run) if "event" not in m]
+        if len(steps) >= 3:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/metrics", timeout=10) as r:
+                served = json.loads(r.read())
+            break
+        time.sleep(0.5)
+    assert served is not None and served["points"] >= 3, proc.stdout.read()[-3000:] if proc.poll() else "timeout"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    lines = metrics(run)
+    preempted = [m for m in lines if m.get("event") == "preempted"]
+    assert len(preempted) == 1
+    last = max(m["step"] for m in lines if "event" not in m)
+    assert preempted[0]["step"] == last
+    assert f"step_{last:07d}.pkl" in os.listdir(run / "checkpoints")
+    assert "rerun the same command to resume" in out
+    time.sleep(0.5)
+    assert processes_of(tmp_path) == []
