@@ -320,7 +320,7 @@ function draw(canvas, lines, opts) {
     const yv = y0 + (y1 - y0) * i / 4, xv = x0 + (x1 - x0) * i / 4;
     g.beginPath(); g.moveTo(L, Y(yv)); g.lineTo(w - R, Y(yv)); g.stroke();
     g.fillText(fmt(logy ? Math.pow(10, yv) : yv), 4, Y(yv) + 4);
-    const label = opts.xmode === "time" ? fmtDuration(xv - x0) : fmt(Math.round(xv));
+    const label = opts.xmode === "time" ? fmtDuration(xv - x0) : String(Math.round(xv));
     g.fillText(label, Math.min(X(xv) - 10, w - R - 30), h - B + 14);
   }
   g.fillText(opts.xmode === "time" ? "wall time since the first point" : "step", L + (w - L - R) / 2 - 30, h - 4);
