@@ -104,6 +104,21 @@ def test_cli_with_references_in_every_format_rate_and_layout(run, tmp_path, fmt,
     assert np.isfinite(audio).all() and len(audio) % HOP == 0 and 0 < len(audio) <= 40 * HOP
 
 
+def test_bfloat16_compute_stays_close_to_float32(run, perturbed, tmp_path):
+    bf16 = inference.dataclasses.replace(
+        perturbed, config=inference.dataclasses.replace(perturbed.config, dtype="bfloat16"),
+        module=echo.EchoDiT(inference.dataclasses.replace(perturbed.config, dtype="bfloat16")))
+    inputs = conditions(perturbed)
+    outs = [inference.sample_latents(m.module, m.params, *inputs, steps=3, seed=2, num_frames=20, progress=False)
+            for m in (perturbed, bf16)]
+    rel = np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0])
+    assert 0 < rel < 5e-2, rel
+    out = tmp_path / "bf16.wav"
+    assert cli(run, tmp_path, "--text", "Half precision.", "--output", str(out), "--duration", "1", "--steps", "2",
+               "--dtype", "bfloat16") == 0
+    assert np.isfinite(read_wav(out)).all()
+
+
 def test_reference_changes_the_output_and_is_encoded_to_the_model_length(run, loaded, codec, tmp_path):
     ref = tmp_path / "ref.wav"
     soundfile.write(str(ref), speech_like(3.0, 44100, 1), 44100)  # 75 frames > MAX_SPEAKER

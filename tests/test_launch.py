@@ -96,3 +96,24 @@ def test_sigterm_checkpoints_and_leaves_no_process(tmp_path):
     assert "rerun the same command to resume" in out
     time.sleep(0.5)
     assert processes_of(tmp_path) == []
+
+
+def test_worker_mode_starts_companions_and_execs_the_trainer(tmp_path):
+    """Without --local (a TPU worker): companions in the background, the trainer's output teed to a log."""
+    port = free_port()
+    env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env.pop("HF_HOME", None)
+    try:
+        out = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), *TINY, "--steps", "2", "--eval_every", "100"],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        logs = tmp_path / "disk" / "run" / "logs"
+        train_log = [p for p in os.listdir(logs) if p.startswith("train-")]
+        assert len(train_log) == 1 and "step 2/2" in (logs / train_log[0]).read_text()
+        assert (tmp_path / "disk" / "run" / "checkpoints" / "step_0000002.params.pkl").exists()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/metrics", timeout=10) as r:
+            assert json.loads(r.read())["step"] == 2  # the dashboard keeps serving the finished run
+    finally:
+        for pid in processes_of(tmp_path):  # on a pod the companions outlive the run; here, clean up
+            os.kill(pid, signal.SIGTERM)
