@@ -338,7 +338,8 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="the words to speak")
     src.add_argument("--text_file", help="a text file: one utterance per non-empty line, one wav each")
-    src.add_argument("--input_jsonl", help='JSON Lines: {"text": ..., optional "speaker_ref", "seed", "output"}')
+    src.add_argument("--input_jsonl", help='JSON Lines: {"text": ..., optional "speaker_ref" (relative to the '
+                     'file), "seed", "output"}')
     a("--speaker_ref", default=None, help="reference audio of the voice to clone (any format soundfile reads)")
     a("--output", default="output.wav", help="output wav; with --text_file/--input_jsonl, an output directory")
     a("--cfg_scale", type=float, default=3.0, help="joint guidance scale (text and speaker together)")
@@ -423,6 +424,8 @@ def read_jobs(args):
             except ValueError:
                 raise InferenceError(f"{path} line {i} is not a JSON object") from None
             text, ref = job.get("text"), job.get("speaker_ref", ref)
+            if isinstance(ref, str) and "speaker_ref" in job:  # a path in the file is relative to the file
+                ref = os.path.join(os.path.dirname(os.path.abspath(path)), ref)
             seed = int(job["seed"]) if isinstance(job.get("seed"), int) else seed
             if isinstance(job.get("output"), str) and job["output"].strip():
                 # A name only: a line of the input never writes outside the output directory.

@@ -314,7 +314,7 @@ def test_batch_mode_text_file_and_jsonl(run, tmp_path, capsys):
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("\n".join(json.dumps(j) for j in [
         {"text": "One.", "output": "one.wav", "seed": 1},
-        {"text": "Two.", "output": "../../escape", "speaker_ref": str(ref)},
+        {"text": "Two.", "output": "../../escape", "speaker_ref": "voice.flac"},  # beside the jobs file
         {"text": "   ", "output": "empty.wav"},
     ]) + "\n")
     outdir = tmp_path / "jobs"
@@ -323,6 +323,7 @@ def test_batch_mode_text_file_and_jsonl(run, tmp_path, capsys):
     assert sorted(os.listdir(outdir)) == ["escape.wav", "one.wav", "summary.json"]
     summary = json.loads((outdir / "summary.json").read_text())
     assert [s["ok"] for s in summary] == [True, True, False] and "empty" in summary[2]["error"]
+    assert summary[1]["speaker_ref"] == str(ref)
     assert not (tmp_path / "escape.wav").exists()
 
 
