@@ -694,7 +694,7 @@ def _print_report(report):
 MANIFEST_COLUMNS = {"audio": ("audio", "audio_path", "path", "file", "wav"),
                     "text": ("text", "transcript", "transcription", "sentence"),
                     "speaker": ("speaker", "speaker_id", "spk")}
-SILENT_PEAK = 1e-4  # a clip whose peak stays below this (-80 dBFS) is digital silence
+SILENT_PEAK = 1e-4  # a clip whose peak stays below this (-80 dBFS) is digital silence (inference.py too)
 BUILD_STATE = ".build.json"  # what the directory was built from: a rerun must continue the same build
 LATENT_CACHE = ".latents"  # every clip's latent (or why it was skipped) until the build completes
 

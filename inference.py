@@ -16,6 +16,7 @@ sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -30,7 +31,6 @@ FRAMES_PER_SECOND = 25
 SAMPLE_RATE = 48000
 DEFAULT_MAX_LEN = 768  # latent frames, text bytes and speaker frames of the original runs
 MIN_REFERENCE_SECONDS = 0.5
-SILENT_PEAK = 1e-4  # a reference whose peak stays below this (-80 dBFS) is digital silence
 TAIL_FRAMES = 5  # trailing silence kept after the speech: 0.2 s, within the promised 0.3 s
 CROSSFADE_SECONDS = 0.05  # between the generations of a text split at sentence boundaries
 
@@ -134,6 +134,7 @@ def encode_reference(path, codec, max_speaker_len=DEFAULT_MAX_LEN):
     import torch
 
     import dacvae
+    import data
 
     try:
         audio = dacvae.load_audio(path)
@@ -143,7 +144,7 @@ def encode_reference(path, codec, max_speaker_len=DEFAULT_MAX_LEN):
         log.warning("speaker reference %s is %.2f s long, under %.1f s: continuing without a reference voice",
                     path, len(audio) / SAMPLE_RATE, MIN_REFERENCE_SECONDS)
         return None
-    if float(np.max(np.abs(audio))) < SILENT_PEAK:
+    if float(np.max(np.abs(audio))) < data.SILENT_PEAK:
         log.warning("speaker reference %s is digital silence: continuing without a reference voice", path)
         return None
     audio = audio[:max_speaker_len * codec.hop]  # the model reads at most max_speaker_len frames
@@ -313,19 +314,14 @@ def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, steps=3
         wave = codec.decode(torch.from_numpy(np.ascontiguousarray(latent.T))[None])[0, 0].numpy()
         timings["decoding"] = timings.get("decoding", 0.0) + time.perf_counter() - t0
         segments.append(wave)
-    timings["frames"] = timings.get("frames", 0) + sum(len(s) for s in segments) // codec.hop
     return crossfade_join(segments)
 
 
-_SILENCE_FRAMES = {}
-
-
+@functools.lru_cache(maxsize=4)
 def codec_silence_frame(codec):
     """The codec's own silence latent frame (median over 2 s of digital silence)."""
     import dacvae
-    if id(codec) not in _SILENCE_FRAMES:
-        _SILENCE_FRAMES[id(codec)] = np.median(dacvae.silence_latent(codec, 2.0).astype(np.float32), axis=0)
-    return _SILENCE_FRAMES[id(codec)]
+    return np.median(dacvae.silence_latent(codec, 2.0).astype(np.float32), axis=0)
 
 
 # ----------------------------------------------------------------------------
@@ -465,22 +461,20 @@ def run(args):
         try:
             if ref is not None and ref not in references:
                 references[ref] = encode_reference(ref, codec, loaded.max_speaker_len)
-            frames_before = timings.get("frames", 0)
             wave = synthesize(loaded, codec, text, reference=references.get(ref), steps=args.steps,
                               cfg_scale=args.cfg_scale, cfg_text=args.cfg_text, cfg_speaker=args.cfg_speaker,
                               cfg_min_t=args.cfg_min_t, cfg_max_t=args.cfg_max_t, seed=seed,
                               duration=args.duration, trim_tolerance=args.trim_tolerance, timings=timings,
                               progress=True)
             dacvae.save_audio(output, wave, SAMPLE_RATE)
-            entry.update(ok=True, seconds=round(len(wave) / SAMPLE_RATE, 3),
-                         frames=timings["frames"] - frames_before)
+            entry.update(ok=True, seconds=round(len(wave) / SAMPLE_RATE, 3))
         except (InferenceError, dacvae.DACVAEError) as e:
             if len(jobs) == 1:
                 raise InferenceError(str(e)) from None
             entry.update(ok=False, error=str(e))
             log.error("%s: %s", output, e)
         summary.append(entry)
-    audio_seconds = timings.get("frames", 0) / FRAMES_PER_SECOND
+    audio_seconds = sum(e.get("seconds", 0) for e in summary)  # what was written, crossfades included
     rtf = (timings.get("sampling", 0) + timings.get("decoding", 0)) / max(audio_seconds, 1e-9)
     print(f"load {timings['load']:.2f}s, compile {timings.get('compile', 0):.2f}s, sampling "
           f"{timings.get('sampling', 0):.2f}s, decoding {timings.get('decoding', 0):.2f}s, "

@@ -115,7 +115,8 @@ class MetricsStore:
             self.columns[f].append(math.nan if value is None else value)
         for name, value in (record.get("loss_by_t") or {}).items():
             column = self.buckets.setdefault(str(name), array.array("d", [math.nan] * n))
-            column.append(_number(value) if _number(value) is not None else math.nan)
+            value = _number(value)
+            column.append(math.nan if value is None else value)
         for column in self.buckets.values():
             if len(column) == n:
                 column.append(math.nan)
