@@ -15,11 +15,18 @@ Sections:
   train   train_pretrain.py's real step (flow matching, CFG dropout, AdamW, clipping) for the tiny
           preset and the small config: step time and MFU.
   inference  inference.py's sampler for the tiny preset and the small config (768 text bytes,
-          768 speaker frames, 15 s = 375 frames): seconds per Euler step with joint guidance,
-          against one decoder-only forward at twice the batch; sampling real-time factor at 32
-          steps; the per-step dispatch cost; compile time cold and from a warm cache.
+          768 speaker frames, 15 s = 375 frames): median seconds per Euler step with joint and with
+          independent guidance (also with temporal score rescaling on), against one decoder-only
+          forward over as many rows (2 and 3); sampling real-time factor at 32 steps; the per-step
+          dispatch cost; compile time cold and from a warm cache.
   tpu_aot the 1.3B train step compiled for a v4-64 with libtpu: per-chip memory at global batch
           256 and 448, compile time.
+  learn   the demo preset on today's harder synthetic corpus (`--synthetic_corpus words`, 10-40
+          bytes over ~40 characters) for up to an hour: steps and minutes until synthetic_nmse < 0.5,
+          or the curve if it never gets there. Not part of the default run (`python bench.py learn`).
+  sampler the demo model (a default `--data synthetic` run: $ECHO_DEMO_RUN, else trained first) on
+          held-out texts: sampling on the trained canvas and trimming vs on a shorter canvas, and
+          8/16/32 Euler steps on the uniform grid vs sway sampling. Not in the default run either.
 """
 
 import argparse
@@ -54,15 +61,15 @@ SMALL = echo.EchoConfig(model_size=512, num_layers=8, num_heads=8, intermediate_
 SMALL_BATCH = dict(batch=4, latent_len=250, text_len=128, speaker_len=128)
 
 
-def best_time(fn, *args, repeats=5):
-    """Best wall time of `fn(*args)` (blocking), after one warm-up call."""
+def best_time(fn, *args, repeats=5, reduce=min):
+    """Best (or, with reduce=np.median, median) wall time of `fn(*args)` (blocking), after one warm-up call."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
-    return min(times)
+    return float(reduce(times))
 
 
 def matmul_peak_gflops(n=2048, dtype=jnp.float32):
@@ -358,37 +365,42 @@ def bench_inference(frames=375, steps=32):
     results = {"section": "inference", "frames": frames, "steps": steps}
     for name, config in (("tiny", echo.PRESETS["tiny"]), ("small", SMALL)):
         module, params, inputs = inference_inputs(config)
-        _, step = inference._compiled(module, "joint", params, tuple(jnp.asarray(a) for a in inputs), frames)
-        encode, _ = inference._build(module, "joint")
-        cond = encode(params, *inputs)
-        x = jnp.zeros((1, frames, config.latent_size), jnp.float32)
-        args = (np.float32(0.5), np.float32(0.4), jnp.asarray([3.0], jnp.float32), np.bool_(True))
-        holder = [x]
-
-        def guided_step():
-            holder[0] = step(params, holder[0], cond, *args)
-            return holder[0]
-
-        step_s = best_time(guided_step)
-        # The target's yardstick: one decoder-only forward over conditional and unconditional together.
         decode = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c, method=echo.EchoDiT.decode))
-        x2, t2 = jnp.zeros((2, frames, config.latent_size)), jnp.full((2,), 0.5)
-        forward_2b_s = best_time(decode, params, x2, t2, cond)
-        encode_s = best_time(encode, params, *inputs)
-        noop = jax.jit(lambda p, x, c, *rest: x)  # the cost of dispatching a step with these arguments
-        dispatch_s = best_time(lambda: noop(params, holder[0], cond, *args), repeats=20)
-        sampling_s = encode_s + steps * step_s
+        row = {}
+        for mode, passes in (("joint", 2), ("independent", 3)):
+            _, step = inference._compiled(module, mode, params, tuple(jnp.asarray(a) for a in inputs), frames)
+            encode, _ = inference._build(module, mode)
+            cond = encode(params, *inputs)
+            holder = [jnp.zeros((1, frames, config.latent_size), jnp.float32)]
+            scales = jnp.asarray([3.0] * (passes - 1), jnp.float32)
+
+            def guided_step(rescale_on=False):
+                holder[0] = step(params, holder[0], cond, np.float32(0.5), np.float32(0.4), scales, np.bool_(True),
+                                 jnp.asarray([1.2, 3.0], jnp.float32), np.bool_(rescale_on))
+                return holder[0]
+
+            step_s = best_time(guided_step, repeats=7, reduce=np.median)
+            rescaled_s = best_time(lambda: guided_step(True), repeats=7, reduce=np.median)
+            # The yardstick: one decoder-only forward over as many rows as the guidance passes.
+            x, t = jnp.zeros((passes, frames, config.latent_size)), jnp.full((passes,), 0.5)
+            forward_s = best_time(decode, params, x, t, cond, repeats=7, reduce=np.median)
+            row[mode] = {"step_s": round(step_s, 4), f"decoder_forward_{passes}b_s": round(forward_s, 4),
+                         "step_over_forward": round(step_s / forward_s, 3),
+                         "step_with_rescaling_over_forward": round(rescaled_s / forward_s, 3)}
+            if mode == "joint":
+                encode_s = best_time(encode, params, *inputs)
+                noop = jax.jit(lambda p, x, c, *rest: x)  # the cost of dispatching a step with these arguments
+                dispatch_s = best_time(lambda: noop(params, holder[0], cond, scales), repeats=20)
+                sampling_s = encode_s + steps * step_s
+                row.update(encode_s=round(encode_s, 4), dispatch_fraction=round(dispatch_s / step_s, 4),
+                           sampling_s_15s_audio=round(sampling_s, 2), sampling_rtf=round(sampling_s / (frames / 25), 4))
         compile_s = {}
         with tempfile.TemporaryDirectory() as cache:
             for kind in ("cold", "warm_cache"):
                 out = subprocess.run([sys.executable, "-c", _COMPILE_PROBE, name, cache], capture_output=True,
                                      text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)))
                 compile_s[kind] = round(json.loads(out.stdout.strip().splitlines()[-1]), 2)
-        results[name] = {"step_s": round(step_s, 4), "decoder_forward_2b_s": round(forward_2b_s, 4),
-                         "step_over_forward_2b": round(step_s / forward_2b_s, 3), "encode_s": round(encode_s, 4),
-                         "dispatch_fraction": round(dispatch_s / step_s, 4),
-                         "sampling_s_15s_audio": round(sampling_s, 2),
-                         "sampling_rtf": round(sampling_s / (frames / 25), 4), "compile_s": compile_s}
+        results[name] = dict(row, compile_s=compile_s)
     return results
 
 
@@ -403,9 +415,96 @@ def bench_tpu_aot():
     return {"section": "tpu_aot", "runs": runs}
 
 
+def bench_learn(corpus="words", minutes=60.0, eval_every=250, threshold=0.5):
+    """The demo preset trained on a synthetic corpus (default: today's 10-40-byte `words`) for up
+    to `minutes`: the synthetic_nmse curve, and the step and minute it first falls below `threshold`."""
+    import train_pretrain
+
+    run_dir = tempfile.mkdtemp(prefix="bench-learn-")
+    try:
+        steps = int(minutes * 60 / 0.15)  # the demo's step takes ~0.1-0.2 s here: the clock stops the run
+        args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
+            ["--data", "synthetic", "--synthetic_corpus", corpus, "--run_dir", run_dir, "--steps", str(steps),
+             "--eval_every", str(eval_every), "--checkpoint_every", str(10 ** 9), "--log_every", "50"]))
+        curve, start, reached = [], time.perf_counter(), None
+
+        def on_eval(step, fields):
+            nonlocal reached
+            elapsed = (time.perf_counter() - start) / 60
+            curve.append({"step": step, "minutes": round(elapsed, 2), "synthetic_nmse": round(fields["synthetic_nmse"], 3),
+                          "val_loss": round(fields["val_loss"], 4)})
+            if reached is None and fields["synthetic_nmse"] < threshold:
+                reached = curve[-1]
+            return reached is not None or elapsed >= minutes  # True: stop training
+
+        train_pretrain.train(args, on_eval=on_eval)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {"section": "learn", "corpus": corpus, "preset": args.preset, "threshold": threshold,
+            "reached": reached, "budget_minutes": minutes, "curve": curve}
+
+
+def demo_run_dir():
+    """A finished default demo run: $ECHO_DEMO_RUN, else one trained now (~10 minutes on 2 cores)."""
+    import train_pretrain
+
+    run_dir = os.environ.get("ECHO_DEMO_RUN")
+    if not run_dir:
+        run_dir = tempfile.mkdtemp(prefix="bench-demo-")
+        assert train_pretrain.main(["--data", "synthetic", "--run_dir", run_dir]) == 0
+    return run_dir
+
+
+def bench_sampler(samples=64, seed=0):
+    """The demo model's held-out texts sampled on its trained canvas vs a shorter one (synthetic_nmse
+    and trimming accuracy), and at 8/16/32 steps on the uniform grid vs F5-TTS's sway (-1)."""
+    import glob
+
+    import data
+    import inference
+    import train_pretrain
+
+    run_dir = demo_run_dir()
+    loaded = inference.load_model(sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.params.pkl")))[-1])
+    corpus = glob.glob(os.path.join(run_dir, "synthetic-demo-*-0"))[0]
+    pipeline = data.Pipeline(data.DataConfig(
+        source=corpus + "-held-out", batch_size=samples, seed=seed, process_index=0, process_count=1,
+        max_latent_len=loaded.max_latent_len, max_text_len=loaded.max_text_len,
+        max_speaker_len=loaded.max_speaker_len, silence_latent=os.path.join(corpus, "silence_latent.npy")))
+    batch = next(pipeline)
+    pipeline.close()
+    frames = batch["latent_mask"].sum(axis=1)
+    inputs = (batch["text_ids"], batch["text_mask"], batch["speaker_latent"], batch["speaker_mask"])
+
+    def generate(rows, num_frames, **knobs):
+        return inference.sample_latents(loaded.module, loaded.params, *(a[rows] for a in inputs), seed=seed,
+                                        num_frames=num_frames, progress=False, **knobs)
+
+    def trimmed_right(latents, rows):
+        ends = [len(inference.trim_trailing_silence(z, loaded.silence_frame)) for z in latents]
+        return float(np.mean([abs(e - (n + inference.TAIL_FRAMES)) <= 1 for e, n in zip(ends, frames[rows])]))
+
+    trained = loaded.max_latent_len
+    short = trained * 2 // 3  # as --duration 15 (375 frames) is to the trained 768
+    rows = np.flatnonzero(frames + inference.TAIL_FRAMES <= short)  # the texts that fit the short canvas
+    canvas = {}
+    for name, num_frames in (("trained", trained), ("short", short)):
+        latents = generate(rows, num_frames, steps=16)
+        canvas[name] = {"frames": num_frames, "synthetic_nmse": round(train_pretrain.nmse(
+            latents, batch["latent"][rows], frames[rows]), 4), "trimmed_within_1_frame": trimmed_right(latents, rows)}
+    everyone = np.arange(samples)
+    schedules = {}
+    for steps in (8, 16, 32):
+        for name, sway in (("uniform", None), ("sway-1", -1.0)):
+            latents = generate(everyone, trained, steps=steps, sway=sway)
+            schedules[f"{name}@{steps}"] = round(train_pretrain.nmse(latents, batch["latent"], frames), 4)
+    return {"section": "sampler", "run": run_dir, "held_out_samples": samples,
+            "canvas": dict(canvas, texts=len(rows)), "schedules_synthetic_nmse": schedules}
+
+
 SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "build": bench_build,
-            "train": bench_train,
-            "inference": bench_inference, "tpu_aot": bench_tpu_aot}
+            "train": bench_train, "inference": bench_inference, "tpu_aot": bench_tpu_aot, "learn": bench_learn,
+            "sampler": bench_sampler}
 
 
 def main():
@@ -415,7 +514,7 @@ def main():
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         sys.exit(f"bench.py: unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
-    for name in args.sections or SECTIONS:
+    for name in args.sections or [s for s in SECTIONS if s not in ("learn", "sampler")]:
         print(json.dumps(SECTIONS[name]()), flush=True)
 
 

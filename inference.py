@@ -33,6 +33,8 @@ DEFAULT_MAX_LEN = 768  # latent frames, text bytes and speaker frames of the ori
 MIN_REFERENCE_SECONDS = 0.5
 TAIL_FRAMES = 5  # trailing silence kept after the speech: 0.2 s, within the promised 0.3 s
 CROSSFADE_SECONDS = 0.05  # between the generations of a text split at sentence boundaries
+CANVASES = ("trained", "duration")
+DEFAULT_CANVAS = "trained"  # measured on the demo model: README, "The canvas"
 
 
 class InferenceError(Exception):
@@ -157,8 +159,96 @@ def encode_reference(path, codec, max_speaker_len=DEFAULT_MAX_LEN):
     return speaker_latent, speaker_mask
 
 
+def reference_from_latent(path, max_speaker_len=DEFAULT_MAX_LEN, latent_size=128):
+    """A precomputed reference latent (.npy, (N, latent_size) float, e.g. a shard's .ref.npy) ->
+    (latent, mask) as encode_reference returns them, cropped to the first max_speaker_len frames."""
+    try:
+        latent = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"--speaker_latent {path}: not a readable .npy file ({e})") from None
+    if latent.ndim != 2 or latent.shape[1] != latent_size or latent.shape[0] < 1:
+        raise InferenceError(f"--speaker_latent {path} has shape {latent.shape}; expected (frames, {latent_size})")
+    if latent.dtype.kind != "f":
+        raise InferenceError(f"--speaker_latent {path} holds {latent.dtype}; expected float16 or float32 latents")
+    if not np.isfinite(latent).all():
+        raise InferenceError(f"--speaker_latent {path} contains NaN or infinite values")
+    frames = min(len(latent), max_speaker_len)
+    speaker_latent = np.zeros((max_speaker_len, latent_size), np.float32)
+    speaker_latent[:frames] = latent[:frames]
+    return speaker_latent, (np.arange(max_speaker_len) < frames).astype(np.int32)
+
+
 # ----------------------------------------------------------------------------
 # Sampling
+
+def _echo_preset(cfg_text, cfg_speaker, flat):
+    return {"steps": 40, "cfg_text": cfg_text, "cfg_speaker": cfg_speaker, "cfg_min_t": 0.5, "cfg_max_t": 1.0,
+            "truncation": 0.8 if flat else 1.0, "rescale_k": 1.2 if flat else 1.0, "rescale_sigma": 3.0,
+            "t_scale": 0.999}
+
+
+# Echo-TTS's named presets (echo-tts 0.1.4, resources/sampler_presets.json) in this file's names;
+# Echo samples every one of them on the grid linspace(1, 0, steps + 1) * 0.999.
+SAMPLER_PRESETS = {
+    "Independent-High-Speaker-CFG": _echo_preset(3.0, 8.0, False),
+    "Independent-High-Speaker-CFG-Flat": _echo_preset(3.0, 8.0, True),
+    "Independent-High-CFG": _echo_preset(8.0, 8.0, False),
+    "Independent-High-CFG-Flat": _echo_preset(8.0, 8.0, True),
+    "Independent-Low-CFG": _echo_preset(3.0, 3.0, False),
+    "Independent-Low-CFG-Flat": _echo_preset(3.0, 3.0, True),
+}
+# Every sampler knob and its default: a preset sets some, an explicit flag overrides both.
+SAMPLER_DEFAULTS = {"steps": 32, "cfg_scale": 3.0, "cfg_text": None, "cfg_speaker": None, "cfg_min_t": 0.0,
+                    "cfg_max_t": 1.0, "truncation": 1.0, "rescale_k": None, "rescale_sigma": None,
+                    "speaker_kv_scale": None, "speaker_kv_min_t": 0.9, "speaker_kv_max_layers": None,
+                    "t_scale": 1.0, "sway": None}
+# Echo's own key names in a presets file.
+_PRESET_ALIASES = {"num_steps": "steps", "cfg_scale_text": "cfg_text", "cfg_scale_speaker": "cfg_speaker",
+                   "truncation_factor": "truncation"}
+
+
+def load_sampler_presets(path):
+    """A JSON file of {name: {knob: value}} (this file's or Echo's key names; numbers or strings)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"--sampler_presets {path}: not a readable JSON file ({e})") from None
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise InferenceError(f"--sampler_presets {path} must map each preset name to an object of settings")
+    presets = {}
+    for name, settings in raw.items():
+        preset = {}
+        for key, value in settings.items():
+            knob = _PRESET_ALIASES.get(key, key)
+            if knob not in SAMPLER_DEFAULTS:
+                raise InferenceError(f"--sampler_presets {path}: preset {name!r} sets unknown knob {key!r} (known: "
+                                     f"{', '.join(SAMPLER_DEFAULTS)})")
+            try:
+                number = float(value)
+                preset[knob] = int(number) if knob in ("steps", "speaker_kv_max_layers") else number
+            except (TypeError, ValueError):
+                raise InferenceError(f"--sampler_presets {path}: preset {name!r} sets {key} to {value!r}, "
+                                     "not a number") from None
+        presets[name] = preset
+    return presets
+
+
+def timestep_grid(steps, t_scale=1.0, sway=None):
+    """t from 1 (noise) towards 0, steps + 1 points, times t_scale. Uniform, or F5-TTS's sway
+    schedule u + s (cos(pi u / 2) - 1 + u) over its time u (0 = noise): s < 0 puts steps near noise."""
+    if sway is None:
+        return np.linspace(1.0, 0.0, steps + 1, dtype=np.float32) * np.float32(t_scale)
+    u = np.linspace(0.0, 1.0, steps + 1)
+    u = u + sway * (np.cos(np.pi / 2 * u) - 1 + u)
+    return ((1.0 - u) * t_scale).astype(np.float32)
+
+
+def temporal_score_rescale(v, x, t, k, sigma):
+    """Temporal score rescaling (arXiv 2510.01184), as Echo applies it for t < 1."""
+    snr = (1 - t) ** 2 / t ** 2
+    ratio = (snr * sigma ** 2 + 1) / (snr * sigma ** 2 / k + 1)
+    return (ratio * ((1 - t) * v + x) - x) / (1 - t)
 
 _COMPILED = {}
 
@@ -171,8 +261,18 @@ def _guidance(cfg_scale, cfg_text, cfg_speaker):
                            float(cfg_scale if cfg_speaker is None else cfg_speaker))
 
 
-def _build(module, mode):
-    """(encode, step) for one guidance mode: encode runs once per utterance, step once per Euler step."""
+def _replicated(params):
+    """A replicated sharding on the mesh that sharded params live on (the trainer's eval), else None."""
+    import jax
+    sharding = next((getattr(a, "sharding", None) for a in jax.tree.leaves(params)), None)
+    if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return None
+
+
+def _build(module, mode, replicated=None):
+    """(encode, step) for one guidance mode: encode runs once per utterance, step once per Euler step.
+    With `replicated`, the latents and conditions are pinned to it (params sharded over a mesh)."""
     import jax
     import jax.numpy as jnp
 
@@ -192,7 +292,7 @@ def _build(module, mode):
         return {"k": jnp.concatenate([cond["k"]] * passes, axis=1),
                 "v": jnp.concatenate([cond["v"]] * passes, axis=1), "mask": jnp.concatenate(masks, axis=0)}
 
-    def step(params, x, cond, t, t_next, scales, guided):
+    def step(params, x, cond, t, t_next, scales, guided, rescale, rescale_on):
         b = x.shape[0]
         passes = cond["mask"].shape[0] // b
 
@@ -206,9 +306,22 @@ def _build(module, mode):
             return module.apply({"params": params}, x, jnp.full((b,), t), first, method=EchoDiT.decode)
 
         v = jax.lax.cond(guided, guided_velocity, conditional_velocity)
+        # Off (the default), v passes through untouched: the output is bit-identical to no rescaling.
+        v = jnp.where(rescale_on & (t < 1), temporal_score_rescale(v, x, t, rescale[0], rescale[1]), v)
         return x + (t_next - t) * v
 
-    return jax.jit(encode), jax.jit(step, donate_argnums=(1,))
+    return jax.jit(encode, out_shardings=replicated), jax.jit(step, out_shardings=replicated, donate_argnums=(1,))
+
+
+@functools.partial(__import__("jax").jit, static_argnums=(2, 3))
+def scale_speaker_kv(cond, scale, max_layers, text_len):
+    """Echo's speaker "force": the speaker keys and values of the first max_layers layers times scale."""
+    import jax.numpy as jnp
+    layers, _, length = cond["k"].shape[:3]
+    hit = (jnp.arange(layers) < max_layers)[:, None, None, None, None] & \
+        (jnp.arange(length) >= text_len)[None, None, :, None, None]
+    factor = jnp.where(hit, scale, 1.0).astype(cond["k"].dtype)
+    return {"k": cond["k"] * factor, "v": cond["v"] * factor, "mask": cond["mask"]}
 
 
 def _compiled(module, mode, params, inputs, num_frames):
@@ -217,26 +330,33 @@ def _compiled(module, mode, params, inputs, num_frames):
     import jax.numpy as jnp
 
     shapes = tuple(a.shape for a in inputs)
-    key = (module, mode, shapes, num_frames)
+    replicated = _replicated(params)
+    key = (module, mode, shapes, num_frames, replicated)
     if key not in _COMPILED:
-        encode, step = _build(module, mode)
+        encode, step = _build(module, mode, replicated)
         encode_c = encode.lower(params, *inputs).compile()
-        cond = jax.eval_shape(encode, params, *inputs)
-        x = jax.ShapeDtypeStruct((shapes[0][0], num_frames, module.config.latent_size), jnp.float32)
-        scalar = jax.ShapeDtypeStruct((), jnp.float32)
-        scales = jax.ShapeDtypeStruct((1 if mode == "joint" else 2,), jnp.float32)
-        step_c = step.lower(params, x, cond, scalar, scalar, scales, jax.ShapeDtypeStruct((), jnp.bool_)).compile()
+        abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+        cond = jax.tree.map(lambda a: abstract(a.shape, a.dtype), jax.eval_shape(encode, params, *inputs))
+        x = abstract((shapes[0][0], num_frames, module.config.latent_size), jnp.float32)
+        scalar, flag = abstract((), jnp.float32), abstract((), jnp.bool_)
+        scales = abstract((1 if mode == "joint" else 2,), jnp.float32)
+        step_c = step.lower(params, x, cond, scalar, scalar, scales, flag, abstract((2,), jnp.float32),
+                            flag).compile()
         _COMPILED[key] = (encode_c, step_c)
     return _COMPILED[key]
 
 
 def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_mask, *, steps=32, cfg_scale=3.0,
                    cfg_text=None, cfg_speaker=None, cfg_min_t=0.0, cfg_max_t=1.0, seed=42, num_frames=375,
-                   timings=None, progress=True):
+                   truncation=1.0, rescale_k=None, rescale_sigma=None, speaker_kv_scale=None, speaker_kv_min_t=0.9,
+                   speaker_kv_max_layers=None, t_scale=1.0, sway=None, timings=None, progress=True):
     """Euler from t=1 to 0 with classifier-free guidance -> (B, num_frames, 128) float32 numpy.
 
     --cfg_scale alone is joint guidance (v_c + s (v_c - v_uncond)); --cfg_text / --cfg_speaker make
     it independent (three passes batched as one). Guidance applies for t in [cfg_min_t, cfg_max_t].
+    Echo's knobs: the initial noise times `truncation`; temporal score rescaling (`rescale_k`,
+    `rescale_sigma`); speaker keys/values of the first `speaker_kv_max_layers` layers (default all)
+    times `speaker_kv_scale` while t >= `speaker_kv_min_t`; the grid times `t_scale`; `sway`.
     """
     import jax
     import jax.numpy as jnp
@@ -252,14 +372,30 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
     t1 = time.perf_counter()
     timings["compile"] = timings.get("compile", 0.0) + t1 - t0
     cond = encode(params, *inputs)
+    forced = None
+    if speaker_kv_scale is not None:
+        layers = module.config.num_layers if speaker_kv_max_layers is None else speaker_kv_max_layers
+        forced = scale_speaker_kv(cond, jnp.float32(speaker_kv_scale), layers, inputs[0].shape[1])
     x = jax.random.normal(jax.random.key(seed), (inputs[0].shape[0], num_frames, module.config.latent_size),
                           jnp.float32)
-    ts = np.linspace(1.0, 0.0, steps + 1, dtype=np.float32)
+    if truncation != 1.0:
+        x = x * truncation
+    replicated = _replicated(params)
+    if replicated is not None:  # the same noise on every host, as one replicated global array
+        noise = np.asarray(x)
+        x = jax.make_array_from_callback(noise.shape, replicated, lambda index: noise[index])
+    ts = timestep_grid(steps, t_scale, sway)
     scales_arr = jnp.asarray(scales, jnp.float32)
+    rescale_on = rescale_k is not None and rescale_sigma is not None
+    rescale = jnp.asarray([rescale_k, rescale_sigma] if rescale_on else [1.0, 1.0], jnp.float32)
     any_guidance = any(s != 0 for s in scales)
     for k in tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False):
         guided = bool(any_guidance and cfg_min_t <= ts[k] <= cfg_max_t)
-        x = step(params, x, cond, ts[k], ts[k + 1], scales_arr, np.bool_(guided))
+        step_cond = forced if forced is not None and ts[k] >= speaker_kv_min_t else cond
+        x = step(params, x, step_cond, ts[k], ts[k + 1], scales_arr, np.bool_(guided), rescale, np.bool_(rescale_on))
+    if not x.is_fully_addressable:  # params sharded over several hosts (the trainer's eval)
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
     x = np.array(x)  # a writable copy on the host
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t1
     return x
@@ -286,12 +422,19 @@ def crossfade_join(segments, sample_rate=SAMPLE_RATE, seconds=CROSSFADE_SECONDS)
     return out
 
 
-def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, steps=32, cfg_scale=3.0, cfg_text=None,
-               cfg_speaker=None, cfg_min_t=0.0, cfg_max_t=1.0, seed=42, duration=30.0, trim_tolerance=0.5,
-               timings=None, progress=True):
-    """Text (+ a reference audio path, or an already encoded `reference`) -> 48 kHz float32 waveform."""
+def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, seed=42, duration=30.0, trim_tolerance=0.5,
+               canvas=DEFAULT_CANVAS, timings=None, progress=True, return_latent=False, **sampler):
+    """Text (+ a reference audio path, or an already encoded `reference`) -> 48 kHz float32 waveform,
+    or (waveform, latent) with return_latent: the generated latent, trimmed, before decoding.
+
+    canvas "trained" samples the model's trained number of frames (what it always saw, padded
+    with silence) and cuts the result to `duration`; "duration" samples only `duration` frames.
+    `sampler` takes any knob of SAMPLER_DEFAULTS (steps, cfg_scale, ..., sway)."""
     import torch
 
+    unknown = set(sampler) - set(SAMPLER_DEFAULTS)
+    if unknown:
+        raise TypeError(f"synthesize() got unknown sampler settings {sorted(unknown)}")
     timings = {} if timings is None else timings
     chunks = prepare_text(text, loaded.max_text_len)
     if reference is None and speaker_ref is not None:
@@ -299,22 +442,26 @@ def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, steps=3
     if reference is None:
         reference = (np.zeros((loaded.max_speaker_len, loaded.config.latent_size), np.float32),
                      np.zeros(loaded.max_speaker_len, np.int32))
-    num_frames = max(1, min(int(round(duration * FRAMES_PER_SECOND)), loaded.max_latent_len))
+    if canvas not in CANVASES:
+        raise InferenceError(f"canvas must be one of {', '.join(CANVASES)}, got {canvas!r}")
+    cap = max(1, min(int(round(duration * FRAMES_PER_SECOND)), loaded.max_latent_len))
+    num_frames = loaded.max_latent_len if canvas == "trained" else cap
     silence = loaded.silence_frame
     if silence is None:
         silence = codec_silence_frame(codec)
-    segments = []
+    segments, latents = [], []
     for i, (ids, mask) in enumerate(chunks):
         latent = sample_latents(loaded.module, loaded.params, ids[None], mask[None], reference[0][None],
-                                reference[1][None], steps=steps, cfg_scale=cfg_scale, cfg_text=cfg_text,
-                                cfg_speaker=cfg_speaker, cfg_min_t=cfg_min_t, cfg_max_t=cfg_max_t,
-                                seed=seed + i, num_frames=num_frames, timings=timings, progress=progress)[0]
-        latent = trim_trailing_silence(latent, silence, trim_tolerance)
+                                reference[1][None], seed=seed + i, num_frames=num_frames, timings=timings,
+                                progress=progress, **sampler)[0]
+        latent = trim_trailing_silence(latent, silence, trim_tolerance)[:cap]
+        latents.append(latent)
         t0 = time.perf_counter()
         wave = codec.decode(torch.from_numpy(np.ascontiguousarray(latent.T))[None])[0, 0].numpy()
         timings["decoding"] = timings.get("decoding", 0.0) + time.perf_counter() - t0
         segments.append(wave)
-    return crossfade_join(segments)
+    wave = crossfade_join(segments)
+    return (wave, np.concatenate(latents)) if return_latent else wave
 
 
 @functools.lru_cache(maxsize=4)
@@ -330,24 +477,51 @@ def codec_silence_frame(codec):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--checkpoint", required=True, help="step_XXXXXXX.params.pkl (fastest) or step_XXXXXXX.pkl")
-    src = p.add_mutually_exclusive_group(required=True)
+    a("--checkpoint", help="step_XXXXXXX.params.pkl (fastest) or step_XXXXXXX.pkl")
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="the words to speak")
     src.add_argument("--text_file", help="a text file: one utterance per non-empty line, one wav each")
     src.add_argument("--input_jsonl", help='JSON Lines: {"text": ..., optional "speaker_ref" (relative to the '
                      'file), "seed", "output"}')
-    a("--speaker_ref", default=None, help="reference audio of the voice to clone (any format soundfile reads)")
+    voice = p.add_mutually_exclusive_group()
+    voice.add_argument("--speaker_ref", default=None, help="reference audio of the voice to clone (any format "
+                       "soundfile reads)")
+    voice.add_argument("--speaker_latent", default=None, help="a precomputed reference latent instead: .npy of "
+                       "shape (frames, 128), e.g. a shard's KEY.ref.npy")
     a("--output", default="output.wav", help="output wav; with --text_file/--input_jsonl, an output directory")
-    a("--cfg_scale", type=float, default=3.0, help="joint guidance scale (text and speaker together)")
+    a("--save_latent", default=None, help="also write the generated latent (trimmed, before decoding) as .npy "
+      "(frames, 128) float16, the shards' format; with batch input, a directory: one NAME.npy per NAME.wav")
+    # Sampler knobs: None means "not given", so a --sampler_preset value or the default applies.
+    a("--sampler_preset", default=None, help=f"named settings: {', '.join(SAMPLER_PRESETS)} (Echo's), or one of "
+      "--sampler_presets FILE; flags given explicitly override it")
+    a("--sampler_presets", default=None, help="JSON file of more presets: {NAME: {knob: value}} (Echo's "
+      "sampler_presets.json works as it is)")
+    a("--list_presets", action="store_true", help="print every preset and its settings, then exit")
+    a("--cfg_scale", type=float, default=None, help="joint guidance scale, text and speaker together (default 3.0)")
     a("--cfg_text", type=float, default=None, help="independent text guidance scale (the other defaults to "
       "--cfg_scale)")
     a("--cfg_speaker", type=float, default=None, help="independent speaker guidance scale (the other defaults to "
       "--cfg_scale)")
-    a("--cfg_min_t", type=float, default=0.0, help="guidance applies for t >= this (t=1 is noise)")
-    a("--cfg_max_t", type=float, default=1.0, help="guidance applies for t <= this")
-    a("--steps", type=int, default=32, help="Euler steps")
+    a("--cfg_min_t", type=float, default=None, help="guidance applies for t >= this (t=1 is noise; default 0)")
+    a("--cfg_max_t", type=float, default=None, help="guidance applies for t <= this (default 1)")
+    a("--steps", type=int, default=None, help="Euler steps (default 32)")
+    a("--truncation", type=float, default=None, help="initial noise times this (Echo's -Flat presets: 0.8; "
+      "default 1)")
+    a("--rescale_k", type=float, default=None, help="temporal score rescaling k (with --rescale_sigma; off by "
+      "default)")
+    a("--rescale_sigma", type=float, default=None, help="temporal score rescaling sigma (with --rescale_k)")
+    a("--speaker_kv_scale", type=float, default=None, help="speaker 'force': scale the speaker keys/values "
+      "(off by default)")
+    a("--speaker_kv_min_t", type=float, default=None, help="... while t >= this (default 0.9)")
+    a("--speaker_kv_max_layers", type=int, default=None, help="... in the first N decoder layers (default all)")
+    a("--t_scale", type=float, default=None, help="timestep grid scale: linspace(1, 0, steps + 1) * this "
+      "(default 1.0; Echo's presets 0.999)")
+    a("--sway", type=float, default=None, help="F5-TTS sway sampling coefficient (e.g. -1: more steps near "
+      "noise; off by default)")
     a("--duration", type=float, default=15.0, help="maximum seconds of output (25 latent frames per second), "
       "capped at the model's trained length")
+    a("--canvas", default=DEFAULT_CANVAS, choices=CANVASES, help="frames to sample: the model's trained length, "
+      "then cut to --duration (default; see README), or only --duration's frames")
     a("--seed", type=int, default=42, help="noise seed: the same seed gives bit-identical output on one machine")
     a("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     a("--dacvae_weights", default=None, help="local DACVAE weights.pth or Hub repo id (default $DACVAE_WEIGHTS, "
@@ -359,33 +533,74 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def sampler_presets(args):
+    presets = dict(SAMPLER_PRESETS)
+    if args.sampler_presets:
+        presets.update(load_sampler_presets(args.sampler_presets))
+    return presets
+
+
+def resolve_sampler(args):
+    """The sampler knobs: defaults, then the preset's values, then the flags given explicitly."""
+    preset = {}
+    if args.sampler_preset is not None:
+        presets = sampler_presets(args)
+        if args.sampler_preset not in presets:
+            raise InferenceError(f"unknown --sampler_preset {args.sampler_preset!r}; known presets: "
+                                 f"{', '.join(presets)}")
+        preset = presets[args.sampler_preset]
+    explicit = {k: getattr(args, k) for k in SAMPLER_DEFAULTS if getattr(args, k) is not None}
+    return {**SAMPLER_DEFAULTS, **preset, **explicit}
+
+
 def validate(args):
-    """Every flag checked before anything heavy loads."""
-    if args.steps < 1:
-        raise InferenceError(f"--steps must be at least 1, got {args.steps}")
+    """Every flag checked before anything heavy loads; returns the resolved sampler knobs."""
+    if args.checkpoint is None:
+        raise InferenceError("--checkpoint is required: a step_XXXXXXX.params.pkl or step_XXXXXXX.pkl file")
+    if args.text is None and args.text_file is None and args.input_jsonl is None:
+        raise InferenceError("say what to speak: --text, --text_file or --input_jsonl")
+    sampler = resolve_sampler(args)
+    if sampler["steps"] < 1:
+        raise InferenceError(f"--steps must be at least 1, got {sampler['steps']}")
     if not args.duration > 0:
         raise InferenceError(f"--duration must be positive, got {args.duration}")
-    if not 0 <= args.cfg_min_t <= args.cfg_max_t <= 1:
-        raise InferenceError(f"--cfg_min_t {args.cfg_min_t} and --cfg_max_t {args.cfg_max_t} must satisfy "
-                             "0 <= min <= max <= 1")
-    for name in ("cfg_scale", "cfg_text", "cfg_speaker", "trim_tolerance"):
-        value = getattr(args, name)
+    if not 0 <= sampler["cfg_min_t"] <= sampler["cfg_max_t"] <= 1:
+        raise InferenceError(f"--cfg_min_t {sampler['cfg_min_t']} and --cfg_max_t {sampler['cfg_max_t']} must "
+                             "satisfy 0 <= min <= max <= 1")
+    for name, value in [(k, sampler[k]) for k in SAMPLER_DEFAULTS] + [("trim_tolerance", args.trim_tolerance)]:
         if value is not None and not np.isfinite(value):
             raise InferenceError(f"--{name} must be a finite number, got {value}")
+    if (sampler["rescale_k"] is None) != (sampler["rescale_sigma"] is None):
+        raise InferenceError("--rescale_k and --rescale_sigma go together: give both, or neither")
+    if sampler["rescale_k"] is not None and not (sampler["rescale_k"] > 0 and sampler["rescale_sigma"] > 0):
+        raise InferenceError("--rescale_k and --rescale_sigma must be positive")
+    if not 0 < sampler["truncation"] or not 0 < sampler["t_scale"] <= 1:
+        raise InferenceError("--truncation must be positive and --t_scale in (0, 1]")
+    if sampler["speaker_kv_scale"] is not None and not sampler["speaker_kv_scale"] > 0:
+        raise InferenceError(f"--speaker_kv_scale must be positive, got {sampler['speaker_kv_scale']}")
+    if sampler["speaker_kv_max_layers"] is not None and sampler["speaker_kv_max_layers"] < 1:
+        raise InferenceError(f"--speaker_kv_max_layers must be at least 1, got {sampler['speaker_kv_max_layers']}")
+    if sampler["sway"] is not None and not -1 <= sampler["sway"] <= 1:
+        raise InferenceError(f"--sway must be in [-1, 1] (F5-TTS uses -1), got {sampler['sway']}")
     if not os.path.isfile(args.checkpoint):
         raise InferenceError(f"checkpoint {args.checkpoint} does not exist")
-    if args.speaker_ref is not None and not os.path.isfile(args.speaker_ref):
-        raise InferenceError(f"speaker reference {args.speaker_ref} does not exist")
+    for flag in ("speaker_ref", "speaker_latent"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise InferenceError(f"--{flag} {path} does not exist")
     if args.text is not None:
         _check_writable(args.output)
+        if args.save_latent:
+            _check_writable(args.save_latent, "--save_latent", ".npy")
         if not args.text.strip():
             raise InferenceError("the text is empty: pass the words to speak with --text")
+    return sampler
 
 
-def _check_writable(path):
+def _check_writable(path, flag="--output", suffix=".wav"):
     directory = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise InferenceError(f"--output {path} is a directory; name the .wav file to write")
+        raise InferenceError(f"{flag} {path} is a directory; name the {suffix} file to write")
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise InferenceError(f"cannot write {path}: directory {directory} does not exist or is not writable")
 
@@ -402,12 +617,15 @@ def read_jobs(args):
         raise InferenceError(f"cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
     if not lines:
         raise InferenceError(f"{path} holds no utterances")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise InferenceError(f"--output {args.output} must be a directory for batch input")
-    try:
-        os.makedirs(args.output, exist_ok=True)
-    except OSError as e:
-        raise InferenceError(f"cannot create the output directory {args.output} ({e.strerror})") from None
+    for flag, directory in (("--output", args.output), ("--save_latent", args.save_latent)):
+        if directory is None:
+            continue
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise InferenceError(f"{flag} {directory} must be a directory for batch input")
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise InferenceError(f"cannot create the {flag} directory {directory} ({e.strerror})") from None
     jobs = []
     for i, line in enumerate(lines, 1):
         name = f"{i:04d}.wav"
@@ -431,11 +649,35 @@ def read_jobs(args):
     return jobs
 
 
+def latent_path(args, output):
+    """Where --save_latent writes the latent of the job whose wav is `output` (None: not asked)."""
+    if not args.save_latent:
+        return None
+    if args.text is not None:
+        return args.save_latent
+    return os.path.join(args.save_latent, os.path.splitext(os.path.basename(output))[0] + ".npy")
+
+
+def save_latent(path, latent):
+    """(frames, 128) float16, written atomically: the shards' target format."""
+    import dacvae
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, latent.astype(np.float16), allow_pickle=False)
+    dacvae.atomic_write(path, write)
+
+
+def list_presets(args):
+    for name, preset in sampler_presets(args).items():
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in preset.items()))
+
+
 def run(args):
     import dacvae
     import model as echo
 
-    validate(args)
+    sampler = validate(args)
     if args.compile_cache_dir:
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
@@ -450,6 +692,13 @@ def run(args):
     if codec.codebook_dim != loaded.config.latent_size:
         raise InferenceError(f"the codec's {codec.codebook_dim}-dim latents do not fit the model's "
                              f"{loaded.config.latent_size}-dim latents")
+    if sampler["speaker_kv_max_layers"] is not None and sampler["speaker_kv_max_layers"] > loaded.config.num_layers:
+        raise InferenceError(f"--speaker_kv_max_layers {sampler['speaker_kv_max_layers']} exceeds the model's "
+                             f"{loaded.config.num_layers} decoder layers")
+    latent_reference = None
+    if args.speaker_latent:
+        latent_reference = reference_from_latent(args.speaker_latent, loaded.max_speaker_len,
+                                                 loaded.config.latent_size)
     timings = {"load": time.perf_counter() - t0}
     requested = int(round(args.duration * FRAMES_PER_SECOND))
     if requested > loaded.max_latent_len:
@@ -461,13 +710,16 @@ def run(args):
         try:
             if ref is not None and ref not in references:
                 references[ref] = encode_reference(ref, codec, loaded.max_speaker_len)
-            wave = synthesize(loaded, codec, text, reference=references.get(ref), steps=args.steps,
-                              cfg_scale=args.cfg_scale, cfg_text=args.cfg_text, cfg_speaker=args.cfg_speaker,
-                              cfg_min_t=args.cfg_min_t, cfg_max_t=args.cfg_max_t, seed=seed,
-                              duration=args.duration, trim_tolerance=args.trim_tolerance, timings=timings,
-                              progress=True)
+            reference = references.get(ref) if ref is not None else latent_reference
+            wave, latent = synthesize(loaded, codec, text, reference=reference, seed=seed, duration=args.duration,
+                                      trim_tolerance=args.trim_tolerance, canvas=args.canvas, timings=timings,
+                                      progress=True, return_latent=True, **sampler)
             dacvae.save_audio(output, wave, SAMPLE_RATE)
             entry.update(ok=True, seconds=round(len(wave) / SAMPLE_RATE, 3))
+            path = latent_path(args, output)
+            if path:
+                save_latent(path, latent)
+                entry["latent"] = path
         except (InferenceError, dacvae.DACVAEError) as e:
             if len(jobs) == 1:
                 raise InferenceError(str(e)) from None
@@ -499,6 +751,9 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     try:
+        if args.list_presets:
+            list_presets(args)
+            return 0
         run(args)
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)

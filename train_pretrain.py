@@ -50,11 +50,17 @@ class TrainError(Exception):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--preset", default="tiny", help="model preset from model.PRESETS: 1.3B, 840M or tiny")
+    a("--preset", default=None, help="model preset from model.PRESETS: 1.3B, 840M, demo or tiny (default: demo "
+      "with --data synthetic, else tiny)")
     a("--data", default="synthetic", help="'synthetic' (generated in the run directory), a shard directory, "
       "glob, list file, or hf://datasets/ORG/REPO[@REV][/GLOB]")
+    a("--synthetic_corpus", default="short", help="with --data synthetic: 'short' (4-8-byte strings over 8 "
+      "letters: alignment in minutes), 'medium' (4-12 bytes over 16 letters) or 'words' (10-40-byte "
+      "pseudo-sentences)")
+    a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); with --data "
+      "synthetic, the corpus's held-out split")
     a("--run_dir", default="runs/echo", help="directory for the synthetic corpus and default outputs")
-    a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 2000)")
+    a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 3000)")
     a("--global_batch_size", type=int, default=None, help="samples per step over all hosts (default 256; synthetic 32)")
     a("--grad_accum", type=int, default=1, help="split each step into this many micro-batches (same result)")
     a("--lr", type=float, default=None, help="peak learning rate (default 1e-4; synthetic 2e-3)")
@@ -81,8 +87,10 @@ def parse_args(argv=None):
     a("--run_steps", type=int, default=None, help="stop this invocation after N steps, with a checkpoint (to fit "
       "a time slot); the schedule still follows --steps")
     a("--max_bad_steps", type=int, default=20, help="stop after this many non-finite steps in a row")
-    a("--eval_samples", type=int, default=16, help="held-out texts sampled at each synthetic eval")
+    a("--eval_batches", type=int, default=4, help="global batches of held-out samples averaged into val_loss")
+    a("--eval_samples", type=int, default=32, help="held-out texts sampled at each synthetic eval")
     a("--sample_steps", type=int, default=16, help="Euler steps when sampling at eval")
+    a("--sample_cfg", type=float, default=2.0, help="joint guidance scale when sampling at eval")
     a("--aot_topology", default=None, help="compile for a TPU topology (e.g. v4-64, v4:2x2x1) and report memory")
     a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache")
     a("--distributed_timeout", type=int, default=300, help="seconds to wait for all hosts to join")
@@ -91,11 +99,17 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill defaults that depend on --data synthetic; validate every flag before anything compiles."""
+    import data
     synthetic = args.data == "synthetic" and not args.aot_topology  # AOT sizes the real run
-    defaults = dict(steps=2000 if synthetic else 1_000_000, global_batch_size=32 if synthetic else 256,
-                    lr=2e-3 if synthetic else 1e-4, eval_every=250 if synthetic else 1000,
-                    max_latent_len=96 if synthetic else 768, max_text_len=64 if synthetic else 768,
-                    max_speaker_len=96 if synthetic else 768, remat="none" if synthetic else "save_dots")
+    if args.synthetic_corpus not in data.SYNTHETIC_CORPORA:
+        raise TrainError(f"--synthetic_corpus must be one of {', '.join(data.SYNTHETIC_CORPORA)}, "
+                         f"got {args.synthetic_corpus!r}")
+    defaults = dict(preset="tiny", steps=1_000_000, global_batch_size=256, lr=1e-4, eval_every=1000,
+                    max_latent_len=768, max_text_len=768, max_speaker_len=768, remat="save_dots")
+    if synthetic:
+        latent_len, text_len, speaker_len = data.synthetic_lengths(args.synthetic_corpus)
+        defaults.update(preset="demo", steps=3000, global_batch_size=32, lr=2e-3, eval_every=250,
+                        max_latent_len=latent_len, max_text_len=text_len, max_speaker_len=speaker_len, remat="none")
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -105,7 +119,7 @@ def resolve_defaults(args):
     if args.preset not in model.PRESETS:
         raise TrainError(f"--preset must be one of {', '.join(model.PRESETS)}, got {args.preset!r}")
     for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
-                 "max_latent_len", "max_text_len", "max_speaker_len", "mesh_data", "max_bad_steps"):
+                 "eval_batches", "eval_samples", "sample_steps", "max_latent_len", "max_text_len", "max_speaker_len", "mesh_data", "max_bad_steps"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_speaker_len % 4:
@@ -227,6 +241,22 @@ def make_optimizer(args):
     return tx, schedule
 
 
+def flow_matching_pair(x0, noise, t):
+    """The straight path from data (t = 0) to noise (t = 1): x_t and its velocity target."""
+    t = t[:, None, None]
+    return (1 - t) * x0 + t * noise, noise - x0
+
+
+def cfg_dropout(rng, batch):
+    """Which samples keep their text and their speaker: each dropped with probability 0.1, independently."""
+    import jax
+    import jax.numpy as jnp
+    r_text, r_spk = jax.random.split(rng)
+    keep_text = (jax.random.uniform(r_text, (batch,)) >= 0.1).astype(jnp.int32)
+    keep_spk = (jax.random.uniform(r_spk, (batch,)) >= 0.1).astype(jnp.int32)
+    return keep_text, keep_spk
+
+
 def build_train_step(model, tx, args):
     """(state, batch) -> (state, metrics). state = {params, opt_state, step}; all randomness from
     fold_in(seed, step). Non-finite steps leave params and moments untouched."""
@@ -238,15 +268,12 @@ def build_train_step(model, tx, args):
 
     def step_fn(state, batch):
         rng = jax.random.fold_in(jax.random.key(args.seed), state["step"])
-        r_t, r_noise, r_text, r_spk = jax.random.split(rng, 4)
+        r_t, r_noise, r_cfg = jax.random.split(rng, 3)
         x0 = batch["latent"]
         b = x0.shape[0]
         t = stratified_timesteps(r_t, b)
-        noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        target = noise - x0
-        keep_text = (jax.random.uniform(r_text, (b,)) >= 0.1).astype(jnp.int32)
-        keep_spk = (jax.random.uniform(r_spk, (b,)) >= 0.1).astype(jnp.int32)
+        x_t, target = flow_matching_pair(x0, jax.random.normal(r_noise, x0.shape, jnp.float32), t)
+        keep_text, keep_spk = cfg_dropout(r_cfg, b)
         inputs = dict(x=x_t, t=t, text_ids=batch["text_ids"], text_mask=batch["text_mask"] * keep_text[:, None],
                       speaker_latent=batch["speaker_latent"] * keep_spk[:, None, None].astype(jnp.float32),
                       speaker_mask=batch["speaker_mask"] * keep_spk[:, None], target=target)
@@ -292,50 +319,38 @@ def build_train_step(model, tx, args):
 
 
 def build_eval_loss(model, args):
-    """Validation loss on a fixed batch with fixed t (evenly spaced) and noise: a meaningful curve."""
+    """Loss on held-out batch `index` of --eval_batches, with fixed t (evenly spaced over all of
+    them) and fixed noise: the same number for the same params, a meaningful curve."""
     import jax
     import jax.numpy as jnp
 
-    def eval_fn(params, batch):
+    def eval_fn(params, batch, index):
         x0 = batch["latent"]
         b = x0.shape[0]
-        t = (jnp.arange(b) + 0.5) / b
-        noise = jax.random.normal(jax.random.key(args.seed + 12345), x0.shape, jnp.float32)
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        t = (index * b + jnp.arange(b) + 0.5) / (args.eval_batches * b)
+        noise = jax.random.normal(jax.random.fold_in(jax.random.key(args.seed + 12345), index), x0.shape, jnp.float32)
+        x_t, target = flow_matching_pair(x0, noise, t)
         pred = model.apply({"params": params}, x_t, t, batch["text_ids"], batch["text_mask"],
                            batch["speaker_latent"], batch["speaker_mask"])
         valid_fraction = jnp.maximum(jnp.mean(batch["latent_mask"].astype(jnp.float32)), 1e-6)
-        return jnp.mean((pred - (noise - x0)) ** 2) / valid_fraction
+        return jnp.mean((pred - target) ** 2) / valid_fraction
 
     return eval_fn
 
 
-def build_sampler(model, steps, cfg_scale=2.0):
-    """Euler ODE t: 1 -> 0 with joint CFG; conditions encoded once, both passes in one call."""
-    import jax
-    import jax.numpy as jnp
-
-    def sample(params, rng, text_ids, text_mask, speaker_latent, speaker_mask, num_frames):
-        from model import EchoDiT
-        b = text_ids.shape[0]
-        variables = {"params": params}
-        cond = model.apply(variables, text_ids, text_mask, speaker_latent, speaker_mask,
-                           method=EchoDiT.encode_conditions)
-        both = jax.tree.map(lambda a: jnp.concatenate([a, a], axis=1 if a.ndim == 5 else 0), cond)
-        both["mask"] = jnp.concatenate([cond["mask"], jnp.zeros_like(cond["mask"])], axis=0)
-        x = jax.random.normal(rng, (b, num_frames, model.config.latent_size), jnp.float32)
-        ts = jnp.linspace(1.0, 0.0, steps + 1)
-
-        def body(x, k):
-            t = jnp.full((2 * b,), ts[k])
-            v = model.apply(variables, jnp.concatenate([x, x]), t, both, method=EchoDiT.decode)
-            v_c, v_u = v[:b], v[b:]
-            return x + (ts[k + 1] - ts[k]) * (v_c + cfg_scale * (v_c - v_u)), None
-
-        x, _ = jax.lax.scan(body, x, jnp.arange(steps))
-        return x
-
-    return sample
+def held_out_batches(trainer, args):
+    """The first --eval_batches global batches of the held-out source, read alike on every host."""
+    import data
+    config = dataclasses.replace(trainer.data_config, source=trainer.eval_source, batch_size=args.global_batch_size,
+                                 process_index=0, process_count=1)
+    try:
+        pipeline = data.Pipeline(config)
+    except data.DataError as e:
+        raise TrainError(f"--eval_data: {e}") from None
+    try:
+        return [next(pipeline) for _ in range(args.eval_batches)]
+    finally:
+        pipeline.close()
 
 
 # ----------------------------------------------------------------------------
@@ -401,11 +416,15 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(args)
 
         # Data: every host streams its own shards.
-        self.source, silence = args.data, args.silence_latent
+        self.source, self.eval_source, silence = args.data, args.eval_data, args.silence_latent
         if args.data == "synthetic":
-            self.source = os.path.join(args.run_dir, f"synthetic-{self.process}")
-            if not os.path.exists(os.path.join(self.source, "silence_latent.npy")):
-                data.make_synthetic(self.source, shards=max(4, self.processes), samples_per_shard=512, seed=args.seed)
+            # Each host writes its own copy (no shared disk needed), and the held-out split beside it.
+            name = os.path.join(args.run_dir, f"synthetic-{args.synthetic_corpus}-{args.seed}-{self.process}")
+            self.source, self.eval_source = name, self.eval_source or name + "-held-out"
+            for directory, held_out, shards in ((self.source, False, max(4, self.processes)), (name + "-held-out", True, 1)):
+                if not os.path.exists(os.path.join(directory, "silence_latent.npy")):
+                    data.make_synthetic(directory, shards=shards, samples_per_shard=512, seed=args.seed,
+                                        corpus=args.synthetic_corpus, held_out=held_out)
             silence = os.path.join(self.source, "silence_latent.npy")
         self.data_config = data.DataConfig(
             source=self.source, batch_size=args.global_batch_size // self.processes, seed=args.seed,
@@ -551,29 +570,6 @@ class Metrics:
             self.file.flush()
 
 
-def synthetic_eval_set(args, count, max_latent_len, max_text_len, max_speaker_len):
-    """Held-out synthetic texts (new strings) with their true latents and same-speaker references."""
-    import data
-    rng = data._rng("held-out", args.seed)
-    rows = {k: [] for k in ("text_ids", "text_mask", "speaker_latent", "speaker_mask", "truth", "frames")}
-    while len(rows["frames"]) < count:
-        text, speaker = data.synthetic_text(rng), int(rng.integers(data.SYNTHETIC_SPEAKERS))
-        truth = data.synthetic_latent(text, speaker, args.seed).astype(np.float32)
-        encoded = data.encode_text(text, max_text_len)
-        if encoded is None or len(truth) > max_latent_len:
-            continue
-        ref = data.synthetic_latent(data.synthetic_text(rng), speaker, args.seed).astype(np.float32)[:max_speaker_len]
-        spk = np.zeros((max_speaker_len, 128), np.float32)
-        spk[:len(ref)] = ref
-        padded = np.zeros((max_latent_len, 128), np.float32)
-        padded[:len(truth)] = truth
-        for k, v in (("text_ids", encoded[0]), ("text_mask", encoded[1]), ("speaker_latent", spk),
-                     ("speaker_mask", (np.arange(max_speaker_len) < len(ref)).astype(np.int32)),
-                     ("truth", padded), ("frames", len(truth))):
-            rows[k].append(v)
-    return {k: np.stack(v) if k != "frames" else np.asarray(v) for k, v in rows.items()}
-
-
 def nmse(generated, truth, frames):
     """MSE of generated vs true latents over the valid frames, over that of the per-channel mean."""
     err, base = 0.0, 0.0
@@ -583,9 +579,21 @@ def nmse(generated, truth, frames):
     return float(err / max(base, 1e-12))
 
 
+def synthetic_nmse(module, params, held_out, args):
+    """Generate the held-out texts with inference.py's sampler (every host joins) and score them."""
+    import inference
+    generated = inference.sample_latents(
+        module, params, held_out["text_ids"], held_out["text_mask"], held_out["speaker_latent"],
+        held_out["speaker_mask"], steps=args.sample_steps, cfg_scale=args.sample_cfg, seed=args.seed + 7,
+        num_frames=args.max_latent_len, progress=False)
+    return nmse(generated, held_out["latent"], held_out["frames"])
+
+
 # ----------------------------------------------------------------------------
 
-def train(args):
+def train(args, on_eval=None):
+    """The training loop. on_eval(step, fields), if given, sees every eval; returning True ends the
+    run there (with a checkpoint), as --run_steps would."""
     import jax
     import data
     import model as echo
@@ -629,23 +637,26 @@ def train(args):
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
         train_step = jax.jit(step_fn, in_shardings=(trainer.state_shardings, trainer.batch_sharding),
                              out_shardings=(trainer.state_shardings, trainer.replicated), donate_argnums=(0,))
-        eval_loss = jax.jit(build_eval_loss(trainer.model, args), in_shardings=(trainer.param_shardings,
-                                                                                 trainer.batch_sharding))
+        eval_loss = jax.jit(build_eval_loss(trainer.model, args), in_shardings=(
+            trainer.param_shardings, trainer.batch_sharding, trainer.replicated))
 
     def global_batch(local):
         global_shape = lambda a: (args.global_batch_size,) + a.shape[1:]
         return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v, global_shape(v))
                 for k, v in local.items()}
 
-    # A fixed validation batch: the first batch of the stream with another seed.
-    eval_pipeline = data.Pipeline(dataclasses.replace(trainer.data_config, seed=args.seed + 1))
-    eval_batch = global_batch(next(eval_pipeline))
-    eval_pipeline.close()
-    eval_set = None
+    # Validation only ever sees held-out samples: fixed batches of the held-out source.
+    eval_sets, synthetic_eval = [], None
+    if trainer.eval_source:
+        eval_sets = held_out_batches(trainer, args)
+        rows = slice(trainer.process * trainer.data_config.batch_size,
+                     (trainer.process + 1) * trainer.data_config.batch_size)
+        eval_batches = [global_batch({k: v[rows] for k, v in b.items()}) for b in eval_sets]
+    else:
+        log.warning("no held-out data (--eval_data, or a synthetic corpus): no val_loss is reported")
     if args.data == "synthetic":
-        eval_set = synthetic_eval_set(args, args.eval_samples, args.max_latent_len, args.max_text_len,
-                                      args.max_speaker_len)
-        sampler = jax.jit(build_sampler(trainer.model, args.sample_steps), static_argnums=(6,))
+        held_out = {k: np.concatenate([b[k] for b in eval_sets])[:args.eval_samples] for k in eval_sets[0]}
+        synthetic_eval = dict(held_out, frames=held_out["latent_mask"].sum(axis=1))
 
     start_step = int(state["step"])
     metrics.write(event="start", step=start_step, total_steps=args.steps, run=os.path.basename(
@@ -699,22 +710,21 @@ def train(args):
             if trainer.process == 0:
                 print(f"step {step}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
                       f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
-        if step % args.eval_every == 0 or step == args.steps:
+        slot_done = False
+        if (step % args.eval_every == 0 or step == args.steps) and eval_sets:
             with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                fields = {"step": step, "event": "eval", "val_loss": float(eval_loss(state["params"], eval_batch))}
-                if eval_set is not None:
-                    generated = sampler(state["params"], jax.random.key(args.seed + 7), eval_set["text_ids"],
-                                        eval_set["text_mask"], eval_set["speaker_latent"], eval_set["speaker_mask"],
-                                        args.max_latent_len)
-                    from jax.experimental import multihost_utils  # the samples span every host's devices
-                    generated = np.asarray(multihost_utils.process_allgather(generated, tiled=True))
-                    fields["synthetic_nmse"] = nmse(generated, eval_set["truth"], eval_set["frames"])
+                losses = [eval_loss(state["params"], b, np.int32(i)) for i, b in enumerate(eval_batches)]
+                fields = {"step": step, "event": "eval", "val_loss": float(np.mean([float(v) for v in losses]))}
+                if synthetic_eval is not None:
+                    fields["synthetic_nmse"] = synthetic_nmse(trainer.model, state["params"], synthetic_eval, args)
             metrics.write(**fields)
+            if on_eval is not None and on_eval(step, fields):
+                slot_done = True
         preempted = stop["signal"] is not None
         if trainer.processes > 1:  # hosts get SIGTERM at different steps; they must checkpoint at the same one
             from jax.experimental import multihost_utils
             preempted = bool(np.asarray(multihost_utils.process_allgather(np.asarray([preempted]))).any())
-        slot_done = args.run_steps is not None and step - start_step >= args.run_steps
+        slot_done = slot_done or (args.run_steps is not None and step - start_step >= args.run_steps)
         if step % args.checkpoint_every == 0 or step == args.steps or preempted or slot_done:
             trainer.save_checkpoint(state, pipeline.state(), samples_seen)
             metrics.write(event="checkpoint", step=step, path=os.path.join(args.checkpoint_dir, f"step_{step:07d}.pkl"))

@@ -1,3 +1,4 @@
+import glob
 import io
 import json
 import os
@@ -366,29 +367,51 @@ def test_local_sources_directory_glob_and_list_file(tmp_path):
         data.list_shards(str(tmp_path / "nothing-*"))
 
 
+def read_corpus(directory):
+    """{key: (meta, latent)} of every sample in a directory's shards."""
+    samples = {}
+    for path in sorted(glob.glob(os.path.join(directory, "*.tar"))):
+        with tarfile.open(path) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}
+        for name, payload in members.items():
+            if name.endswith(".json"):
+                samples[name[:-5]] = (json.loads(payload), np.load(io.BytesIO(members[name[:-5] + ".npy"])))
+    return samples
+
+
 def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "make-synthetic", str(tmp_path / "a"),
-                          "--shards", "2", "--samples-per-shard", "40", "--seed", "5"],
+                          "--shards", "2", "--samples-per-shard", "200", "--seed", "5"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    data.make_synthetic(str(tmp_path / "b"), 2, 40, seed=5)
+    data.make_synthetic(str(tmp_path / "b"), 2, 200, seed=5)
     assert open(tmp_path / "a" / "shard-00001.tar", "rb").read() == open(tmp_path / "b" / "shard-00001.tar", "rb").read()
     silence = np.load(tmp_path / "a" / "silence_latent.npy")
     assert silence.shape == (750, 128) and silence.dtype == np.float16
-    texts, speakers = set(), set()
-    with tarfile.open(tmp_path / "a" / "shard-00000.tar") as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar}
-    for name, payload in members.items():
-        if name.endswith(".json"):
-            meta = json.loads(payload)
-            key = name[:-5]
-            latent = np.load(io.BytesIO(members[key + ".npy"]))
-            np.testing.assert_array_equal(latent, data.synthetic_latent(meta["text"], meta["speaker"], 5))
-            assert 10 <= len(meta["text"].encode()) <= 40
-            texts.add(meta["text"])
-            speakers.add(meta["speaker"])
-    assert len(set("".join(texts))) >= 30 and len(speakers) == data.SYNTHETIC_SPEAKERS
-    # Every byte and the speaker change the latent.
+    for corpus, lengths, symbols, median in (("short", (4, 8), 8, 6), ("medium", (4, 12), 16, 8),
+                                             ("words", (10, 40), 30, 20)):
+        directory = str(tmp_path / corpus)
+        data.make_synthetic(directory, 2, 200, seed=5, corpus=corpus)
+        samples = read_corpus(directory)
+        texts = [meta["text"] for meta, _ in samples.values()]
+        for meta, latent in samples.values():
+            np.testing.assert_array_equal(latent, data.synthetic_latent(meta["text"], meta["speaker"], 5, corpus))
+            assert len(latent) == data.SYNTHETIC_CORPORA[corpus].frames_per_byte * len(meta["text"].encode())
+        size = sorted(len(t.encode()) for t in texts)
+        assert lengths[0] <= size[0] and size[-1] <= lengths[1] and size[len(size) // 2] >= median
+        assert len(set("".join(texts))) >= symbols
+        assert {meta["speaker"] for meta, _ in samples.values()} == set(range(data.SYNTHETIC_SPEAKERS))
+        # Every held-out text is a string the training split never contains.
+        held = str(tmp_path / f"{corpus}-held-out")
+        data.make_synthetic(held, 1, 200, seed=5, corpus=corpus, held_out=True)
+        held_texts = [meta["text"] for meta, _ in read_corpus(held).values()]
+        assert all(data.synthetic_held_out(t) for t in held_texts) and not any(map(data.synthetic_held_out, texts))
+        assert not set(held_texts) & set(texts)
+        latent_len, text_len, speaker_len = data.synthetic_lengths(corpus)
+        assert all(len(lat) <= latent_len for _, lat in samples.values()) and speaker_len % 4 == 0
+        assert all(data.encode_text(t, text_len) is not None for t in texts)
+    # Every byte, its place in the order, and the speaker change the latent.
     a = data.synthetic_latent("abcdefghij", 0, 5)
     assert not np.array_equal(a, data.synthetic_latent("abcdefghiz", 0, 5))
+    assert not np.array_equal(a, data.synthetic_latent("bacdefghij", 0, 5))
     assert not np.array_equal(a, data.synthetic_latent("abcdefghij", 1, 5))

@@ -25,7 +25,7 @@ HOP = 1920
 def run(tmp_path_factory):
     """A tiny checkpoint written by train_pretrain.py and codec weights from `dacvae.py init-random`."""
     root = tmp_path_factory.mktemp("inference")
-    code = train_pretrain.main(["--run_dir", str(root / "run"), "--steps", "3", "--global_batch_size", "8",
+    code = train_pretrain.main(["--preset", "tiny", "--run_dir", str(root / "run"), "--steps", "3", "--global_batch_size", "8",
                                 "--max_latent_len", str(MAX_LATENT), "--max_text_len", str(MAX_TEXT),
                                 "--max_speaker_len", str(MAX_SPEAKER), "--eval_every", "100",
                                 "--compile_cache_dir", os.path.join(REPO, ".jax_cache")])
@@ -327,6 +327,36 @@ def test_batch_mode_text_file_and_jsonl(run, tmp_path, capsys):
     assert not (tmp_path / "escape.wav").exists()
 
 
+def test_latents_in_and_out(run, perturbed, tmp_path, monkeypatch):
+    """--speaker_latent replaces audio; --save_latent writes the trimmed latent in the shards' format."""
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: perturbed)  # a model that uses its conditions
+    ref = tmp_path / "voice.ref.npy"
+    np.save(ref, np.random.default_rng(3).normal(size=(60, 128)).astype(np.float16))  # longer than trained: cropped
+    common = ["--text", "Latents in and out.", "--duration", "1.2", "--steps", "3", "--trim_tolerance", "0"]
+    paths = {}
+    for name, extra in (("plain", []), ("voice", ["--speaker_latent", str(ref)])):
+        paths[name] = tmp_path / f"{name}.npy"
+        assert cli(run, tmp_path, *common, *extra, "--output", str(tmp_path / f"{name}.wav"),
+                   "--save_latent", str(paths[name])) == 0
+    plain, voice = np.load(paths["plain"]), np.load(paths["voice"])
+    assert plain.shape == (30, 128) and plain.dtype == np.float16 and np.isfinite(plain).all()
+    assert not np.array_equal(plain, voice)
+    # The saved latent is exactly what was decoded into the wav.
+    codec = dacvae.DACVAE.load(run["codec"])
+    import torch
+    wave = codec.decode(torch.from_numpy(plain.astype(np.float32).T)[None])[0, 0].numpy()
+    written = read_wav(tmp_path / "plain.wav")
+    assert len(written) == len(wave) and np.corrcoef(written, wave)[0, 1] > 0.98  # up to float16 rounding
+    # Batch mode: one NAME.npy per NAME.wav in the --save_latent directory.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("One.\nTwo.\n")
+    assert cli(run, tmp_path, "--text_file", str(lines), "--output", str(tmp_path / "batch"), "--duration", "1",
+               "--steps", "2", "--save_latent", str(tmp_path / "latents")) == 0
+    assert sorted(os.listdir(tmp_path / "latents")) == ["0001.npy", "0002.npy"]
+    summary = json.loads((tmp_path / "batch" / "summary.json").read_text())
+    assert [os.path.basename(e["latent"]) for e in summary] == ["0001.npy", "0002.npy"]
+
+
 # ---------------------------------------------------------------- errors
 
 class Boom:
@@ -376,6 +406,9 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
     not_echo.write_bytes(pickle.dumps({"weights": [1, 2]}))
     not_audio = tmp_path / "ref.wav"
     not_audio.write_text("not audio at all")
+    wrong_width, ints = tmp_path / "wrong_width.npy", tmp_path / "ints.npy"
+    np.save(wrong_width, np.zeros((10, 64), np.float16))
+    np.save(ints, np.zeros((10, 128), np.int32))
     cases = [
         (["--checkpoint", str(tmp_path / "none.pkl"), "--text", "hi"], ("does not exist",)),
         (["--checkpoint", str(corrupt), "--text", "hi"], (str(corrupt),)),
@@ -393,6 +426,19 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
          ("--cfg_min_t",)),
         (["--checkpoint", run["params"], "--text", "hi", "--dacvae_weights", str(tmp_path / "codec.pth")],
          ("codec.pth",)),
+        (["--checkpoint", run["params"], "--text", "hi", "--sampler_preset", "Fast"],
+         ("unknown --sampler_preset 'Fast'", "Independent-Low-CFG")),
+        (["--checkpoint", run["params"], "--text", "hi", "--rescale_k", "1.2"], ("--rescale_sigma",)),
+        (["--checkpoint", run["params"], "--text", "hi", "--sway", "3"], ("--sway",)),
+        (["--checkpoint", run["params"], "--text", "hi", "--speaker_kv_scale", "2", "--speaker_kv_max_layers",
+          "99"], ("--speaker_kv_max_layers 99",)),
+        (["--checkpoint", run["params"], "--text", "hi", "--speaker_latent", str(wrong_width)],
+         ("wrong_width.npy", "(10, 64)")),
+        (["--checkpoint", run["params"], "--text", "hi", "--speaker_latent", str(ints)], ("ints.npy", "int32")),
+        (["--checkpoint", run["params"], "--text", "hi", "--speaker_latent", str(not_audio)],
+         ("ref.wav", "not a readable .npy")),
+        (["--checkpoint", run["params"], "--text", "hi", "--speaker_latent", str(tmp_path / "none.npy")],
+         ("none.npy", "does not exist")),
     ]
     for args, needles in cases:
         one_sentence_error(capsys, inference.main(base + args), *needles)

@@ -1,5 +1,6 @@
 import io
 import json
+import logging
 import os
 import pickle
 import signal
@@ -16,7 +17,7 @@ from conftest import REPO
 import model as echo
 import train_pretrain
 
-FAST = ["--steps", "12", "--global_batch_size", "8", "--max_latent_len", "80", "--max_text_len", "48",
+FAST = ["--preset", "tiny", "--steps", "12", "--global_batch_size", "8", "--max_latent_len", "80", "--max_text_len", "48",
         "--max_speaker_len", "48", "--eval_every", "6", "--eval_samples", "4", "--sample_steps", "2",
         "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
 
@@ -197,10 +198,10 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
 
 # ---------------------------------------------------------------- several processes
 
-def identical_corpus(directory, count=64):
+def identical_corpus(directory, count=64, seed=0):
     """Every sample the same: the global batch is then the same for any number of hosts."""
     os.makedirs(directory, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     latent = rng.normal(size=(30, 128)).astype(np.float16)
     ref = rng.normal(size=(20, 128)).astype(np.float16)
     for shard in range(4):
@@ -281,6 +282,22 @@ def test_resume_finds_the_checkpoint_on_another_worker(tmp_path):
     run_pod(straight, 2, 2, *common)
     assert_trees_equal(final_params(str(disks[0]), 6)["params"],
                        final_params(str(straight / "checkpoints"), 6)["params"])
+
+
+def test_val_loss_comes_from_held_out_data_only(tmp_path, caplog):
+    identical_corpus(tmp_path / "train")
+    identical_corpus(tmp_path / "held-out", count=16, seed=1)
+    common = ["--data", str(tmp_path / "train"), "--steps", "2", "--eval_every", "1"]
+    with caplog.at_level(logging.WARNING, logger="train"):
+        run_inprocess(tmp_path, "none", *common)
+    assert sum("no held-out data" in r.getMessage() for r in caplog.records) == 1
+    assert not [m for m in read_metrics(tmp_path / "none" / "metrics.jsonl") if "val_loss" in m]
+    val = {}
+    for name, source in (("held", "held-out"), ("same", "train")):
+        run_inprocess(tmp_path, name, *common, "--eval_data", str(tmp_path / source))
+        val[name] = [m["val_loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "val_loss" in m]
+        assert len(val[name]) == 2 and all(np.isfinite(val[name]))
+    assert val["held"] != val["same"]  # it is the --eval_data samples that are scored
 
 
 def test_a_missing_peer_ends_with_a_clear_message(tmp_path):

@@ -1,0 +1,106 @@
+"""The training objective and the shared sampler, asserted on numbers: a sign flip, a wrong
+dropout rate, a schedule off by a step or a decayed norm each fail here."""
+import argparse
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.stats import norm as normal_dist
+
+import inference
+import model as echo
+import train_pretrain
+from fields import FakeEchoDiT, fake_inputs
+
+
+def test_flow_matching_pair_is_the_straight_path_from_data_to_noise():
+    x0 = np.array([[[1.0, -2.0]]], np.float32)
+    noise = np.array([[[3.0, 0.5]]], np.float32)
+    x_t, target = train_pretrain.flow_matching_pair(x0, noise, np.array([0.25], np.float32))
+    np.testing.assert_allclose(x_t, [[[0.75 * 1 + 0.25 * 3, 0.75 * -2 + 0.25 * 0.5]]])
+    np.testing.assert_allclose(target, [[[3.0 - 1.0, 0.5 + 2.0]]])  # noise - x0, not x0 - noise
+    for t, expect in ((0.0, x0), (1.0, noise)):
+        np.testing.assert_allclose(train_pretrain.flow_matching_pair(x0, noise, np.array([t], np.float32))[0], expect)
+
+
+def test_stratified_timesteps_are_logit_normal_quantiles_one_per_stratum():
+    for seed in range(5):
+        batch = 64
+        t = np.asarray(train_pretrain.stratified_timesteps(jax.random.key(seed), batch), np.float64)
+        assert t.shape == (batch,) and np.all((t > 0) & (t < 1)) and len(np.unique(t)) == batch
+        # Under the logit-normal CDF (Phi of logit t), exactly one t falls in each of the B strata.
+        u = normal_dist.cdf(np.log(t / (1 - t)))
+        assert sorted(np.floor(u * batch).astype(int)) == list(range(batch))
+        # and all share one offset within their stratum
+        offsets = u * batch - np.floor(u * batch)
+        np.testing.assert_allclose(offsets, offsets[0], atol=1e-4)
+    # Over many steps the marginal is logit-normal(0, 1): median 0.5, quartiles at sigmoid(+-0.674).
+    many = np.concatenate([np.asarray(train_pretrain.stratified_timesteps(jax.random.key(s), 16))
+                           for s in range(400)])
+    q = np.quantile(many, [0.25, 0.5, 0.75])
+    np.testing.assert_allclose(q, 1 / (1 + np.exp(-np.array([-0.6745, 0.0, 0.6745]))), atol=0.01)
+
+
+def test_cfg_dropout_drops_text_and_speaker_ten_percent_each_independently():
+    keep_text, keep_spk = map(np.asarray, train_pretrain.cfg_dropout(jax.random.key(3), 200_000))
+    assert set(np.unique(keep_text)) == {0, 1} and set(np.unique(keep_spk)) == {0, 1}
+    assert abs((1 - keep_text).mean() - 0.1) < 0.003 and abs((1 - keep_spk).mean() - 0.1) < 0.003
+    assert abs(((1 - keep_text) * (1 - keep_spk)).mean() - 0.01) < 0.001  # independent
+
+
+def optimizer_args(**kw):
+    return argparse.Namespace(**dict(dict(lr=2e-3, steps=1000, warmup_frac=0.05, weight_decay=0.01), **kw))
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_zero():
+    _, schedule = train_pretrain.make_optimizer(optimizer_args())
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(50)) == pytest.approx(2e-3)  # peak at the end of the 5% warm-up
+    assert float(schedule(25)) == pytest.approx(1e-3)
+    assert float(schedule(525)) == pytest.approx(1e-3, rel=1e-3)  # cosine: half way down half way through
+    assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_weight_decay_shrinks_kernels_and_embeddings_only():
+    config = echo.PRESETS["tiny"]
+    params = jax.tree.map(jnp.ones_like, __import__("flax.linen", fromlist=["unbox"]).unbox(
+        echo.init_params(config, jax.random.key(0))))
+    tx, schedule = train_pretrain.make_optimizer(optimizer_args(warmup_frac=0.0, steps=10))
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    _, opt_state = tx.update(zeros, tx.init(params), params)  # step 0 has lr 0: look at step 1
+    updates, _ = tx.update(zeros, opt_state, params)  # zero gradients: what moves is weight decay alone
+    decayed = {k for k, v in echo.flatten(updates).items() if np.any(np.asarray(v) != 0)}
+    names = set(echo.flatten(params))
+    never = [k for k in names if any(s in k for s in ("bias", "norm", "adaln", "cond_dense_global", "wgate"))]
+    assert never and not decayed & set(never), sorted(decayed & set(never))[:5]
+    must = [k for k in names if k.endswith(("kernel", "embedding")) and k not in never]
+    assert must and set(must) <= decayed, sorted(set(must) - decayed)[:5]
+    one = next(k for k in must)
+    np.testing.assert_allclose(np.asarray(echo.flatten(updates)[one]), -float(schedule(1)) * 0.01, rtol=1e-5)
+
+
+def aim_at(targets):
+    """A velocity field that carries x_t in a straight line to a known x0, one per set of conditions."""
+    def velocity(x, t, cond, has_text, has_speaker):
+        b = targets[(True, True)].shape[0]
+        target = jnp.zeros_like(x)
+        for (ht, hs), x0 in targets.items():
+            pick = (has_text == ht) & (has_speaker == hs)
+            target = jnp.where(pick[:, None, None], jnp.tile(x0, (x.shape[0] // b, 1, 1)), target)
+        return (x - target) / t[:, None, None]
+    return FakeEchoDiT(velocity)
+
+
+@pytest.mark.parametrize("steps", [1, 4, 16])
+def test_euler_sampler_lands_on_the_point_the_velocity_field_aims_at(steps):
+    rng = np.random.default_rng(0)
+    x0, x_uncond, x_no_text, x_no_spk = (rng.normal(size=(2, 5, 4)).astype(np.float32) for _ in range(4))
+    field = aim_at({(True, True): x0, (False, False): x_uncond, (False, True): x_no_text, (True, False): x_no_spk})
+    sample = lambda **kw: inference.sample_latents(field, {}, *fake_inputs(), steps=steps, num_frames=5,
+                                                   progress=False, **kw)
+    np.testing.assert_allclose(sample(cfg_scale=0.0), x0, atol=1e-5)
+    # Joint guidance v_c + s (v_c - v_u) aims at x0 + s (x0 - x_uncond).
+    np.testing.assert_allclose(sample(cfg_scale=2.0), x0 + 2.0 * (x0 - x_uncond), atol=1e-4)
+    # Independent guidance: one term per dropped condition.
+    np.testing.assert_allclose(sample(cfg_text=3.0, cfg_speaker=0.5),
+                               x0 + 3.0 * (x0 - x_no_text) + 0.5 * (x0 - x_no_spk), atol=1e-4)
