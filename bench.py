@@ -445,7 +445,7 @@ def bench_learn(corpus="words", minutes=60.0, eval_every=250, threshold=0.5):
 
 
 def demo_run_dir():
-    """A finished default demo run: $ECHO_DEMO_RUN, else one trained now (~10 minutes on 2 cores)."""
+    """A finished default demo run directory: $ECHO_DEMO_RUN, else one trained now (~9 minutes on 2 cores)."""
     import train_pretrain
 
     run_dir = os.environ.get("ECHO_DEMO_RUN")
@@ -466,7 +466,7 @@ def bench_sampler(samples=64, seed=0):
 
     run_dir = demo_run_dir()
     loaded = inference.load_model(sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.params.pkl")))[-1])
-    corpus = glob.glob(os.path.join(run_dir, "synthetic-demo-*-0"))[0]
+    corpus = glob.glob(os.path.join(run_dir, "synthetic-*-0-held-out"))[0][:-len("-held-out")]
     pipeline = data.Pipeline(data.DataConfig(
         source=corpus + "-held-out", batch_size=samples, seed=seed, process_index=0, process_count=1,
         max_latent_len=loaded.max_latent_len, max_text_len=loaded.max_text_len,

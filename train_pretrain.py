@@ -60,7 +60,7 @@ def parse_args(argv=None):
     a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); with --data "
       "synthetic, the corpus's held-out split")
     a("--run_dir", default="runs/echo", help="directory for the synthetic corpus and default outputs")
-    a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 3000)")
+    a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 2500)")
     a("--global_batch_size", type=int, default=None, help="samples per step over all hosts (default 256; synthetic 32)")
     a("--grad_accum", type=int, default=1, help="split each step into this many micro-batches (same result)")
     a("--lr", type=float, default=None, help="peak learning rate (default 1e-4; synthetic 2e-3)")
@@ -108,7 +108,7 @@ def resolve_defaults(args):
                     max_latent_len=768, max_text_len=768, max_speaker_len=768, remat="save_dots")
     if synthetic:
         latent_len, text_len, speaker_len = data.synthetic_lengths(args.synthetic_corpus)
-        defaults.update(preset="demo", steps=3000, global_batch_size=32, lr=2e-3, eval_every=250,
+        defaults.update(preset="demo", steps=2500, global_batch_size=32, lr=2e-3, eval_every=250,
                         max_latent_len=latent_len, max_text_len=text_len, max_speaker_len=speaker_len, remat="none")
     for k, v in defaults.items():
         if getattr(args, k) is None:

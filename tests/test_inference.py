@@ -357,6 +357,23 @@ def test_latents_in_and_out(run, perturbed, tmp_path, monkeypatch):
     assert [os.path.basename(e["latent"]) for e in summary] == ["0001.npy", "0002.npy"]
 
 
+def test_canvas_trained_samples_the_trained_length_then_cuts(run, perturbed, tmp_path, monkeypatch):
+    monkeypatch.setattr(inference, "load_model", lambda *a, **k: perturbed)
+    latents = {}
+    for canvas in ("duration", "trained"):
+        latents[canvas] = tmp_path / f"{canvas}.npy"
+        assert cli(run, tmp_path, "--text", "Canvas.", "--duration", "1", "--steps", "2", "--trim_tolerance", "0",
+                   "--canvas", canvas, "--output", str(tmp_path / f"{canvas}.wav"),
+                   "--save_latent", str(latents[canvas])) == 0
+    (ids, mask), = inference.prepare_text("Canvas.", MAX_TEXT)
+    speaker = (np.zeros((1, MAX_SPEAKER, 128), np.float32), np.zeros((1, MAX_SPEAKER), np.int32))
+    for canvas, frames in (("duration", 25), ("trained", MAX_LATENT)):
+        z = inference.sample_latents(perturbed.module, perturbed.params, ids[None], mask[None], *speaker, steps=2,
+                                     seed=42, num_frames=frames, progress=False)[0]
+        np.testing.assert_array_equal(np.load(latents[canvas]), z[:25].astype(np.float16))
+    assert not np.array_equal(np.load(latents["duration"]), np.load(latents["trained"]))
+
+
 # ---------------------------------------------------------------- errors
 
 class Boom:
