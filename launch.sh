@@ -32,7 +32,7 @@ if [[ "${1:-}" == "--local" ]]; then
   fi
   shift 2
   # The demo when no training flag is given: a few minutes on a CPU.
-  [[ $# -eq 0 ]] && set -- --preset tiny --data synthetic --steps 240 --checkpoint_every 80 --eval_every 80
+  [[ $# -eq 0 ]] && set -- --preset tiny --data synthetic --synthetic_corpus words --steps 240 --checkpoint_every 80 --eval_every 80
   ECHO_DISK="${ECHO_DISK:-$HERE/runs}"
   MIN_FREE_GB="${ECHO_MIN_FREE_GB:-2}"
 else
