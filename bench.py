@@ -431,8 +431,8 @@ def bench_learn(corpus="words", minutes=60.0, eval_every=250, threshold=0.5):
         def on_eval(step, fields):
             nonlocal reached
             elapsed = (time.perf_counter() - start) / 60
-            curve.append({"step": step, "minutes": round(elapsed, 2), "synthetic_nmse": round(fields["synthetic_nmse"], 3),
-                          "val_loss": round(fields["val_loss"], 4)})
+            curve.append({"step": step, "minutes": round(elapsed, 2), "val_loss": round(fields["val_loss"], 4),
+                          "synthetic_nmse": round(fields["synthetic_nmse"], 3)})
             if reached is None and fields["synthetic_nmse"] < threshold:
                 reached = curve[-1]
             return reached is not None or elapsed >= minutes  # True: stop training

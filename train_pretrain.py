@@ -119,7 +119,8 @@ def resolve_defaults(args):
     if args.preset not in model.PRESETS:
         raise TrainError(f"--preset must be one of {', '.join(model.PRESETS)}, got {args.preset!r}")
     for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
-                 "eval_batches", "eval_samples", "sample_steps", "max_latent_len", "max_text_len", "max_speaker_len", "mesh_data", "max_bad_steps"):
+                 "eval_batches", "eval_samples", "sample_steps", "max_latent_len", "max_text_len", "max_speaker_len",
+                 "mesh_data", "max_bad_steps"):
         if getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_speaker_len % 4:
@@ -328,7 +329,8 @@ def build_eval_loss(model, args):
         x0 = batch["latent"]
         b = x0.shape[0]
         t = (index * b + jnp.arange(b) + 0.5) / (args.eval_batches * b)
-        noise = jax.random.normal(jax.random.fold_in(jax.random.key(args.seed + 12345), index), x0.shape, jnp.float32)
+        noise_key = jax.random.fold_in(jax.random.key(args.seed + 12345), index)
+        noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         x_t, target = flow_matching_pair(x0, noise, t)
         pred = model.apply({"params": params}, x_t, t, batch["text_ids"], batch["text_mask"],
                            batch["speaker_latent"], batch["speaker_mask"])
@@ -421,7 +423,8 @@ class Trainer:
             # Each host writes its own copy (no shared disk needed), and the held-out split beside it.
             name = os.path.join(args.run_dir, f"synthetic-{args.synthetic_corpus}-{args.seed}-{self.process}")
             self.source, self.eval_source = name, self.eval_source or name + "-held-out"
-            for directory, held_out, shards in ((self.source, False, max(4, self.processes)), (name + "-held-out", True, 1)):
+            for directory, held_out, shards in ((self.source, False, max(4, self.processes)),
+                                                (name + "-held-out", True, 1)):
                 if not os.path.exists(os.path.join(directory, "silence_latent.npy")):
                     data.make_synthetic(directory, shards=shards, samples_per_shard=512, seed=args.seed,
                                         corpus=args.synthetic_corpus, held_out=held_out)
