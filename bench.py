@@ -253,22 +253,31 @@ def bench_build(clips=12, batch_size=4):
             "audio_s_per_s": round(audio_s / encode_s, 3)}
 
 
-def _data_measurements(directory, batches, batch_size):
+def _data_measurements(directory, batches, batch_size, open_shards):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
     import data
 
     pipeline = data.Pipeline(data.DataConfig(source=directory, batch_size=batch_size, process_index=0,
-                                             process_count=1, silence_latent=os.path.join(directory, "silence.npy")))
+                                             process_count=1, open_shards=open_shards,
+                                             silence_latent=os.path.join(directory, "silence.npy")))
     next(pipeline)
     start = time.perf_counter()
+    distinct = []
     for _ in range(batches):
-        next(pipeline)
+        distinct.append(len(set(next(pipeline)["speakers"])))
     seconds = time.perf_counter() - start
     pipeline.close()
-    return batches * batch_size / seconds
+    return {"samples_per_s": round(batches * batch_size / seconds, 1),
+            "distinct_speakers_per_batch": round(float(np.mean(distinct)), 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def bench_data(shards=4, per_shard=256, batches=40, batch_size=32):
+def bench_data(shards=64, per_shard=16, batches=120, batch_size=32, repeats=3):
+    """The pipeline at the default lengths (one speaker per shard), reading one shard at a time
+    (the pipeline before cross-shard shuffling) and at the default `open_shards`, each in a fresh
+    one-core process so that the peak RSS is its own; the median of `repeats` runs each."""
+    import data
+
     rng = np.random.default_rng(0)
     directory = tempfile.mkdtemp(prefix="bench-data-")
     np.save(os.path.join(directory, "silence.npy"), np.zeros((750, 128), np.float16))
@@ -289,15 +298,23 @@ def bench_data(shards=4, per_shard=256, batches=40, batch_size=32):
                 key = f"{s:05d}-{i:06d}"
                 member(tar, key + ".npy", latent_bytes(int(rng.integers(100, 760))))
                 member(tar, key + ".ref.npy", latent_bytes(int(rng.integers(75, 1000))))
-                member(tar, key + ".json", json.dumps({"text": "word " * int(rng.integers(10, 80))}).encode())
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rate = pool.submit(_data_measurements, directory, batches, batch_size).result()
+                member(tar, key + ".json", json.dumps({"text": "word " * int(rng.integers(10, 80)),
+                                                       "speaker": f"spk{s}"}).encode())
+    runs = {"one_shard_at_a_time": [], "default": []}
+    for _ in range(repeats):  # alternated, so that drifts of the machine hit both alike
+        for name, open_shards in (("one_shard_at_a_time", 1), ("default", data.DataConfig.open_shards)):
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs[name].append(dict(pool.submit(_data_measurements, directory, batches, batch_size, open_shards)
+                                       .result(), open_shards=open_shards))
     shutil.rmtree(directory)
+    median = lambda r: sorted(r, key=lambda x: x["samples_per_s"])[len(r) // 2]
+    results = {name: dict(median(r), samples_per_s_runs=[x["samples_per_s"] for x in r]) for name, r in runs.items()}
     needed = 32 * 1.0  # 1.3B at global batch 256 on 8 hosts: 32 samples per host per ~1 s step
-    return {"section": "data", "cores": 1, "batch_size": batch_size,
-            "lengths": {"latent": 768, "text": 768, "speaker": 768},
-            "samples_per_s": round(rate, 1), "needed_per_host_samples_per_s": needed,
-            "headroom": round(rate / needed, 1)}
+    rate = results["default"]["samples_per_s"]
+    return {"section": "data", "cores": 1, "batch_size": batch_size, "shards": shards,
+            "lengths": {"latent": 768, "text": 768, "speaker": 768}, **results,
+            "speed_vs_one_shard": round(rate / results["one_shard_at_a_time"]["samples_per_s"], 3),
+            "samples_per_s": rate, "needed_per_host_samples_per_s": needed, "headroom": round(rate / needed, 1)}
 
 
 def bench_train():

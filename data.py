@@ -2,18 +2,21 @@
 
 Shards hold `{key}.npy` (target latent, (N, 128) float16), `{key}.ref.npy` (speaker reference
 latent) and `{key}.json` ({"text": ...}); see `../shared/spec/formats.md`. Every host of a pod
-streams its own share of the shards; the stream is deterministic, resumable from a small JSON
-state, and survives a dirty corpus (bad samples are skipped and counted, never unpickled).
+streams its own share of the shards, many at once and shuffled across them, from one source or
+several mixed by weight; the stream is deterministic, pinned to the shards it started on,
+resumable from a small JSON state, and survives a dirty corpus (bad samples are skipped and
+counted, never unpickled). Shards named val-*.tar are the validation split.
 
     python data.py make-synthetic runs/synth --shards 8 --samples-per-shard 256 --seed 0
     python data.py inspect runs/synth                       # or hf://datasets/ORG/REPO[@REV][/GLOB]
     python data.py inspect hf://datasets/me/corpus --json
+    python data.py inspect "runs/a:0.7,runs/b:0.3" --batches 10   # what the trainer's batches hold
     python data.py build manifest.csv shards/ --push_to_hub me/corpus   # recordings + transcripts -> shards
 
 Python:
 
     pipeline = Pipeline(DataConfig(source="runs/synth", batch_size=32, silence_latent="runs/synth/silence_latent.npy"))
-    batch = next(pipeline)          # dict of numpy arrays, fixed shapes
+    batch = next(pipeline)          # numpy arrays of fixed shapes, plus keys/sources/speakers lists
     state = pipeline.state()        # JSON-able; Pipeline(config, state=state) continues exactly here
 """
 
@@ -26,6 +29,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -86,6 +90,10 @@ def encode_text(text: str, max_len: int):
 # ----------------------------------------------------------------------------
 # Sources
 
+VAL_PREFIX = "val-"  # validation shards (data.py build --val_fraction/--val_speakers): never in the training stream
+SPLITS = ("train", "val", "all")
+
+
 def parse_hub_source(source):
     """hf://datasets/ORG/REPO[@REVISION][/GLOB] -> (repo_id, revision, glob)."""
     rest = source[len("hf://"):]
@@ -96,11 +104,69 @@ def parse_hub_source(source):
     return f"{org}/{name}", revision or "main", "/".join(pattern) or "*"
 
 
-def list_shards(source):
-    """The sorted shard list of a source: local dir, glob, text file of paths, or Hub dataset."""
+def parse_sources(spec):
+    """`A[:WEIGHT],B[:WEIGHT],...` -> [(source, weight)] with weights normalised to sum to 1.
+
+    A weight follows the last ':' of a source and is optional (equal shares). A spec that names
+    an existing file or directory as a whole is one source, commas and all."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DataError("the data source is empty; give a directory, glob, shard list or hf://datasets/ORG/REPO")
+    if os.path.exists(spec):
+        return [(spec, 1.0)]
+    sources = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            raise DataError(f"data source {spec!r} has an empty entry between commas")
+        head, colon, tail = part.rpartition(":")
+        weight = None
+        if colon and head and not tail.startswith("//"):
+            try:
+                weight = float(tail)
+            except ValueError:
+                weight = None
+            if weight is not None and not (np.isfinite(weight) and weight > 0):
+                raise DataError(f"the weight of data source {head!r} must be a positive number, got {tail!r}")
+        sources.append((head, weight) if weight is not None else (part, None))
+    names = [name for name, _ in sources]
+    if len(set(names)) < len(names):
+        raise DataError(f"data source {spec!r} names a source twice; give each once, with its weight")
+    weights = [1.0 if w is None else w for _, w in sources]
+    return [(name, w / sum(weights)) for name, w in zip(names, weights)]
+
+
+def in_split(shard, split):
+    is_val = os.path.basename(shard).startswith(VAL_PREFIX)
+    return split == "all" or is_val == (split == "val")
+
+
+def has_split(source, split):
+    """Whether a source holds shards of a split ("val": any val-*.tar)."""
+    try:
+        list_shards(source, split)
+    except DataError:
+        return False
+    return True
+
+
+def hub_commit(source):
+    """The commit a Hub source's revision points at now (pinning a run to it)."""
+    from huggingface_hub import HfApi
+    repo_id, revision, _ = parse_hub_source(source)
+    try:
+        return HfApi().dataset_info(repo_id, revision=revision).sha
+    except Exception as e:
+        raise DataError(f"cannot resolve the Hub dataset {repo_id}@{revision} ({type(e).__name__}); check the "
+                        "repo id, the revision, your token (HF_TOKEN) and the network") from None
+
+
+def list_shards(source, split="all", revision=None):
+    """The sorted shard list of one source: local dir, glob, text file of paths, or Hub dataset
+    (at `revision` if given, else the source's own). `split` keeps training shards ("train"),
+    validation shards ("val", named val-*.tar) or both ("all")."""
     if source.startswith("hf://"):
         from huggingface_hub import HfApi
-        repo_id, revision, pattern = parse_hub_source(source)
+        repo_id, own_revision, pattern = parse_hub_source(source)
+        revision = revision or own_revision
         try:
             files = HfApi().list_repo_files(repo_id, repo_type="dataset", revision=revision)
         except Exception as e:
@@ -122,22 +188,50 @@ def list_shards(source):
     else:
         shards = sorted(glob.glob(source))
         kind = f"path or pattern {source}"
+    shards = [s for s in shards if in_split(s, split)]
     if not shards:
-        raise DataError(f"no {SHARD_SUFFIX} shards found in {kind}")
+        what = {"train": "training ", "val": "validation (val-*) ", "all": ""}[split]
+        raise DataError(f"no {what}{SHARD_SUFFIX} shards found in {kind}")
     return shards
+
+
+def shard_fingerprint(source, shards, revision):
+    """What pins a source: the Hub commit and shard names, or local shard names and sizes."""
+    if source.startswith("hf://"):
+        return {"revision": revision, "shards": list(shards)}
+    base = source if os.path.isdir(source) else None
+    return {"revision": None, "shards": [[os.path.relpath(s, base) if base else s, os.path.getsize(s)]
+                                         for s in shards]}
+
+
+def describe_change(old, new):
+    """One phrase saying how a pinned shard list changed: added, removed, resized shards."""
+    old_sizes = {s[0] if isinstance(s, list) else s: (s[1] if isinstance(s, list) else None) for s in old}
+    new_sizes = {s[0] if isinstance(s, list) else s: (s[1] if isinstance(s, list) else None) for s in new}
+    parts = []
+    for label, names in (("added", sorted(set(new_sizes) - set(old_sizes))),
+                         ("removed", sorted(set(old_sizes) - set(new_sizes))),
+                         ("changed size", sorted(n for n in set(old_sizes) & set(new_sizes)
+                                                 if old_sizes[n] != new_sizes[n]))):
+        if names:
+            parts.append(f"{len(names)} {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    return "; ".join(parts) or "the order changed"
 
 
 class ShardFetcher:
     """Local paths for shards; Hub shards are downloaded into a scratch directory just before use
-    (one ahead, in the background) and deleted once consumed, so disk holds a few shards."""
+    (ahead, in the background) and deleted once consumed, so disk holds the open shards and the
+    next few."""
 
-    def __init__(self, source, scratch_dir, retries=5, backoff=1.0):
+    def __init__(self, source, scratch_dir, retries=5, backoff=1.0, revision=None):
         self.hub = parse_hub_source(source) if source.startswith("hf://") else None
+        if self.hub and revision:
+            self.hub = (self.hub[0], revision, self.hub[2])
         self.scratch_dir = scratch_dir
         self.retries, self.backoff = retries, backoff
         self.pending = {}  # shard -> Thread
         self.results = {}  # shard -> path or exception
-        self.current = None  # (shard, path) of the open download
+        self.opened = {}  # shard -> path of a download in use
         self.held = {}  # shard -> open file: a download in use, from arrival to release
 
     def _download(self, shard):
@@ -166,7 +260,7 @@ class ShardFetcher:
         self.results[shard] = error
 
     def prefetch(self, shard):
-        if self.hub and shard not in self.pending and shard not in self.results:
+        if self.hub and shard not in self.pending and shard not in self.results and shard not in self.opened:
             self.pending[shard] = threading.Thread(target=self._download, args=(shard,), daemon=True)
             self.pending[shard].start()
 
@@ -174,23 +268,23 @@ class ShardFetcher:
         """Local path of the shard, or an exception if it could not be fetched."""
         if not self.hub:
             return shard
-        if self.current and self.current[0] == shard:
-            return self.current[1]
+        if shard in self.opened:
+            return self.opened[shard]
         self.prefetch(shard)
         self.pending.pop(shard).join()
         path = self.results.pop(shard)
-        self.current = (shard, path) if isinstance(path, str) else None
+        if isinstance(path, str):
+            self.opened[shard] = path
         return path
 
     def release(self, shard):
         """The shard is consumed: delete its download."""
-        if self.current and self.current[0] == shard:
-            held = self.held.pop(shard, None)
-            if held:
-                held.close()
-            if os.path.exists(self.current[1]):
-                os.remove(self.current[1])
-            self.current = None
+        path = self.opened.pop(shard, None)
+        held = self.held.pop(shard, None)
+        if held:
+            held.close()
+        if path and os.path.exists(path):
+            os.remove(path)
 
 
 # ----------------------------------------------------------------------------
@@ -198,13 +292,14 @@ class ShardFetcher:
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str
+    source: str  # one source, or several with weights: "A:0.7,B:0.3" (see parse_sources)
     batch_size: int = 32  # per host
     max_latent_len: int = 768  # frames (30.7 s); longer clips are skipped, never cropped
     max_text_len: int = 768  # bytes including BOS; longer texts are skipped
     max_speaker_len: int = 768  # frames, a multiple of 4; longer references are cropped
     seed: int = 0
-    shuffle_block: int = 512  # samples shuffled together within a host
+    shuffle_block: int = 512  # samples shuffled together within a host (drawn from all open shards)
+    open_shards: int = 64  # shards per source read at once, interleaved: batches span this many shards
     prefetch_batches: int = 4
     silence_latent: str = None  # .npy of silence frames that pad targets (zeros if None)
     scratch_dir: str = None  # where Hub shards are downloaded (default: a temp dir per host)
@@ -212,15 +307,20 @@ class DataConfig:
     process_count: int = None  # default: jax.process_count()
     retries: int = 2  # whole-download retries, on top of huggingface_hub's own per-request backoff
     warn_every_s: float = 60.0
+    split: str = "train"  # "train" skips validation shards (val-*.tar), "val" reads only them, "all" both
+    accept_data_change: bool = False  # resume even if a source's pinned shard list changed
 
     def validate(self):
-        for name in ("batch_size", "max_latent_len", "max_text_len", "max_speaker_len", "shuffle_block"):
+        for name in ("batch_size", "max_latent_len", "max_text_len", "max_speaker_len", "shuffle_block",
+                     "open_shards"):
             if getattr(self, name) < 1:
                 raise DataError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_speaker_len % SPEAKER_PATCH:
             raise DataError(f"max_speaker_len must be a multiple of {SPEAKER_PATCH}, got {self.max_speaker_len}")
         if self.max_text_len < 2:
             raise DataError("max_text_len must leave room for BOS and at least one byte")
+        if self.split not in SPLITS:
+            raise DataError(f"split must be one of {', '.join(SPLITS)}, got {self.split!r}")
 
 
 def load_silence(path, frames):
@@ -256,11 +356,11 @@ def _load_latent(raw):
 
 class Sample:
     """One parsed training example (before padding)."""
-    __slots__ = ("key", "latent", "text_ids", "text_mask", "reference")
+    __slots__ = ("key", "latent", "text_ids", "text_mask", "reference", "speaker")
 
-    def __init__(self, key, latent, text_ids, text_mask, reference):
-        self.key, self.latent, self.text_ids, self.text_mask, self.reference = \
-            key, latent, text_ids, text_mask, reference
+    def __init__(self, key, latent, text_ids, text_mask, reference, speaker=""):
+        self.key, self.latent, self.text_ids, self.text_mask, self.reference, self.speaker = \
+            key, latent, text_ids, text_mask, reference, speaker
 
 
 def parse_sample(key, members, config, counters):
@@ -300,7 +400,8 @@ def parse_sample(key, members, config, counters):
             counters["unusable_reference"] += 1
     else:
         counters["no_reference"] += 1
-    return Sample(key, latent, encoded[0], encoded[1], reference)
+    speaker = meta.get("speaker")
+    return Sample(key, latent, encoded[0], encoded[1], reference, "" if speaker is None else str(speaker))
 
 
 def read_shard(path, start, config, counters):
@@ -340,45 +441,199 @@ def _rng(*parts):
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def shard_order(shards, seed, epoch):
-    return [shards[i] for i in _rng("shards", seed, epoch).permutation(len(shards))]
+def shard_order(shards, seed, source_index, epoch):
+    return [shards[i] for i in _rng("shards", seed, source_index, epoch).permutation(len(shards))]
 
 
 # ----------------------------------------------------------------------------
 # The per-host stream
 
+class SourceStream:
+    """One source's samples for this host, forever: each epoch takes the host's share of the shards
+    in a seeded order and reads `open_shards` of them at once (a used-up shard's slot takes the next
+    shard), interleaving them into blocks of `shuffle_block` samples that are shuffled.
+
+    Its position is a small JSON dict: epoch, block number, the open shards as of the block's start
+    ([position in the epoch's order, sample offset]), the next shard to open, and how many of the
+    block's samples were handed out. Every choice follows from (seed, source, epoch, block)."""
+
+    def __init__(self, index, source, shards, config, scratch_dir, revision=None):
+        self.index, self.source, self.shards, self.config = index, source, shards, config
+        self.fetcher = ShardFetcher(source, scratch_dir, config.retries, revision=revision)
+        self.counters = Counter()
+        self.readers = {}  # (epoch, position) -> [offset, generator] of each open shard
+
+    def host_shards(self, epoch):
+        c = self.config
+        return shard_order(self.shards, c.seed, self.index, epoch)[c.process_index::c.process_count]
+
+    def samples(self, position):
+        """((shard, index, epoch, Sample), position after it) forever, from `position` on."""
+        c, s = self.config, dict(position)
+        empty_epochs, fresh, found = 0, s["slots"] is None, False
+        while True:
+            if s["slots"] is None:
+                first = min(c.open_shards, len(self.host_shards(s["epoch"])))
+                s = dict(s, slots=[[p, 0] for p in range(first)], next=first, block=0, emitted=0)
+            block, slots, following = self._read_block(s["epoch"], s["block"], s["slots"], s["next"])
+            order = _rng("block", c.seed, self.index, s["epoch"], s["block"]).permutation(len(block))
+            for i in range(s["emitted"], len(block)):
+                found = True
+                yield block[order[i]], dict(s, emitted=i + 1)
+            if slots:
+                s = dict(s, block=s["block"] + 1, slots=slots, next=following, emitted=0)
+                continue
+            empty_epochs = empty_epochs + 1 if fresh and not found else 0
+            if empty_epochs >= 2:
+                raise DataError(f"host {c.process_index} found no usable sample in a whole epoch of "
+                                f"{self.source}; run `python data.py inspect` on it")
+            s = dict(s, epoch=s["epoch"] + 1, slots=None, next=0, block=0, emitted=0)
+            fresh, found = True, False
+
+    def _read_block(self, epoch, block, slots, following):
+        """Up to `shuffle_block` usable samples, taken round by round from the open shards in a
+        seeded order; returns them, the open shards after them and the next shard to open."""
+        order = self.host_shards(epoch)
+        live = [list(slot) for slot in slots]
+        for position, _ in live:  # downloads of the shards this block opens run side by side
+            if (epoch, position) not in self.readers:
+                self.fetcher.prefetch(order[position])
+        if following < len(order):
+            self.fetcher.prefetch(order[following])
+
+        def pull(j):
+            """The next usable sample of slot j; a used-up shard's slot moves on to the next shard."""
+            nonlocal following
+            while live[j] is not None:
+                position, offset = live[j]
+                reader = self.readers.get((epoch, position))
+                if reader is None or reader[0] != offset:
+                    reader = self.readers[(epoch, position)] = [offset, self._open(order[position], offset)]
+                for index, sample in reader[1]:
+                    reader[0] = live[j][1] = index + 1
+                    if sample is not None:
+                        return order[position], index, epoch, sample
+                del self.readers[(epoch, position)]
+                self.fetcher.release(order[position])
+                if following < len(order):
+                    live[j], following = [following, 0], following + 1
+                    if following < len(order):
+                        self.fetcher.prefetch(order[following])
+                else:
+                    live[j] = None
+            return None
+
+        rng = _rng("interleave", self.config.seed, self.index, epoch, block)
+        samples = []
+        while live and len(samples) < self.config.shuffle_block:
+            for j in rng.permutation(len(live)):
+                sample = pull(j)
+                if sample is not None:
+                    samples.append(sample)
+                    if len(samples) == self.config.shuffle_block:
+                        break
+            live = [slot for slot in live if slot is not None]
+        return samples, live, following
+
+    def _open(self, shard, offset):
+        path = self.fetcher.open(shard)
+        if isinstance(path, BaseException):
+            self.counters["shard_download_failed"] += 1
+            log.warning("skipping shard %s: download failed after %d retries (%s)", shard, self.config.retries,
+                        type(path).__name__)
+            return iter(())
+        return read_shard(path, offset, self.config, self.counters)
+
+    def close(self):
+        self.readers.clear()
+        for shard in list(self.fetcher.opened):
+            self.fetcher.release(shard)
+
+
+def _upgrade_state(state, sources):
+    """A data state saved before sources and open shards existed -> today's, at its epoch's start."""
+    if state is None or "sources" in state:
+        return state
+    if len(sources) != 1:
+        raise DataError("the saved data state has one source, the config names several")
+    log.warning("data state from an earlier version of data.py: the stream restarts epoch %d", state["epoch"])
+    return {"seed": state["seed"], "samples_seen": state["samples_seen"],
+            "sources": [{"epoch": state["epoch"], "slots": None, "next": 0, "block": 0, "emitted": 0, "taken": 0}]}
+
+
 class Pipeline:
-    """Infinite, deterministic, resumable batches for this host. Iterate, or call next()."""
+    """Infinite, deterministic, resumable batches for this host. Iterate, or call next().
+
+    With several sources, sample n comes from the source furthest behind its weight's share
+    ((n + 1) * weight - samples taken), so the mix holds to within one sample at every point."""
 
     def __init__(self, config: DataConfig, state: dict = None):
         config.validate()
-        self.config = config
         if config.process_index is None or config.process_count is None:
             import jax
             config = dataclasses.replace(config, process_index=jax.process_index(),
                                          process_count=jax.process_count())
-            self.config = config
-        self.shards = list_shards(config.source)
-        if len(self.shards) < config.process_count:
-            raise DataError(f"{len(self.shards)} shard(s) in {config.source} cannot feed {config.process_count} "
-                            "hosts: every host needs at least one shard")
+        self.config = config
+        self.sources = parse_sources(config.source)
+        state = _upgrade_state(state, self.sources)
+        if state is not None and state.get("seed", config.seed) != config.seed:
+            raise DataError(f"the saved data state used seed {state['seed']}, the config says {config.seed}")
+        if state is not None and len(state["sources"]) != len(self.sources):
+            raise DataError(f"the saved data state has {len(state['sources'])} source(s), the data flag names "
+                            f"{len(self.sources)}; resume with the sources the run started with")
+        saved_pins = (state or {}).get("pins")
         if config.silence_latent is None:
             log.warning("no silence latent given: target latents are padded with zeros, not the codec's "
                         "silence (make one with `python dacvae.py silence`)")
         self.silence = load_silence(config.silence_latent, config.max_latent_len)
         scratch = config.scratch_dir or tempfile.mkdtemp(prefix=f"echo-shards-{config.process_index}-")
-        self.fetcher = ShardFetcher(config.source, scratch, config.retries)
-        self._counters = Counter()
-        self._cursor = None  # (epoch, shard position, offset, reader) of the shard being read
-        self._state = dict(state) if state else {"epoch": 0, "shard": 0, "offset": 0, "block": 0,
-                                                  "emitted": 0, "samples_seen": 0, "seed": config.seed}
-        if self._state.get("seed", config.seed) != config.seed:
-            raise DataError(f"the saved data state used seed {self._state['seed']}, the config says {config.seed}")
+        self.streams, self.pins = [], []
+        for i, (source, _) in enumerate(self.sources):
+            pin, shards = self._pin(source, saved_pins[i] if saved_pins else None)
+            if len(shards) < config.process_count:
+                raise DataError(f"{len(shards)} shard(s) in {source} cannot feed {config.process_count} hosts: "
+                                "every host needs at least one shard")
+            self.pins.append(pin)
+            self.streams.append(SourceStream(i, source, shards, config, os.path.join(scratch, str(i)) if
+                                             len(self.sources) > 1 else scratch, pin["revision"]))
+        fresh = {"epoch": 0, "slots": None, "next": 0, "block": 0, "emitted": 0, "taken": 0}
+        self._state = state or {"seed": config.seed, "samples_seen": 0, "sources": [fresh] * len(self.sources)}
+        self._delivered_counters = {source: {} for source, _ in self.sources}
         self._queue = queue.Queue(maxsize=config.prefetch_batches)
         self._stop = threading.Event()
         self._last_warning = 0.0
         self._thread = threading.Thread(target=self._produce, daemon=True)
         self._thread.start()
+
+    def _pin(self, source, saved):
+        """(pin, shards) of a source. The pin is the Hub commit and its shard names, or local shard
+        names and sizes; a resume reads what it pinned, and a changed shard list stops it unless
+        accept_data_change."""
+        accept = self.config.accept_data_change
+        revision = saved["revision"] if saved and saved.get("revision") else None
+        if source.startswith("hf://") and revision is None:
+            revision = hub_commit(source)
+        try:
+            shards = list_shards(source, self.config.split, revision)
+        except DataError as e:
+            if not (saved and saved.get("revision")):
+                raise
+            if not accept:
+                raise DataError(f"{source}: this run is pinned to commit {revision}, which cannot be read now "
+                                f"({e}); pass --accept_data_change to continue on today's revision") from None
+            revision = hub_commit(source)
+            log.warning("%s: pinned commit unreadable; continuing on %s", source, revision)
+            shards = list_shards(source, self.config.split, revision)
+        pin = dict(shard_fingerprint(source, shards, revision), source=source)
+        if saved and pin["shards"] != saved["shards"]:
+            change = describe_change(saved["shards"], pin["shards"])
+            if not accept:
+                raise DataError(f"the shards of {source} changed since this run started: {change}; restore them, "
+                                "or pass --accept_data_change to continue on today's shards (the data order "
+                                "changes)")
+            log.warning("the shards of %s changed since this run started (%s): continuing on today's shards, "
+                        "in a new order", source, change)
+        return pin, shards
 
     # -- consumer side
     def __iter__(self):
@@ -393,12 +648,19 @@ class Pipeline:
         return batch
 
     def state(self):
-        """Where the NEXT batch starts: epoch, shard position, block offset, samples seen (JSON-able)."""
-        return dict(self._state)
+        """Where the NEXT batch starts, per source, and what each source is pinned to (JSON-able)."""
+        return dict(self._state, pins=self.pins)
 
     def counters(self):
-        """Skipped samples by reason, and other events, as of the last batch handed out."""
-        return dict(getattr(self, "_delivered_counters", {}))
+        """Skipped samples by reason, and other events, as of the last batch handed out (all sources)."""
+        total = Counter()
+        for counts in self._delivered_counters.values():
+            total.update(counts)
+        return dict(total)
+
+    def source_counters(self):
+        """counters(), per source (as written in the data flag)."""
+        return {source: dict(counts) for source, counts in self._delivered_counters.items()}
 
     def close(self):
         self._stop.set()
@@ -407,81 +669,43 @@ class Pipeline:
                 self._queue.get_nowait()
             except queue.Empty:
                 self._thread.join(timeout=0.1)
+        for stream in self.streams:
+            stream.close()
 
     # -- producer side
-    def _host_shards(self, epoch):
-        c = self.config
-        return shard_order(self.shards, c.seed, epoch)[c.process_index::c.process_count]
-
-    def _read_block(self, epoch, shard_pos, offset, size):
-        """Up to `size` usable samples from (shard_pos, offset) on; returns them and the end position.
-
-        The open shard's reader carries over from block to block; only a resume reopens a shard
-        mid-way (and skips to the offset).
-        """
-        shards = self._host_shards(epoch)
-        samples = []
-        while shard_pos < len(shards) and len(samples) < size:
-            name = shards[shard_pos]
-            if self._cursor is not None and self._cursor[:3] == (epoch, shard_pos, offset):
-                reader = self._cursor[3]
-            else:
-                if shard_pos + 1 < len(shards):
-                    self.fetcher.prefetch(shards[shard_pos + 1])
-                path = self.fetcher.open(name)
-                if isinstance(path, BaseException):
-                    self._counters["shard_download_failed"] += 1
-                    log.warning("skipping shard %s: download failed after %d retries (%s)", name,
-                                self.config.retries, type(path).__name__)
-                    shard_pos, offset = shard_pos + 1, 0
-                    continue
-                reader = read_shard(path, offset, self.config, self._counters)
-            self._cursor = None
-            for index, sample in reader:
-                offset = index + 1
-                if sample is not None:
-                    samples.append((name, index, sample))
-                    if len(samples) == size:
-                        self._cursor = (epoch, shard_pos, offset, reader)
-                        break
-            if self._cursor is None:  # the shard is used up
-                self.fetcher.release(name)
-                shard_pos, offset = shard_pos + 1, 0
-        return samples, shard_pos, offset
-
     def _samples(self):
-        """(Sample, state after it) forever, starting from self._state."""
-        c, s = self.config, dict(self._state)
-        empty_epochs = 0
+        """((source index, (shard, index, epoch, Sample)), state after it) forever, from self._state."""
+        s = self._state
+        weights = [weight for _, weight in self.sources]
+        positions = list(s["sources"])
+        taken = [position["taken"] for position in positions]
+        streams = [stream.samples(position) for stream, position in zip(self.streams, positions)]
+        seen = s["samples_seen"]
         while not self._stop.is_set():
-            block, end_shard, end_offset = self._read_block(s["epoch"], s["shard"], s["offset"], c.shuffle_block)
-            order = _rng("block", c.seed, s["epoch"], s["block"]).permutation(len(block))
-            for i in range(s["emitted"], len(block)):
-                shard, index, sample = block[order[i]]
-                s = dict(s, emitted=i + 1, samples_seen=s["samples_seen"] + 1)
-                yield (shard, index, s["epoch"], sample), s
-            empty_epochs = 0 if block else empty_epochs
-            if end_shard >= len(self._host_shards(s["epoch"])):
-                if not block and s["shard"] == 0 and s["offset"] == 0:
-                    empty_epochs += 1
-                    if empty_epochs >= 2:
-                        raise DataError(f"host {c.process_index} found no usable sample in a whole epoch of "
-                                        f"{c.source}; run `python data.py inspect` on it")
-                s = dict(s, epoch=s["epoch"] + 1, shard=0, offset=0, block=0, emitted=0)
-            else:
-                s = dict(s, shard=end_shard, offset=end_offset, block=s["block"] + 1, emitted=0)
+            n = sum(taken)
+            i = max(range(len(streams)), key=lambda j: (n + 1) * weights[j] - taken[j])
+            item, position = next(streams[i])
+            taken[i] += 1
+            positions[i] = dict(position, taken=taken[i])
+            seen += 1
+            yield (i, item), {"seed": s["seed"], "samples_seen": seen, "sources": list(positions)}
 
     def _produce(self):
         try:
             c = self.config
             batch, count = self._empty_batch(), 0
-            for (shard, index, epoch, sample), state in self._samples():
+            for (i, (shard, index, epoch, sample)), state in self._samples():
+                stream = self.streams[i]
                 # Keyed by the shard's file name: a corpus copied elsewhere crops the same way.
-                self._fill(batch, count, sample, _rng("crop", c.seed, epoch, os.path.basename(shard), index))
+                fill_row(batch, count, sample, self.silence, c.max_speaker_len,
+                         _rng("crop", c.seed, epoch, os.path.basename(shard), index), stream.counters)
+                batch["keys"][count], batch["sources"][count] = sample.key, stream.source
+                batch["speakers"][count] = sample.speaker
                 count += 1
                 if count == c.batch_size:
                     self._maybe_warn()
-                    if not self._put((batch, state, dict(self._counters))):
+                    counters = {s.source: dict(s.counters) for s in self.streams}
+                    if not self._put((batch, state, counters)):
                         return
                     batch, count = self._empty_batch(), 0
         except BaseException as e:  # handed to the consumer, who raises it
@@ -497,13 +721,16 @@ class Pipeline:
         return False
 
     def _maybe_warn(self):
-        skipped = {k: v for k, v in self._counters.items() if k not in ("no_reference", "cropped_reference")}
+        skipped = Counter()
+        for stream in self.streams:
+            skipped.update({k: v for k, v in stream.counters.items() if k not in ("no_reference", "cropped_reference")})
         now = time.monotonic()
         if skipped and now - self._last_warning >= self.config.warn_every_s:
             self._last_warning = now
-            log.warning("data: skipped so far %s", json.dumps(skipped, sort_keys=True))
+            log.warning("data: skipped so far %s", json.dumps(dict(skipped), sort_keys=True))
 
     def _empty_batch(self):
+        """Arrays of fixed shapes, plus each sample's key, source and speaker (lists of str)."""
         c = self.config
         b = c.batch_size
         return {"latent": np.empty((b, c.max_latent_len, LATENT_SIZE), np.float32),
@@ -511,10 +738,8 @@ class Pipeline:
                 "text_ids": np.empty((b, c.max_text_len), np.int32),
                 "text_mask": np.empty((b, c.max_text_len), np.int32),
                 "speaker_latent": np.zeros((b, c.max_speaker_len, LATENT_SIZE), np.float32),
-                "speaker_mask": np.zeros((b, c.max_speaker_len), np.int32)}
-
-    def _fill(self, batch, row, sample, rng):
-        fill_row(batch, row, sample, self.silence, self.config.max_speaker_len, rng, self._counters)
+                "speaker_mask": np.zeros((b, c.max_speaker_len), np.int32),
+                "keys": [""] * b, "sources": [""] * b, "speakers": [""] * b}
 
 
 def fill_row(batch, row, sample, silence, max_speaker_len, rng, counters):
@@ -689,9 +914,12 @@ def inspect(source, config=None):
     counters = Counter()
     fetcher = ShardFetcher(source, tempfile.mkdtemp(prefix="echo-inspect-"), config.retries)
     latent_lens, text_lens, ref_lens = [], [], []
-    shards = list_shards(source)
+    shards = list_shards(source, "all")
+    splits = {split: {"shards": 0, "samples_ok": 0} for split in ("train", "val")}
     from tqdm import tqdm
     for name in tqdm(shards, desc="inspect", unit="shard", disable=len(shards) < 3):
+        split = splits["val" if in_split(name, "val") else "train"]
+        split["shards"] += 1
         path = fetcher.open(name)
         if isinstance(path, BaseException):
             counters["shard_download_failed"] += 1
@@ -700,6 +928,7 @@ def inspect(source, config=None):
             if sample is None:
                 continue
             counters["samples_ok"] += 1
+            split["samples_ok"] += 1
             latent_lens.append(len(sample.latent))
             text_lens.append(int(sample.text_mask.sum()))
             if sample.reference is not None:
@@ -716,7 +945,7 @@ def inspect(source, config=None):
     informational = ("samples_ok", "no_reference", "unusable_reference", "cropped_reference", "truncated_tar",
                      "shard_download_failed")
     ok = counters["samples_ok"]
-    return {"source": source, "shards": len(shards), "samples_ok": ok,
+    return {"source": source, "shards": len(shards), "samples_ok": ok, "splits": splits,
             "skipped": {k: v for k, v in sorted(counters.items()) if k not in informational},
             "truncated_shards": counters["truncated_tar"], "failed_shards": counters["shard_download_failed"],
             "no_reference": counters["no_reference"], "unusable_reference": counters["unusable_reference"],
@@ -724,8 +953,39 @@ def inspect(source, config=None):
             "fraction_reference_cropped": round(sum(n > config.max_speaker_len for n in ref_lens) / max(ok, 1), 4)}
 
 
+def inspect_batches(config, batches):
+    """Diversity of the first `batches` batches the trainer would read on host 0: per batch, the
+    distinct speakers (of the samples whose JSON names one) and the samples of each source."""
+    config = dataclasses.replace(config, process_index=0, process_count=1)
+    pipeline = Pipeline(config)
+    rows = []
+    try:
+        for b in range(batches):
+            batch = next(pipeline)
+            named = [s for s in batch["speakers"] if s]
+            rows.append({"batch": b, "samples": len(batch["keys"]), "named_speakers": len(named),
+                         "distinct_speakers": len(set(named)) if named else None,
+                         "sources": dict(Counter(batch["sources"]))})
+    finally:
+        pipeline.close()
+    return rows
+
+
+def _print_batches(rows):
+    for row in rows:
+        speakers = (f"{row['distinct_speakers']} distinct speakers (of {row['named_speakers']} named)"
+                    if row["distinct_speakers"] is not None else "no speaker named")
+        sources = ", ".join(f"{s} {n}" for s, n in row["sources"].items())
+        print(f"batch {row['batch']}: {row['samples']} samples, {speakers}; sources: {sources}")
+    named = [r["distinct_speakers"] for r in rows if r["distinct_speakers"] is not None]
+    if named:
+        print(f"mean distinct speakers per batch: {np.mean(named):.1f}")
+
+
 def _print_report(report):
     print(f"{report['source']}: {report['shards']} shard(s), {report['samples_ok']} usable samples")
+    for name, split in report["splits"].items():
+        print(f"  {name}: {split['shards']} shard(s), {split['samples_ok']} usable samples")
     skipped = report["skipped"]
     print(f"skipped {sum(skipped.values())}: " + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
     print(f"truncated shards {report['truncated_shards']}, failed downloads {report['failed_shards']}, "
@@ -863,18 +1123,38 @@ def _write_bytes(path, data):
         f.write(data)
 
 
+def split_clips(rows, usable, seed, val_fraction=0.01, val_min=8, val_speakers=0):
+    """Shuffle the usable clips (seeded) and hold some out: (training clips, validation clips).
+
+    --val_speakers N holds out every clip of N speakers (unseen voices); otherwise a fraction of
+    the clips, at least val_min of them, at most a quarter of the corpus."""
+    order = [usable[j] for j in _rng("build-order", seed).permutation(len(usable))]
+    if val_speakers:
+        speakers = sorted({rows[i]["speaker"] for i in usable})
+        if val_speakers >= len(speakers):
+            raise DataError(f"--val_speakers {val_speakers} leaves no speaker for training: the corpus has "
+                            f"{len(speakers)}")
+        held = {speakers[j] for j in _rng("val-speakers", seed).permutation(len(speakers))[:val_speakers]}
+        return [i for i in order if rows[i]["speaker"] not in held], [i for i in order if rows[i]["speaker"] in held]
+    count = min(max(math.ceil(val_fraction * len(order)), val_min), len(order) // 4) if val_fraction > 0 else 0
+    return order[count:], order[:count]
+
+
 def build_corpus(manifest, out_dir, dacvae_weights=None, shard_size=1000, max_seconds=30.7, batch_size=8, seed=0,
-                 progress=True):
-    """Encode a manifest's clips with DACVAE and write training shards, resumably. Returns the report
-    (also written as OUT_DIR/manifest.json)."""
+                 progress=True, val_fraction=0.01, val_min=8, val_speakers=0):
+    """Encode a manifest's clips with DACVAE and write shuffled training shards (shard-XXXXX.tar) and
+    validation shards (val-XXXXX.tar), resumably. Returns the report (also OUT_DIR/manifest.json)."""
     import dacvae
 
     if shard_size < 1 or batch_size < 1 or not max_seconds > 0:
         raise DataError("--shard_size and --batch_size must be at least 1 and --max_seconds positive")
+    if not 0 <= val_fraction < 1 or val_min < 0 or val_speakers < 0:
+        raise DataError("--val_fraction must lie in [0, 1), --val_min and --val_speakers must not be negative")
     rows = read_manifest(manifest)
     with open(manifest, "rb") as f:
         plan = {"manifest_sha256": hashlib.sha256(f.read()).hexdigest(), "shard_size": shard_size,
-                "max_seconds": max_seconds, "seed": seed}
+                "max_seconds": max_seconds, "seed": seed, "val_fraction": val_fraction, "val_min": val_min,
+                "val_speakers": val_speakers}
     os.makedirs(out_dir, exist_ok=True)
     state_path = os.path.join(out_dir, BUILD_STATE)
     if os.path.exists(state_path):
@@ -900,48 +1180,55 @@ def build_corpus(manifest, out_dir, dacvae_weights=None, shard_size=1000, max_se
         with open(os.path.join(cache, f"{i:08d}.json")) as f:
             info.append(json.load(f))
     skipped = Counter(x["skip"] for x in info if "skip" in x)
+    usable = [i for i in range(len(rows)) if "duration" in info[i]]
+    train, val = split_clips(rows, usable, seed, val_fraction, val_min, val_speakers)
+    in_train = set(train)
     by_speaker = {}
-    for i, row in enumerate(rows):
-        if "duration" in info[i]:
-            by_speaker.setdefault(row["speaker"], []).append(i)
+    for i in usable:
+        by_speaker.setdefault(rows[i]["speaker"], []).append(i)
 
     def reference_of(i):
-        others = [j for j in by_speaker[rows[i]["speaker"]] if j != i]
+        # A training clip's reference is another training clip: no validation audio is ever trained on.
+        others = [j for j in by_speaker[rows[i]["speaker"]] if j != i and (j in in_train or i not in in_train)]
         return others[int(_rng("reference", seed, i).integers(len(others)))] if others else None
 
     latent_path = lambda i: os.path.join(cache, f"{i:08d}.npy")
-    shards, no_reference = [], 0
-    for s in range(-(-len(rows) // shard_size)):
-        members = [i for i in range(s * shard_size, min((s + 1) * shard_size, len(rows))) if "duration" in info[i]]
-        no_reference += sum(reference_of(i) is None for i in members)
-        if not members:
-            continue
-        name = f"shard-{s:05d}{SHARD_SUFFIX}"
-        shards.append({"name": name, "samples": len(members),
-                       "seconds": round(sum(info[i]["duration"] for i in members), 3)})
-        if os.path.exists(os.path.join(out_dir, name)):
-            continue  # written whole by an earlier run
+    written, no_reference = {"train": [], "val": []}, 0
+    for split, clips, prefix in (("train", train, "shard-"), ("val", val, VAL_PREFIX)):
+        for s in range(-(-len(clips) // shard_size)):
+            members = clips[s * shard_size:(s + 1) * shard_size]
+            no_reference += sum(reference_of(i) is None for i in members)
+            name = f"{prefix}{s:05d}{SHARD_SUFFIX}"
+            written[split].append({"name": name, "samples": len(members),
+                                   "seconds": round(sum(info[i]["duration"] for i in members), 3)})
+            if os.path.exists(os.path.join(out_dir, name)):
+                continue  # written whole by an earlier run
 
-        def write(tmp, members=members):
-            with tarfile.open(tmp, "w") as tar:
-                for i in members:
-                    row, key = rows[i], f"{i:08d}"
-                    meta = {**row["extra"], "text": row["text"], "duration": info[i]["duration"],
-                            "speaker": row["speaker"], "source": row["audio"]}
-                    _add_member(tar, key + ".json", json.dumps(meta, ensure_ascii=False).encode())
-                    with open(latent_path(i), "rb") as f:
-                        _add_member(tar, key + ".npy", f.read())
-                    ref = reference_of(i)
-                    if ref is not None:
-                        with open(latent_path(ref), "rb") as f:
-                            _add_member(tar, key + ".ref.npy", f.read())
-        atomic_write(os.path.join(out_dir, name), write)
+            def write(tmp, members=members):
+                with tarfile.open(tmp, "w") as tar:
+                    for i in members:
+                        row, key = rows[i], f"{i:08d}"
+                        meta = {**row["extra"], "text": row["text"], "duration": info[i]["duration"],
+                                "speaker": row["speaker"], "source": row["audio"]}
+                        _add_member(tar, key + ".json", json.dumps(meta, ensure_ascii=False).encode())
+                        with open(latent_path(i), "rb") as f:
+                            _add_member(tar, key + ".npy", f.read())
+                        ref = reference_of(i)
+                        if ref is not None:
+                            with open(latent_path(ref), "rb") as f:
+                                _add_member(tar, key + ".ref.npy", f.read())
+            atomic_write(os.path.join(out_dir, name), write)
 
     silence = dacvae.silence_latent(codec, 30.0)
     atomic_write(os.path.join(out_dir, "silence_latent.npy"), lambda tmp: _write_bytes(tmp, _npy_bytes(silence)))
+    shards, val_shards = written["train"], written["val"]
     report = {"shards": shards, "samples": sum(s["samples"] for s in shards),
               "seconds": round(sum(s["seconds"] for s in shards), 3), "clips": len(rows),
               "skipped": dict(sorted(skipped.items())), "speakers": len(by_speaker),
+              "val_shards": val_shards, "val_samples": len(val),
+              "val_seconds": round(sum(s["seconds"] for s in val_shards), 3),
+              "val_speakers": len({rows[i]["speaker"] for i in val}),
+              "unseen_val_speakers": len({rows[i]["speaker"] for i in val} - {rows[i]["speaker"] for i in train}),
               "no_reference": no_reference, "codec": codec.kwargs, "max_seconds": max_seconds}
     atomic_write(report_path, lambda tmp: _write_bytes(tmp, json.dumps(report, indent=1).encode()))
     shutil.rmtree(cache)
@@ -957,7 +1244,8 @@ def push_to_hub(out_dir, repo_id, shards_per_commit=20):
     if not os.path.exists(report_path):
         raise DataError(f"{out_dir} is not a complete build (no manifest.json); run data.py build first")
     with open(report_path) as f:
-        names = [s["name"] for s in json.load(f)["shards"]] + ["silence_latent.npy"]
+        report = json.load(f)
+    names = [s["name"] for s in report["shards"] + report.get("val_shards", [])] + ["silence_latent.npy"]
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="dataset", exist_ok=True)
@@ -987,6 +1275,8 @@ def _print_build_report(report, out_dir):
     skipped = report["skipped"]
     print(f"skipped {sum(skipped.values())} of {report['clips']}: "
           + (", ".join(f"{k} {v}" for k, v in skipped.items()) or "none"))
+    print(f"held out for validation: {report['val_samples']} clips in {len(report['val_shards'])} shard(s) "
+          f"(val-*.tar), {report['val_speakers']} speaker(s), {report['unseen_val_speakers']} never in training")
     print(f"without a reference (a speaker's only clip): {report['no_reference']}")
 
 
@@ -1004,8 +1294,13 @@ def main(argv=None):
                    help="short: random 4-8-byte strings over 8 letters (the trainer's default); medium: 4-12 "
                    "bytes over 16 letters; words: 10-40-byte pseudo-sentences over ~40 characters")
     p = sub.add_parser("inspect", help="read a corpus the way the trainer does; counts and length statistics")
-    p.add_argument("source", help="directory, glob, text file of shard paths, or hf://datasets/ORG/REPO[@REV][/GLOB]")
+    p.add_argument("source", help="directory, glob, text file of shard paths, or hf://datasets/ORG/REPO[@REV][/GLOB]; "
+                   "with --batches also several sources with weights (A:0.7,B:0.3)")
     p.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    p.add_argument("--batches", type=int, default=0, metavar="N", help="instead, show the first N training batches "
+                   "of host 0: distinct speakers and samples per source in each")
+    p.add_argument("--batch_size", type=int, default=32, help="samples per batch for --batches")
+    p.add_argument("--seed", type=int, default=0, help="data seed for --batches")
     p.add_argument("--max_latent_len", type=int, default=768, help="frames; longer targets are skipped")
     p.add_argument("--max_text_len", type=int, default=768, help="bytes; longer texts are skipped")
     p.add_argument("--max_speaker_len", type=int, default=768, help="frames; longer references are cropped")
@@ -1018,7 +1313,13 @@ def main(argv=None):
     p.add_argument("--shard_size", type=int, default=1000, help="manifest rows per shard")
     p.add_argument("--max_seconds", type=float, default=30.7, help="longer clips are skipped (the training maximum)")
     p.add_argument("--batch_size", type=int, default=8, help="clips of equal length encoded together")
-    p.add_argument("--seed", type=int, default=0, help="seed for choosing each clip's speaker reference")
+    p.add_argument("--seed", type=int, default=0, help="seed for the shuffle of clips into shards, the validation "
+                   "split and each clip's speaker reference")
+    p.add_argument("--val_fraction", type=float, default=0.01, help="clips held out for validation (val-*.tar): "
+                   "this fraction, at least --val_min, at most a quarter of the corpus; 0 holds none out")
+    p.add_argument("--val_min", type=int, default=8, help="fewest clips --val_fraction holds out")
+    p.add_argument("--val_speakers", type=int, default=0, metavar="N", help="instead hold out every clip of N "
+                   "speakers (seeded choice): validation on voices never trained on")
     p.add_argument("--push_to_hub", default=None, metavar="ORG/REPO", help="then upload to this Hub dataset repo")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on one line")
     args = parser.parse_args(argv)
@@ -1028,7 +1329,8 @@ def main(argv=None):
             import dacvae
             try:
                 report = build_corpus(args.manifest, args.out_dir, args.dacvae_weights, args.shard_size,
-                                      args.max_seconds, args.batch_size, args.seed)
+                                      args.max_seconds, args.batch_size, args.seed, val_fraction=args.val_fraction,
+                                      val_min=args.val_min, val_speakers=args.val_speakers)
             except dacvae.DACVAEError as e:
                 raise DataError(str(e)) from None
             if args.push_to_hub:
@@ -1043,9 +1345,16 @@ def main(argv=None):
                   f"to {args.out_dir}")
         else:
             config = DataConfig(source=args.source, max_latent_len=args.max_latent_len,
-                                max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len)
-            report = inspect(args.source, config)
-            print(json.dumps(report)) if args.json else _print_report(report)
+                                max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len,
+                                batch_size=args.batch_size, seed=args.seed)
+            if args.batches < 0:
+                raise DataError("--batches must not be negative")
+            if args.batches:
+                rows = inspect_batches(config, args.batches)
+                print(json.dumps(rows)) if args.json else _print_batches(rows)
+            else:
+                report = inspect(args.source, config)
+                print(json.dumps(report)) if args.json else _print_report(report)
     except DataError as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 2

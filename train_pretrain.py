@@ -34,6 +34,8 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+import data  # noqa: E402
+
 log = logging.getLogger("train")
 
 TPU_V4_PEAK_FLOPS = 275e12  # bf16 per chip
@@ -53,12 +55,15 @@ def parse_args(argv=None):
     a("--preset", default=None, help="model preset from model.PRESETS: 1.3B, 840M, demo or tiny (default: demo "
       "with --data synthetic, else tiny)")
     a("--data", default="synthetic", help="'synthetic' (generated in the run directory), a shard directory, "
-      "glob, list file, or hf://datasets/ORG/REPO[@REV][/GLOB]")
+      "glob, list file, or hf://datasets/ORG/REPO[@REV][/GLOB]; several mixed by weight as A:0.7,B:0.3")
     a("--synthetic_corpus", default="short", help="with --data synthetic: 'short' (4-8-byte strings over 8 "
       "letters: alignment in minutes), 'medium' (4-12 bytes over 16 letters) or 'words' (10-40-byte "
       "pseudo-sentences)")
-    a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); with --data "
+    a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); default: the "
+      "validation split of --data (val-*.tar, written by data.py build) where it has one; with --data "
       "synthetic, the corpus's held-out split")
+    a("--accept_data_change", action="store_true", help="resume even though the shards of --data changed since "
+      "the run started (the data order then changes); without it such a resume stops")
     a("--run_dir", default="runs/echo", help="directory for the synthetic corpus and default outputs")
     a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 2500)")
     a("--global_batch_size", type=int, default=None, help="samples per step over all hosts (default 256; synthetic 32)")
@@ -99,7 +104,6 @@ def parse_args(argv=None):
 
 def resolve_defaults(args):
     """Fill defaults that depend on --data synthetic; validate every flag before anything compiles."""
-    import data
     synthetic = args.data == "synthetic" and not args.aot_topology  # AOT sizes the real run
     if args.synthetic_corpus not in data.SYNTHETIC_CORPORA:
         raise TrainError(f"--synthetic_corpus must be one of {', '.join(data.SYNTHETIC_CORPORA)}, "
@@ -342,15 +346,15 @@ def build_eval_loss(model, args):
 
 def held_out_batches(trainer, args):
     """The first --eval_batches global batches of the held-out source, read alike on every host."""
-    import data
     config = dataclasses.replace(trainer.data_config, source=trainer.eval_source, batch_size=args.global_batch_size,
-                                 process_index=0, process_count=1)
+                                 process_index=0, process_count=1, split=trainer.eval_split)
     try:
         pipeline = data.Pipeline(config)
     except data.DataError as e:
         raise TrainError(f"--eval_data: {e}") from None
     try:
-        return [next(pipeline) for _ in range(args.eval_batches)]
+        batches = [next(pipeline) for _ in range(args.eval_batches)]
+        return [{k: v for k, v in b.items() if isinstance(v, np.ndarray)} for b in batches]
     finally:
         pipeline.close()
 
@@ -398,7 +402,6 @@ class Trainer:
         import jax.numpy as jnp
         import flax.linen as nn
 
-        import data
         import model as echo
 
         self.args = args
@@ -432,9 +435,19 @@ class Trainer:
         self.data_config = data.DataConfig(
             source=self.source, batch_size=args.global_batch_size // self.processes, seed=args.seed,
             max_latent_len=args.max_latent_len, max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len,
-            silence_latent=silence, process_index=self.process, process_count=self.processes)
+            silence_latent=silence, process_index=self.process, process_count=self.processes,
+            accept_data_change=args.accept_data_change)
+        self.eval_split = "all"  # an --eval_data source is read whole
         try:
-            data.list_shards(self.source)
+            sources = data.parse_sources(self.source)
+            for source, _ in sources:
+                data.list_shards(source, "train")
+            if self.eval_source is None and args.data != "synthetic":
+                with_val = [(s, w) for s, w in sources if data.has_split(s, "val")]
+                if with_val:
+                    self.eval_source = ",".join(f"{s}:{w}" for s, w in with_val)
+                    self.eval_split = "val"
+                    log.info("val_loss on the validation split of %s", ", ".join(s for s, _ in with_val))
             self.silence_latent = data.load_silence(silence, min(args.max_latent_len, 250)).astype(np.float16)
         except data.DataError as e:
             raise TrainError(str(e)) from None
@@ -598,7 +611,6 @@ def train(args, on_eval=None):
     """The training loop. on_eval(step, fields), if given, sees every eval; returning True ends the
     run there (with a checkpoint), as --run_steps would."""
     import jax
-    import data
     import model as echo
 
     trainer = Trainer(args)
@@ -646,7 +658,7 @@ def train(args, on_eval=None):
     def global_batch(local):
         global_shape = lambda a: (args.global_batch_size,) + a.shape[1:]
         return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v, global_shape(v))
-                for k, v in local.items()}
+                for k, v in local.items() if isinstance(v, np.ndarray)}  # not the keys/sources lists
 
     # Validation only ever sees held-out samples: fixed batches of the held-out source.
     eval_sets, synthetic_eval = [], None
@@ -700,6 +712,7 @@ def train(args, on_eval=None):
                         latent_seconds_per_sec=round(float(local["latent_mask"].sum()) * trainer.processes
                                                      / 25.0 / step_time, 2),
                         samples_seen=samples_seen, skipped=pipeline.counters(),
+                        **({"skipped_by_source": pipeline.source_counters()} if "," in args.data else {}),
                         loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
                                    for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
             if jax.default_backend() == "tpu":
@@ -850,7 +863,7 @@ def main(argv=None):
             return 0
         init_distributed(args.distributed_timeout)
         train(args)
-    except TrainError as e:
+    except (TrainError, data.DataError) as e:
         print(f"train_pretrain.py: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,8 +1,9 @@
 """A small HTTP server on 127.0.0.1 that speaks enough of the Hugging Face Hub's protocol for the
 real `huggingface_hub` client (reached through HF_ENDPOINT): file resolve (HEAD/GET, ranges),
 repo info and tree listings, for model and dataset repos; and for uploads, repo creation,
-preupload (every file goes up as a regular file) and commits. Tests put files in repos and can
-make paths fail with transient errors.
+preupload (every file goes up as a regular file) and commits. Every change makes a commit whose
+sha follows from the repo's content; any earlier commit stays readable by its sha, as on the Hub.
+Tests put files in repos and can make paths fail with transient errors.
 """
 
 import base64
@@ -13,12 +14,11 @@ import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
 class FakeHub:
     def __init__(self):
-        self.repos = {}  # (repo_type, repo_id) -> {path: bytes}
+        self.repos = {}  # (repo_type, repo_id) -> {path: bytes} at the head of main
+        self.history = {}  # (repo_type, repo_id) -> {commit sha: {path: bytes}}
+        self.heads = {}  # (repo_type, repo_id) -> commit sha of main
         self.fail = {}  # path suffix -> [remaining failures, HTTP status]
         self.requests = []  # (method, path) of every request
         self.commits = []  # (repo_id, [paths added]) of every commit
@@ -34,6 +34,22 @@ class FakeHub:
                 data = f.read()
         with self.lock:
             self.repos.setdefault((repo_type, repo_id), {})[path] = bytes(data)
+            self._commit((repo_type, repo_id))
+
+    def _commit(self, key):
+        """Record the repo's current files as a commit (caller holds the lock)."""
+        files = self.repos[key]
+        sha = hashlib.sha1(repr(sorted((p, hashlib.sha1(d).hexdigest()) for p, d in files.items())).encode())
+        self.heads[key] = sha.hexdigest()
+        self.history.setdefault(key, {})[self.heads[key]] = dict(files)
+
+    def files_at(self, key, revision):
+        """(files, sha) of a repo at a revision ("main" or a commit sha); (None, None) if unknown."""
+        with self.lock:
+            if revision in (None, "main"):
+                return self.repos[key], self.heads[key]
+            files = self.history.get(key, {}).get(revision)
+            return (files, revision) if files is not None else (None, None)
 
     def fail_next(self, path_suffix, times, status=503):
         """The next `times` requests for paths ending in `path_suffix` get HTTP `status`."""
@@ -93,6 +109,7 @@ class FakeHub:
                             body = json.dumps({"error": "You already created this repo", "url": url}).encode()
                             return self.send(409, body, {"Content-Type": "application/json"})
                         hub.repos[(repo_type, repo_id)] = {}
+                        hub._commit((repo_type, repo_id))
                     return json_reply({"url": url, "name": repo_id})
                 if len(parts) >= 6 and parts[0] == "api" and parts[1] in ("models", "datasets"):
                     repo_type, repo_id, action = parts[1][:-1], "/".join(parts[2:4]), parts[4]
@@ -113,8 +130,9 @@ class FakeHub:
                                 added.append(value["path"])
                         with hub.lock:
                             hub.commits.append((repo_id, added))
-                        return json_reply({"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{COMMIT}",
-                                           "commitOid": COMMIT})
+                            hub._commit((repo_type, repo_id))
+                            sha = hub.heads[(repo_type, repo_id)]
+                        return json_reply({"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{sha}", "commitOid": sha})
                 return self.error(404, "RepoNotFound", "no such API route")
 
             def route(self, head):
@@ -135,17 +153,19 @@ class FakeHub:
                 if len(parts) < 5 or parts[2] != "resolve":
                     return self.error(404, "RepoNotFound", "no such route", head)
                 repo_id, file_path = "/".join(parts[:2]), "/".join(parts[4:])
-                self.resolve(repo_type, repo_id, file_path, head)
+                self.resolve(repo_type, repo_id, parts[3], file_path, head)
 
-            def resolve(self, repo_type, repo_id, file_path, head):
-                files = hub.repos.get((repo_type, repo_id))
-                if files is None:
+            def resolve(self, repo_type, repo_id, revision, file_path, head):
+                if (repo_type, repo_id) not in hub.repos:
                     return self.error(404, "RepoNotFound", f"repository {repo_id} not found", head)
+                files, sha = hub.files_at((repo_type, repo_id), revision)
+                if files is None:
+                    return self.error(404, "RevisionNotFound", f"revision {revision} not found", head)
                 if file_path not in files:
                     return self.error(404, "EntryNotFound", f"{file_path} not found", head)
                 data = files[file_path]
                 etag = '"%s"' % hashlib.sha256(data).hexdigest()
-                headers = {"X-Repo-Commit": COMMIT, "ETag": etag, "Accept-Ranges": "bytes",
+                headers = {"X-Repo-Commit": sha, "ETag": etag, "Accept-Ranges": "bytes",
                            "Content-Type": "application/octet-stream"}
                 rng = self.headers.get("Range")
                 if rng and rng.startswith("bytes=") and not head:
@@ -165,12 +185,14 @@ class FakeHub:
                     return self.error(404, "RepoNotFound", "no such API route", head)
                 repo_type = parts[0][:-1]
                 repo_id = "/".join(parts[1:3])
-                files = hub.repos.get((repo_type, repo_id))
-                if files is None:
+                if (repo_type, repo_id) not in hub.repos:
                     return self.error(404, "RepoNotFound", f"repository {repo_id} not found", head)
                 rest = parts[3:]
+                files, sha = hub.files_at((repo_type, repo_id), rest[1] if len(rest) > 1 else "main")
+                if files is None:
+                    return self.error(404, "RevisionNotFound", f"revision {rest[1]} not found", head)
                 if not rest or rest[0] == "revision":
-                    body = {"id": repo_id, "sha": COMMIT, "siblings": [{"rfilename": p} for p in sorted(files)]}
+                    body = {"id": repo_id, "sha": sha, "siblings": [{"rfilename": p} for p in sorted(files)]}
                 elif rest[0] == "tree":
                     prefix = "/".join(rest[2:])
                     recursive = query.get("recursive", ["false"])[0].lower() == "true"
@@ -195,6 +217,6 @@ class FakeHub:
                             dirs.add((prefix + "/" if prefix else "") + "/".join(rel.split("/")[:i + 1]))
                     entries.append({"type": "file", "path": p, "size": len(data),
                                     "oid": hashlib.sha1(data).hexdigest()})
-                return [{"type": "directory", "path": d, "oid": COMMIT} for d in sorted(dirs)] + entries
+                return [{"type": "directory", "path": d, "oid": hashlib.sha1(d.encode()).hexdigest()} for d in sorted(dirs)] + entries
 
         return Handler

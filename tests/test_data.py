@@ -72,7 +72,7 @@ def first_epoch(pipeline):
     seen, counters = [], {}
     while True:
         batch = next(pipeline)
-        if pipeline.state()["epoch"] > 0:
+        if pipeline.state()["sources"][0]["epoch"] > 0:
             return seen, counters
         seen += texts_of(batch)
         counters = pipeline.counters()
@@ -100,11 +100,17 @@ def test_batches_have_fixed_shapes_and_padding(tmp_path):
     np.save(tmp_path / "silence.npy", silence)
     p = Pipeline(config(str(tmp_path), silence_latent=str(tmp_path / "silence.npy")))
     for batch in take(p, 12):
-        assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == {
+        assert {k: (v.shape, v.dtype.name) for k, v in batch.items() if isinstance(v, np.ndarray)} == {
             "latent": ((3, 64, 128), "float32"), "latent_mask": ((3, 64), "int32"),
             "text_ids": ((3, 64), "int32"), "text_mask": ((3, 64), "int32"),
             "speaker_latent": ((3, 32, 128), "float32"), "speaker_mask": ((3, 32), "int32")}
+        assert set(batch) - {"latent", "latent_mask", "text_ids", "text_mask", "speaker_latent",
+                             "speaker_mask"} == {"keys", "sources", "speakers"}
         for row in range(3):
+            # The key names the sample exactly as its tar members do: text 'utterance S-I' is k{S}_{I}.
+            s, i = texts_of(batch)[row].split()[-1].split("-")
+            assert batch["keys"][row] == f"k{int(s):03d}_{int(i):04d}" and type(batch["keys"][row]) is str
+            assert batch["sources"][row] == str(tmp_path) and batch["speakers"][row] == ""
             n = batch["latent_mask"][row].sum()
             assert 5 <= n <= 11 and batch["latent_mask"][row, :n].all()
             assert np.all(batch["latent"][row, n:] == 0.25)  # the silence latent, not zeros
@@ -163,25 +169,26 @@ def test_epochs_reshuffle_the_order(tmp_path):
 
 # ---------------------------------------------------------------- resume
 
-def test_resume_yields_exactly_the_same_batches(tmp_path):
-    # 3 shards of 5 samples, blocks of 4, batches of 3: shard, block and epoch boundaries all
-    # fall inside the 15 batches below.
+@pytest.mark.parametrize("open_shards", [1, 2, 64])
+def test_resume_yields_exactly_the_same_batches(tmp_path, open_shards):
+    # 3 shards of 5 samples, blocks of 4, batches of 3: shard, block and epoch boundaries (and,
+    # with 2 open shards, a slot moving on to the next shard) all fall inside the 15 batches below.
     write_corpus(tmp_path, 3, 5)
-    reference = Pipeline(config(str(tmp_path)))
+    reference = Pipeline(config(str(tmp_path), open_shards=open_shards))
     expected = take(reference, 15)
     reference.close()
     for stop in (1, 2, 4, 5, 7, 9, 12):
-        p = Pipeline(config(str(tmp_path)))
+        p = Pipeline(config(str(tmp_path), open_shards=open_shards))
         take(p, stop)
         state = json.loads(json.dumps(p.state()))
         p.close()
-        resumed = Pipeline(config(str(tmp_path)), state=state)
+        resumed = Pipeline(config(str(tmp_path), open_shards=open_shards), state=state)
         for want in expected[stop:]:
             got = next(resumed)
             for k in want:
                 np.testing.assert_array_equal(got[k], want[k], err_msg=f"stop {stop}, {k}")
         resumed.close()
-    assert state["epoch"] >= 1  # the last resume point lies past an epoch boundary
+    assert state["sources"][0]["epoch"] >= 1  # the last resume point lies past an epoch boundary
 
 
 def test_resume_rejects_a_state_from_another_seed(tmp_path):
@@ -308,8 +315,8 @@ def test_hub_streaming_matches_local_and_keeps_disk_bounded(hub, tmp_path):
     write_corpus(local, 12, 4)
     publish(hub, "me/corpus", local)
     scratch = tmp_path / "scratch"
-    remote = Pipeline(config("hf://datasets/me/corpus", batch_size=4, scratch_dir=str(scratch)))
-    here = Pipeline(config(str(local), batch_size=4))
+    remote = Pipeline(config("hf://datasets/me/corpus", batch_size=4, open_shards=2, scratch_dir=str(scratch)))
+    here = Pipeline(config(str(local), batch_size=4, open_shards=2))
     most_tars = 0
     for _ in range(15):  # more than an epoch of 48 samples
         a, b = next(remote), next(here)
@@ -319,7 +326,7 @@ def test_hub_streaming_matches_local_and_keeps_disk_bounded(hub, tmp_path):
         most_tars = max(most_tars, len(tars))
     remote.close()
     here.close()
-    assert 1 <= most_tars <= 3
+    assert 1 <= most_tars <= 3  # the two open shards and the next one
     assert any(path.startswith("/datasets/me/corpus/resolve/") for _, path in hub.requests)
 
 
@@ -340,11 +347,12 @@ def test_hub_source_revision_and_glob(hub, tmp_path):
 def test_hub_downloads_retry_transient_errors_and_skip_dead_shards(hub, tmp_path):
     write_corpus(tmp_path, 3, 2)
     publish(hub, "me/flaky", tmp_path)
-    hub.fail_next("me/flaky/resolve/main/data/s-000.tar", 2)  # 503s: huggingface_hub's own backoff recovers
-    hub.fail_next("me/flaky/resolve/main/data/s-002.tar", 3, status=403)  # fails 3 downloads, then works
-    hub.fail_next("me/flaky/resolve/main/data/s-001.tar", 10 ** 6, status=403)  # never comes back
+    rev = hub.heads[("dataset", "me/flaky")]  # downloads read the commit the stream pinned, not "main"
+    hub.fail_next(f"me/flaky/resolve/{rev}/data/s-000.tar", 2)  # 503s: huggingface_hub's own backoff recovers
+    hub.fail_next(f"me/flaky/resolve/{rev}/data/s-002.tar", 3, status=403)  # fails 3 downloads, then works
+    hub.fail_next(f"me/flaky/resolve/{rev}/data/s-001.tar", 10 ** 6, status=403)  # never comes back
     p = Pipeline(config("hf://datasets/me/flaky", batch_size=1, retries=3, scratch_dir=str(tmp_path / "x")))
-    p.fetcher.backoff = 0.01
+    p.streams[0].fetcher.backoff = 0.01
     seen, counters = first_epoch(p)
     p.close()
     assert sorted(seen) == ["[S1] utterance 0-0", "[S1] utterance 0-1", "[S1] utterance 2-0", "[S1] utterance 2-1"]
@@ -415,3 +423,146 @@ def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
     assert not np.array_equal(a, data.synthetic_latent("abcdefghiz", 0, 5))
     assert not np.array_equal(a, data.synthetic_latent("bacdefghij", 0, 5))
     assert not np.array_equal(a, data.synthetic_latent("abcdefghij", 1, 5))
+
+
+# ---------------------------------------------------------------- shuffling, mixing, pinning
+
+def speaker_corpus(directory, speakers, per_shard, prefix="spk"):
+    """One shard per speaker, as a corpus cut from a manifest sorted by speaker comes out."""
+    os.makedirs(directory, exist_ok=True)
+    for s in range(speakers):
+        with tarfile.open(os.path.join(directory, f"shard-{s:05d}.tar"), "w") as tar:
+            for i in range(per_shard):
+                key = f"{prefix}{s:03d}-{i:05d}"
+                for name, payload in good_members(key, f"{prefix} {s} says {i}", frames=8):
+                    if name.endswith(".json"):
+                        payload = json.dumps({"text": f"{prefix} {s} says {i}", "speaker": f"{prefix}{s}"}).encode()
+                    add(tar, name, payload)
+
+
+@pytest.mark.parametrize("speakers", [16, 64])
+def test_batches_span_many_shards(tmp_path, speakers):
+    # Shards larger than the shuffle block, as real ones are (1,000 clips against 512).
+    speaker_corpus(tmp_path, speakers, 70)
+    uniform = speakers * (1 - (1 - 1 / speakers) ** 32)
+    distinct = {}
+    for open_shards in (1, 64):
+        p = Pipeline(config(str(tmp_path), batch_size=32, shuffle_block=64, open_shards=open_shards))
+        distinct[open_shards] = np.mean([len(set(next(p)["speakers"])) for _ in range(20)])
+        p.close()
+    assert distinct[64] >= 0.7 * uniform, distinct
+    assert distinct[1] <= 3  # one shard at a time: the trap this default avoids
+
+
+def test_parse_sources_weights_and_errors(tmp_path):
+    (tmp_path / "a,b").mkdir()
+    assert data.parse_sources("x:3,hf://datasets/o/r:1") == [("x", 0.75), ("hf://datasets/o/r", 0.25)]
+    assert data.parse_sources("hf://datasets/o/r@v1/data/*.tar,y") == [("hf://datasets/o/r@v1/data/*.tar", 0.5),
+                                                                      ("y", 0.5)]
+    assert data.parse_sources(str(tmp_path / "a,b")) == [(str(tmp_path / "a,b"), 1.0)]
+    for spec, needle in (("x:0,y", "positive"), ("x:-1", "positive"), ("x,,y", "empty entry"), ("x,x:2", "twice"),
+                         ("", "empty")):
+        with pytest.raises(DataError, match=needle):
+            data.parse_sources(spec)
+
+
+def test_sources_mix_by_weight_and_resume_exactly(tmp_path):
+    write_corpus(tmp_path / "a", 3, 40, prefix="a")
+    write_corpus(tmp_path / "b", 2, 7, prefix="b")  # small: loops over its epochs on its own
+    spec = f"{tmp_path / 'a'}:0.25,{tmp_path / 'b'}:0.75"
+    p = Pipeline(config(spec, batch_size=8))
+    batches = take(p, 50)
+    sources = [s for b in batches for s in b["sources"]]
+    assert sources.count(str(tmp_path / "a")) == 100 and sources.count(str(tmp_path / "b")) == 300
+    assert all(k.startswith("k") for b in batches for k in b["keys"])
+    assert p.state()["sources"][1]["epoch"] >= 20 and p.state()["sources"][0]["epoch"] == 0
+    state = json.loads(json.dumps(p.state()))
+    expected = take(p, 6)
+    p.close()
+    resumed = Pipeline(config(spec, batch_size=8), state=state)
+    for want in expected:
+        got = next(resumed)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+    resumed.close()
+    with pytest.raises(DataError, match="has 2 source.*names 1"):
+        Pipeline(config(str(tmp_path / "a"), batch_size=8), state=state)
+
+
+def test_skip_counters_are_kept_per_source(tmp_path):
+    dirty_corpus(tmp_path / "dirty")
+    write_corpus(tmp_path / "clean", 2, 10)
+    spec = f"{tmp_path / 'dirty'},{tmp_path / 'clean'}"
+    p = Pipeline(config(spec, batch_size=4))
+    take(p, 30)
+    per_source = p.source_counters()
+    p.close()
+    assert per_source[str(tmp_path / "dirty")]["non_finite"] >= 2
+    assert not {k: v for k, v in per_source[str(tmp_path / "clean")].items() if k != "cropped_reference"}
+    assert p.counters()["non_finite"] == per_source[str(tmp_path / "dirty")]["non_finite"]
+
+
+def test_a_changed_local_shard_list_stops_a_resume(tmp_path):
+    paths = write_corpus(tmp_path, 3, 4)
+    p = Pipeline(config(str(tmp_path)))
+    take(p, 2)
+    state = json.loads(json.dumps(p.state()))
+    p.close()
+    assert state["pins"][0]["shards"] == [["s-000.tar", os.path.getsize(paths[0])],
+                                          ["s-001.tar", os.path.getsize(paths[1])],
+                                          ["s-002.tar", os.path.getsize(paths[2])]]
+    write_corpus(tmp_path / "more", 1, 2, prefix="t")  # one shard added (in a subdirectory)
+    with open(paths[1], "ab") as f:
+        f.write(b"\0" * 10240)  # one grown
+    with pytest.raises(DataError, match=r"changed since this run started: 1 added \(more/t-000.tar\); 1 changed "
+                                        r"size \(s-001.tar\).*--accept_data_change"):
+        Pipeline(config(str(tmp_path)), state=state)
+    p = Pipeline(config(str(tmp_path), accept_data_change=True), state=state)
+    assert len(texts_of(next(p))) == 3 and len(p.state()["pins"][0]["shards"]) == 4
+    p.close()
+
+
+def test_hub_sources_are_pinned_to_a_commit(hub, tmp_path):
+    write_corpus(tmp_path / "v1", 2, 3)
+    publish(hub, "me/growing", tmp_path / "v1")
+    first = hub.heads[("dataset", "me/growing")]
+    p = Pipeline(config("hf://datasets/me/growing", scratch_dir=str(tmp_path / "x")))
+    take(p, 1)
+    state = json.loads(json.dumps(p.state()))
+    expected = take(p, 4)
+    p.close()
+    assert state["pins"][0]["revision"] == first
+    # Shards pushed between two runs: the resume still reads the pinned commit, batch for batch.
+    write_corpus(tmp_path / "v2", 4, 3, prefix="new")
+    publish(hub, "me/growing", tmp_path / "v2")
+    assert hub.heads[("dataset", "me/growing")] != first
+    resumed = Pipeline(config("hf://datasets/me/growing", scratch_dir=str(tmp_path / "y")), state=state)
+    for want in expected:
+        assert texts_of(next(resumed)) == texts_of(want)
+    resumed.close()
+    # A fresh run pins today's commit.
+    fresh = Pipeline(config("hf://datasets/me/growing", scratch_dir=str(tmp_path / "z")))
+    assert fresh.state()["pins"][0]["revision"] == hub.heads[("dataset", "me/growing")]
+    assert len(fresh.state()["pins"][0]["shards"]) == 6
+    fresh.close()
+    # A pinned commit the Hub no longer serves stops the resume, unless accepted.
+    state["pins"][0]["revision"] = "f" * 40
+    with pytest.raises(DataError, match="pinned to commit f{40}.*--accept_data_change"):
+        Pipeline(config("hf://datasets/me/growing"), state=state)
+
+
+def test_inspect_batches_shows_diversity(tmp_path):
+    speaker_corpus(tmp_path / "a", 12, 10)
+    speaker_corpus(tmp_path / "b", 4, 10, prefix="other")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "inspect",
+                          f"{tmp_path / 'a'}:0.75,{tmp_path / 'b'}:0.25", "--batches", "3", "--batch_size", "16",
+                          "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [r["batch"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["samples"] == r["named_speakers"] == 16 and r["distinct_speakers"] >= 6
+        assert r["sources"] == {str(tmp_path / "a"): 12, str(tmp_path / "b"): 4}
+    human = subprocess.run([sys.executable, os.path.join(REPO, "data.py"), "inspect", str(tmp_path / "a"),
+                            "--batches", "2"], capture_output=True, text=True, timeout=120)
+    assert "batch 1: 32 samples" in human.stdout and "distinct speakers (of 32 named)" in human.stdout

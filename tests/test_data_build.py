@@ -88,17 +88,22 @@ def test_build_inspect_and_stream(corpus, tmp_path, capsys):
     out = tmp_path / "shards"
     assert build(corpus, out) == 0
     printed = capsys.readouterr().out
-    assert "6 clips" in printed and "skipped 5 of 11" in printed
+    assert "5 clips" in printed and "skipped 5 of 11" in printed and "held out for validation: 1 clips" in printed
     report = json.loads((out / "manifest.json").read_text())
-    assert report["samples"] == 6 and report["clips"] == 11 and report["speakers"] == 3
+    # 6 usable clips: the default split holds out one (at least --val_min 8, at most a quarter).
+    assert report["samples"] == 5 and report["val_samples"] == 1 and report["clips"] == 11 and report["speakers"] == 3
     assert report["skipped"] == {"empty_text": 1, "silent": 1, "too_long": 1, "unreadable_audio": 2}
-    assert report["no_reference"] == 1  # carol has one usable clip
     assert [s["name"] for s in report["shards"]] == ["shard-00000.tar", "shard-00001.tar"]
+    assert [s["name"] for s in report["val_shards"]] == ["val-00000.tar"]
     assert sorted(os.listdir(out)) == [".build.json", "manifest.json", "shard-00000.tar", "shard-00001.tar",
-                                       "silence_latent.npy"]
-    members = {}
-    for shard in report["shards"]:
+                                       "silence_latent.npy", "val-00000.tar"]
+    members, train_keys = {}, set()
+    for shard in report["shards"] + report["val_shards"]:
         members.update(read_tar(out / shard["name"]))
+        if shard["name"].startswith("shard-"):
+            train_keys |= {name.split(".")[0] for name in read_tar(out / shard["name"])}
+    # carol has one usable clip; a training clip whose only same-speaker partner is held out has none.
+    assert report["no_reference"] == sum(k + ".ref.npy" not in members for k in {n.split(".")[0] for n in members})
     keys = sorted({name.split(".")[0] for name in members})
     assert len(keys) == 6
     codec = dacvae.DACVAE.load(corpus["weights"])
@@ -117,20 +122,29 @@ def test_build_inspect_and_stream(corpus, tmp_path, capsys):
         if meta["speaker"] == "carol":
             assert ref_name not in members
             continue
+        if ref_name not in members:
+            continue
         ref = npy(members[ref_name])
         same = [j for j in keys if j != k and json.loads(members[j + ".json"])["speaker"] == meta["speaker"]]
+        if k in train_keys:  # validation audio never reaches training, not even as a reference
+            same = [j for j in same if j in train_keys]
         assert any(np.array_equal(ref, latents[j]) for j in same), k  # another clip of the same speaker
         assert not np.array_equal(ref, latent)
 
     assert data.main(["inspect", str(out), "--json"]) == 0
     inspected = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert inspected["samples_ok"] == 6 and inspected["no_reference"] == 1 and sum(inspected["skipped"].values()) == 0
+    assert inspected["samples_ok"] == 6 and sum(inspected["skipped"].values()) == 0
+    assert inspected["splits"] == {"train": {"shards": 2, "samples_ok": 5}, "val": {"shards": 1, "samples_ok": 1}}
     pipeline = data.Pipeline(data.DataConfig(source=str(out), batch_size=4, max_latent_len=200,
                                              silence_latent=str(out / "silence_latent.npy")))
-    batch = next(pipeline)
+    batches = [next(pipeline) for _ in range(5)]
     pipeline.close()
-    assert batch["latent"].shape == (4, 200, 128) and batch["latent_mask"].sum(1).min() > 25
-    assert batch["text_mask"].sum() > 0
+    assert batches[0]["latent"].shape == (4, 200, 128) and batches[0]["latent_mask"].sum(1).min() > 25
+    assert batches[0]["text_mask"].sum() > 0
+    assert {k for b in batches for k in b["keys"]} == train_keys  # the training stream never reads val-*.tar
+    val = data.Pipeline(data.DataConfig(source=str(out), batch_size=1, max_latent_len=200, split="val"))
+    assert set(next(val)["keys"]) == set(keys) - train_keys
+    val.close()
 
 
 def test_build_resumes_after_a_crash_and_skips_complete_shards(corpus, tmp_path, monkeypatch):
@@ -154,7 +168,7 @@ def test_build_resumes_after_a_crash_and_skips_complete_shards(corpus, tmp_path,
     first = os.stat(out / "shard-00000.tar")
     assert build(corpus, out) == 0
     assert os.stat(out / "shard-00000.tar").st_ino == first.st_ino  # skipped, not rewritten
-    for name in ("shard-00000.tar", "shard-00001.tar", "manifest.json", "silence_latent.npy"):
+    for name in ("shard-00000.tar", "shard-00001.tar", "val-00000.tar", "manifest.json", "silence_latent.npy"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     # Another manifest into the same directory is refused.
     other = tmp_path / "other.jsonl"
@@ -170,14 +184,16 @@ def test_push_to_hub_resumes_and_streams_back(corpus, tmp_path, hub, capsys):
     before = len(hub.commits)
     assert build(corpus, out, "--push_to_hub", "me/speech", "--json") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["pushed_files"] == 3 and report["hub"] == "hf://datasets/me/speech"
+    assert report["pushed_files"] == 4 and report["hub"] == "hf://datasets/me/speech"
     files = hub.repos[("dataset", "me/speech")]
-    assert sorted(files) == ["manifest.json", "shard-00000.tar", "shard-00001.tar", "silence_latent.npy"]
+    assert sorted(files) == ["manifest.json", "shard-00000.tar", "shard-00001.tar", "silence_latent.npy",
+                             "val-00000.tar"]
     assert files["shard-00001.tar"] == (out / "shard-00001.tar").read_bytes()
     # Pushing again uploads nothing but the manifest.
     assert build(corpus, out, "--push_to_hub", "me/speech") == 0
     assert [added for _, added in hub.commits[before:]] == [
-        ["shard-00000.tar", "shard-00001.tar", "silence_latent.npy"], ["manifest.json"], ["manifest.json"]]
+        ["shard-00000.tar", "shard-00001.tar", "val-00000.tar", "silence_latent.npy"], ["manifest.json"],
+        ["manifest.json"]]
     pipeline = data.Pipeline(data.DataConfig(source="hf://datasets/me/speech", batch_size=2, max_latent_len=200))
     assert next(pipeline)["latent_mask"].sum() > 0
     pipeline.close()
@@ -191,3 +207,29 @@ def test_bad_manifests_are_one_sentence(corpus, tmp_path, capsys):
         assert data.main(["build", manifest, str(tmp_path / "o"), "--dacvae_weights", corpus["weights"]]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_build_holds_out_whole_speakers(corpus, tmp_path, capsys):
+    out = tmp_path / "unseen"
+    assert build(corpus, out, "--val_speakers", "1", "--json") == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    speakers = lambda names: {json.loads(v)["speaker"] for n in names for k, v in read_tar(out / n).items()
+                              if k.endswith(".json")}
+    train = speakers(s["name"] for s in report["shards"])
+    val = speakers(s["name"] for s in report["val_shards"])
+    assert len(val) == 1 and not train & val and len(train) == 2
+    assert report["val_speakers"] == report["unseen_val_speakers"] == 1
+    assert report["samples"] + report["val_samples"] == 6
+    assert build(corpus, tmp_path / "none", "--val_speakers", "3") == 2
+    assert "leaves no speaker for training" in capsys.readouterr().err
+
+
+def test_split_shuffles_a_sorted_manifest_and_holds_out_a_fraction():
+    rows = [{"speaker": f"spk{i // 100}"} for i in range(1000)]  # sorted by speaker, as LibriTTS comes
+    train, val = data.split_clips(rows, list(range(1000)), seed=0, val_fraction=0.02, val_min=8)
+    assert len(val) == 20 and sorted(train + val) == list(range(1000))
+    assert len({rows[i]["speaker"] for i in train[:32]}) >= 8  # a shard's first rows span most speakers
+    assert data.split_clips(rows, list(range(1000)), seed=0, val_fraction=0.001, val_min=8)[1].__len__() == 8
+    assert data.split_clips(rows, list(range(20)), seed=0, val_fraction=0.01, val_min=8)[1].__len__() == 5
+    assert data.split_clips(rows, list(range(1000)), seed=1, val_fraction=0.02)[1] != val
+    assert data.split_clips(rows, list(range(1000)), seed=0, val_fraction=0)[1] == []

@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -298,6 +299,33 @@ def test_val_loss_comes_from_held_out_data_only(tmp_path, caplog):
         val[name] = [m["val_loss"] for m in read_metrics(tmp_path / name / "metrics.jsonl") if "val_loss" in m]
         assert len(val[name]) == 2 and all(np.isfinite(val[name]))
     assert val["held"] != val["same"]  # it is the --eval_data samples that are scored
+    # A corpus with a validation split (val-*.tar, as data.py build writes) is scored on it by default,
+    # and a mixture of sources trains.
+    split = tmp_path / "split"
+    split.mkdir()
+    for path in sorted((tmp_path / "train").glob("*.tar")):
+        shutil.copy(path, split / path.name)
+    for i, path in enumerate(sorted((tmp_path / "held-out").glob("*.tar"))):
+        shutil.copy(path, split / f"val-{i}.tar")
+    run_inprocess(tmp_path, "split", *common[2:], "--data", str(split))
+    assert [m["val_loss"] for m in read_metrics(tmp_path / "split" / "metrics.jsonl") if "val_loss" in m] == val["held"]
+    run_inprocess(tmp_path, "mixed", *common[2:], "--data", f"{tmp_path / 'train'}:0.5,{split}:0.5")
+    assert len([m for m in read_metrics(tmp_path / "mixed" / "metrics.jsonl") if "val_loss" in m]) == 2
+
+
+def test_a_resume_on_changed_shards_stops_unless_accepted(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    identical_corpus(corpus)
+    flags = ["--data", str(corpus), "--steps", "4"]
+    run_inprocess(tmp_path, "run", *flags, "--run_steps", "2")
+    shutil.copy(corpus / "s0.tar", corpus / "s9.tar")  # a shard added between two runs
+    capsys.readouterr()
+    assert train_pretrain.main(["--run_dir", str(tmp_path / "run"), *FAST, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed since this run started: 1 added (s9.tar)" in err[0], err
+    assert "--accept_data_change" in err[0]
+    run_inprocess(tmp_path, "run", *flags, "--accept_data_change")
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if m.get("event") == "checkpoint"][-1] == 4
 
 
 def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
