@@ -188,11 +188,12 @@ def list_shards(source, split="all", revision=None):
     else:
         shards = sorted(glob.glob(source))
         kind = f"path or pattern {source}"
-    shards = [s for s in shards if in_split(s, split)]
-    if not shards:
-        what = {"train": "training ", "val": "validation (val-*) ", "all": ""}[split]
-        raise DataError(f"no {what}{SHARD_SUFFIX} shards found in {kind}")
-    return shards
+    kept = [s for s in shards if in_split(s, split)]
+    if not kept:
+        what = "validation (val-*) " if split == "val" else ""
+        only_val = " (only validation shards, val-*.tar)" if shards and split == "train" else ""
+        raise DataError(f"no {what}{SHARD_SUFFIX} shards found in {kind}{only_val}")
+    return kept
 
 
 def shard_fingerprint(source, shards, revision):
