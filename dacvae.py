@@ -398,8 +398,9 @@ class DACVAE(nn.Module):
         return map_chunks(encode_chunk, audio, self.hop, (1,), chunk, desc="encode")[0]
 
     @torch.inference_mode()
-    def decode(self, latent, message=None, chunk=CHUNK_FRAMES):
-        """(B, 128, frames) -> (B, 1, frames * hop), with the watermark of `message` (default zeros)."""
+    def decode(self, latent, message=None, chunk=CHUNK_FRAMES, progress=True):
+        """(B, 128, frames) -> (B, 1, frames * hop), with the watermark of `message` (default zeros);
+        a progress bar over long latents unless progress=False."""
         latent = torch.as_tensor(latent, dtype=torch.float32)
         if latent.ndim != 3 or latent.shape[1] != self.codebook_dim or latent.shape[-1] == 0:
             raise ValueError(f"decode expects a latent of shape (B, {self.codebook_dim}, frames>0), "
@@ -407,7 +408,7 @@ class DACVAE(nn.Module):
         message = message_tensor(message, latent.shape[0])
         front = lambda z: self.decoder.main_and_watermark_front(self.quantizer.out_proj(z))
         wm_rate = self.hop // math.prod(WATERMARK_RATES)
-        head, h = map_chunks(front, latent, 1, (self.hop, wm_rate), chunk, desc="decode")
+        head, h = map_chunks(front, latent, 1, (self.hop, wm_rate), chunk, desc="decode" if progress else None)
         h = self.decoder.watermark_middle(h, message)
         (residual,) = map_chunks(lambda x: (self.decoder.watermark_back(x),), h, wm_rate, (self.hop,), chunk)
         return head + WATERMARK_ALPHA * residual

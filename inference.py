@@ -56,18 +56,22 @@ class LoadedModel:
     step: int
 
 
-def load_model(path, dtype="float32"):
-    """A checkpoint (full or weights-only, ours or the reference layout) -> LoadedModel."""
+def load_model(path, dtype="float32", weights=None):
+    """A checkpoint (full or weights-only, ours or the reference layout) -> LoadedModel, with its
+    EMA weights (weights="ema", or None where it has them) or its raw ones ("raw")."""
     import model as echo
 
     payload = echo.load_checkpoint_file(path)
+    if weights == "ema" and "ema_params" not in payload:
+        raise InferenceError(f"{path} holds no EMA weights (trained with --ema_decay 0); use --weights raw")
+    key = "ema_params" if weights != "raw" and "ema_params" in payload else "params"
     if payload.pop("opt_state", None) is not None:
         weights_only = re.sub(r"\.pkl$", ".params.pkl", path)
         hint = f" ({os.path.basename(weights_only)} beside it)" if os.path.exists(weights_only) else ""
         log.info("full checkpoint: the weights-only .params.pkl%s loads faster", hint)
     config = dataclasses.replace(echo.config_from_checkpoint(payload, path), dtype=dtype, remat="none",
                                  scan_layers=True)
-    params = echo.params_from_checkpoint(payload, config, path)
+    params = echo.params_from_checkpoint(payload, config, path, key=key)
     lengths = payload.get("max_lengths") or {}
     train_args = payload.get("train_args") or {}
     length = lambda name: int(lengths.get(name) or train_args.get(name) or DEFAULT_MAX_LEN)
@@ -478,6 +482,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--checkpoint", help="step_XXXXXXX.params.pkl (fastest) or step_XXXXXXX.pkl")
+    a("--weights", choices=("ema", "raw"), default=None, help="the checkpoint's EMA weights or its raw ones "
+      "(default: EMA where it has them)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="the words to speak")
     src.add_argument("--text_file", help="a text file: one utterance per non-empty line, one wav each")
@@ -685,7 +691,7 @@ def run(args):
     jobs = read_jobs(args)
     t0 = time.perf_counter()
     try:
-        loaded = load_model(args.checkpoint, args.dtype)
+        loaded = load_model(args.checkpoint, args.dtype, args.weights)
         codec = dacvae.DACVAE.load(args.dacvae_weights, flag="--dacvae_weights")
     except (echo.CheckpointError, dacvae.DACVAEError) as e:
         raise InferenceError(str(e)) from None

@@ -795,9 +795,10 @@ def config_from_checkpoint(payload, path="checkpoint"):
                               f"(missing or odd {e})") from None
 
 
-def params_from_checkpoint(payload, config: EchoConfig, path="checkpoint"):
-    """Parameters of a loaded checkpoint in this model's layout (stacked or reference per-layer)."""
-    params = payload["params"]
+def params_from_checkpoint(payload, config: EchoConfig, path="checkpoint", key="params"):
+    """Parameters of a loaded checkpoint (`key`: "params", or "ema_params" for the EMA weights) in
+    this model's layout (stacked or reference per-layer)."""
+    params = payload[key]
     flat = flatten(params)
     try:
         if any(k.startswith("TransformerBlock_") for k in flat):

@@ -5,8 +5,10 @@
 
 Open it through a tunnel (ssh -L 8080:localhost:8080 WORKER, or cloudflared). It tails the metrics
 file that train_pretrain.py appends to (`../shared/spec/formats.md`), reading only what is new, and
-the page polls every few seconds. Read-only, only its own routes (/, /api/metrics?since=STEP,
-/metrics.csv), bound to 127.0.0.1 unless told otherwise; with --token every request must carry
+the page polls every few seconds. It also plays the run's audio samples: the files named by the
+index of each {"event": "samples"} line, and only those. Read-only, only its own routes (/,
+/api/metrics?since=STEP, /api/samples, /samples/STEP/FILE, /metrics.csv), bound to 127.0.0.1
+unless told otherwise; with --token every request must carry
 `?token=T` or `Authorization: Bearer T`. Standard library only, and a separate process: it never
 slows the trainer. The charts are drawn on canvas by the small script below; nothing is fetched
 from the internet.
@@ -45,8 +47,9 @@ class MetricsStore:
         self.offset, self.inode, self.partial = 0, None, b""
         self.columns = {f: array.array("d") for f in FIELDS}
         self.buckets = {}  # loss by timestep bucket: name -> array, aligned with the columns
-        self.evals = []  # (step, time, val_loss, synthetic_nmse)
+        self.evals = []  # (step, time, val_loss, synthetic_nmse, val_loss_ema)
         self.markers = []  # {"event", "step", "time", ...} for checkpoints, resumes, ...
+        self.sample_events = {}  # step -> {"index", "weights", "time"} of the audio samples
         self.nan_steps = 0
         self.bad_lines = 0
         self.skipped = {}
@@ -94,11 +97,14 @@ class MetricsStore:
             self.add_step(record)
         elif event == "eval":
             self.evals.append((step, _number(record.get("time")), _number(record.get("val_loss")),
-                               _number(record.get("synthetic_nmse"))))
+                               _number(record.get("synthetic_nmse")), _number(record.get("val_loss_ema"))))
         elif event == "nan_step":
             self.nan_steps += 1
         elif event == "start":
             self.start = record
+        elif event == "samples" and step is not None and isinstance(record.get("index"), str):
+            self.sample_events[int(step)] = {"index": record["index"], "weights": str(record.get("weights", "")),
+                                             "time": _number(record.get("time"))}
         if event == "resumed" and step is not None:
             self.rewind(step)
         if event in MARKER_EVENTS:
@@ -151,6 +157,8 @@ class MetricsStore:
             finished = (step is not None and total is not None and step >= total) or last_event == "preempted"
             return {
                 "run": self.start.get("run") or os.path.basename(os.path.dirname(os.path.abspath(self.path))),
+                "device_kind": self.start.get("device_kind") if isinstance(self.start.get("device_kind"), str)
+                else None,
                 "file": os.path.basename(self.path), "file_exists": self.inode is not None,
                 "generation": self.generation, "since": since, "step": step, "total_steps": total,
                 "points": len(steps), "returned": len(rows), "downsampled": len(rows) < len(steps) - start,
@@ -162,10 +170,61 @@ class MetricsStore:
                 "last_checkpoint": checkpoints[-1] if checkpoints else None,
                 "skipped": self.skipped, "nan_steps": self.nan_steps, "bad_lines": self.bad_lines,
                 "series": series,
-                "evals": [{"step": e[0], "time": e[1], "val_loss": e[2], "synthetic_nmse": e[3]}
+                "evals": [{"step": e[0], "time": e[1], "val_loss": e[2], "synthetic_nmse": e[3], "val_loss_ema": e[4]}
                           for e in self.evals if since is None or (e[0] is not None and e[0] > since)],
                 "markers": [m for m in self.markers if since is None or (m.get("step") or 0) > since],
             }
+
+    # -- audio samples
+    SAMPLE_TYPES = {".wav": "audio/wav", ".png": "image/png"}
+    MAX_SAMPLE_STEPS = 20
+
+    def sample_index(self, step):
+        """The index of a step's samples as {"dir", "weights", "samples"}, or None if unreadable."""
+        with self.lock:
+            event = self.sample_events.get(step)
+        if event is None:
+            return None
+        path = event["index"]
+        if not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(os.path.abspath(self.path)), path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                index = json.load(f)
+            entries = [e for e in index["samples"] if isinstance(e, dict)]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        files = lambda e: [e.get(k) for k in ("wav", "spectrogram")]
+        ok = lambda name: isinstance(name, str) and name == os.path.basename(name) and name not in ("", ".", "..") \
+            and os.path.splitext(name)[1] in self.SAMPLE_TYPES
+        return {"dir": os.path.dirname(path), "weights": event["weights"], "time": event["time"],
+                "samples": [e for e in entries if all(ok(n) for n in files(e))]}
+
+    def samples(self):
+        """The newest steps' audio samples, newest first, with the URLs the page plays them from."""
+        with self.lock:
+            steps = sorted(self.sample_events, reverse=True)[:self.MAX_SAMPLE_STEPS]
+        out = []
+        for step in steps:
+            index = self.sample_index(step)
+            if index is None:
+                continue
+            out.append({"step": step, "weights": index["weights"], "time": index["time"], "samples": [
+                {"text": str(e.get("text", "")), "kind": str(e.get("kind", "")), "seconds": _number(e.get("seconds")),
+                 "audio": f"samples/{step}/{e['wav']}", "spectrogram": f"samples/{step}/{e['spectrogram']}"}
+                for e in index["samples"]]})
+        return out
+
+    def sample_file(self, step, name):
+        """(bytes, content type) of a file some samples index names, else None."""
+        index = self.sample_index(step)
+        if index is None or not any(name in (e["wav"], e["spectrogram"]) for e in index["samples"]):
+            return None
+        try:
+            with open(os.path.join(index["dir"], name), "rb") as f:
+                return f.read(), self.SAMPLE_TYPES[os.path.splitext(name)[1]]
+        except OSError:
+            return None
 
     def csv_rows(self):
         with self.lock:
@@ -214,10 +273,15 @@ PAGE = r"""<!doctype html>
  #grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:12px;padding:0 16px 16px}
  .card{background:#fff;border:1px solid #e5e7eb;border-radius:6px;padding:8px}
  .card h3{margin:0 0 4px;font-size:14px} canvas{width:100%;height:260px;display:block}
+ #samples{padding:0 16px 16px} #samples h2{font-size:15px;margin:4px 0 8px}
+ .sample-step{margin-bottom:12px} .sample-row{display:flex;flex-wrap:wrap;gap:12px}
+ figure.sample{margin:0;width:320px} figure.sample figcaption{font-size:13px;margin-bottom:4px;overflow-wrap:anywhere}
+ figure.sample audio{width:100%} figure.sample img{width:100%;height:100px;display:block;image-rendering:pixelated;background:#000}
+ .kind{color:#6b7280;font-size:12px}
 </style></head><body>
 <header>
  <b id="run">…</b><span id="progress"></span><span id="eta"></span><span id="ckpt"></span>
- <span id="skipped"></span><span id="nans"></span><span id="status"></span>
+ <span id="skipped"></span><span id="nans"></span><span id="device"></span><span id="status"></span>
 </header>
 <div id="controls">
  <label>EMA smoothing <input id="smoothing" type="range" min="0" max="0.999" step="0.001" value="0.9">
@@ -235,6 +299,7 @@ PAGE = r"""<!doctype html>
  <div class="card"><h3>Gradient norm</h3><canvas id="chart-grad_norm"></canvas></div>
  <div class="card" id="card-mfu" hidden><h3>MFU</h3><canvas id="chart-mfu"></canvas></div>
 </div>
+<section id="samples" hidden><h2>Audio samples (newest first)</h2><div id="sample-list"></div></section>
 <script>
 "use strict";
 const POLL_MS = 2000, COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2"];
@@ -265,7 +330,40 @@ function merge(data) {
   if (state.series.step.length) state.lastStep = state.series.step[state.series.step.length - 1];
 }
 
+function withToken(path) {
+  const url = new URL(path, location.href);
+  if (token) url.searchParams.set("token", token);
+  return url.href;
+}
+
+function renderSamples(data) {
+  const key = JSON.stringify(data.steps.map(s => [s.step, s.time]));
+  if (key === state.samplesKey) return;  // unchanged: leave the players (and what they play) alone
+  state.samplesKey = key;
+  const list = document.getElementById("sample-list");
+  list.replaceChildren();
+  document.getElementById("samples").hidden = !data.steps.length;
+  for (const entry of data.steps) {
+    const block = document.createElement("div"); block.className = "card sample-step";
+    const title = document.createElement("h3");
+    title.textContent = "step " + entry.step + (entry.weights ? " \u00b7 " + entry.weights + " weights" : "");
+    const row = document.createElement("div"); row.className = "sample-row";
+    for (const s of entry.samples) {
+      const fig = document.createElement("figure"); fig.className = "sample";
+      const cap = document.createElement("figcaption");
+      const kind = document.createElement("span"); kind.className = "kind"; kind.textContent = s.kind + " \u00b7 ";
+      cap.append(kind, document.createTextNode(s.text));
+      const player = document.createElement("audio"); player.controls = true; player.preload = "metadata";
+      player.src = withToken(s.audio);
+      const img = document.createElement("img"); img.alt = "spectrogram of " + s.text; img.src = withToken(s.spectrogram);
+      fig.append(cap, player, img); row.append(fig);
+    }
+    block.append(title, row); list.append(block);
+  }
+}
+
 function poll() {
+  api("api/samples").then(renderSamples).catch(() => {});
   const fresh = state.series === null || state.series.step.length > 40000;
   const q = fresh || state.lastStep === null ? "api/metrics" : "api/metrics?since=" + state.lastStep;
   api(q).then(data => {
@@ -366,6 +464,7 @@ function render() {
     {name: "loss (raw)", xs, ys: s.loss, color: COLORS[0], alpha: 0.25, width: 1},
     {name: "loss EMA", xs, ys: lossEma, color: COLORS[0], width: 2},
     {name: "validation", xs: evals.map(e => (xmode === "time" ? e.time : e.step)), ys: evals.map(e => e.val_loss), color: COLORS[1], dots: true},
+    {name: "validation, EMA weights", xs: evals.map(e => (xmode === "time" ? e.time : e.step)), ys: evals.map(e => e.val_loss_ema === undefined ? null : e.val_loss_ema), color: COLORS[4], dots: true},
   ], {logy, xmode, markers});
   const lossCanvas = document.getElementById("chart-loss");
   const lastEma = lossEma.filter(v => v !== null).pop();
@@ -393,6 +492,8 @@ function render() {
   const skipped = Object.entries(sum.skipped || {}).filter(([k, v]) => v > 0);
   document.getElementById("skipped").textContent = "skipped samples: " + (skipped.length ? skipped.map(([k, v]) => k + " " + v).join(", ") : "none");
   document.getElementById("nans").textContent = "NaN steps: " + sum.nan_steps;
+  const mfu = s.mfu.filter(v => v !== null).pop();
+  document.getElementById("device").textContent = sum.device_kind ? sum.device_kind + (mfu === undefined ? " (no MFU: peak unknown)" : " \u00b7 MFU " + (100 * mfu).toFixed(1) + "%") : "";
   const disk = state.markers.filter(m => m.event === "disk_critical").pop();
   const status = document.getElementById("status");
   if (sum.stalled) status.innerHTML = '<span class="warn">stalled: no metrics for ' + fmtDuration(sum.last_line_age_s) + "</span>";
@@ -484,6 +585,18 @@ def make_handler(store, token):
                 store.poll()
                 body = json.dumps(store.snapshot(since, min(max(points, 10), MAX_POINTS))).encode()
                 return self.send(200, body, head=head)
+            if url.path == "/api/samples":
+                store.poll()
+                return self.send(200, json.dumps({"steps": store.samples()}).encode(), head=head)
+            if url.path.startswith("/samples/"):
+                parts = url.path.split("/")
+                found = None
+                if len(parts) == 4 and parts[2].isdigit():
+                    store.poll()
+                    found = store.sample_file(int(parts[2]), urllib.parse.unquote(parts[3]))
+                if found is None:
+                    return self.fail(404, "not found", head)
+                return self.send(200, found[0], found[1], head=head)
             if url.path == "/metrics.csv":
                 store.poll()
                 body = "".join(store.csv_rows()).encode()

@@ -26,10 +26,12 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import pickle  # noqa: E402
+import queue  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -38,7 +40,10 @@ import data  # noqa: E402
 
 log = logging.getLogger("train")
 
-TPU_V4_PEAK_FLOPS = 275e12  # bf16 per chip
+# Dense bf16 peak FLOP/s per chip, by device kind (jax.Device.device_kind); the first match wins.
+PEAK_FLOPS = (("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+              ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("H100 PCIe", 756e12),
+              ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 TIMESTEP_BUCKETS = 5
 
 
@@ -76,7 +81,8 @@ def parse_args(argv=None):
     a("--checkpoint_every", type=int, default=5000, help="steps between checkpoints (and one at the end)")
     a("--keep_checkpoints", type=int, default=3, help="keep only the newest N checkpoints (0: keep all)")
     a("--resume", default="auto", help="'auto' (newest complete checkpoint on any worker), 'none', or a path")
-    a("--init_from", default=None, help="start from this checkpoint's weights with a fresh optimizer at step 0")
+    a("--init_from", default=None, help="start from this checkpoint's weights (its EMA weights where it has "
+      "them) with a fresh optimizer at step 0")
     a("--metrics_file", default=None, help="JSON Lines metrics (default RUN_DIR/metrics.jsonl)")
     a("--log_every", type=int, default=1, help="steps between metrics lines")
     a("--eval_every", type=int, default=None, help="steps between validation (default 1000; synthetic 250)")
@@ -92,10 +98,22 @@ def parse_args(argv=None):
     a("--run_steps", type=int, default=None, help="stop this invocation after N steps, with a checkpoint (to fit "
       "a time slot); the schedule still follows --steps")
     a("--max_bad_steps", type=int, default=20, help="stop after this many non-finite steps in a row")
+    a("--ema_decay", type=float, default=None, help="decay of the EMA weights, warmed up as min(decay, (1 + step) "
+      "/ (10 + step)); 0 turns them off (default 0.9999; synthetic 0.99)")
     a("--eval_batches", type=int, default=4, help="global batches of held-out samples averaged into val_loss")
     a("--eval_samples", type=int, default=32, help="held-out texts sampled at each synthetic eval")
     a("--sample_steps", type=int, default=16, help="Euler steps when sampling at eval")
     a("--sample_cfg", type=float, default=2.0, help="joint guidance scale when sampling at eval")
+    a("--sample_every", type=int, default=None, help="steps between audio samples of fixed prompts, generated "
+      "with the EMA weights and decoded with --dacvae_weights (default 20000; synthetic 500; 0: never)")
+    a("--sample_texts", default=None, help="text file, one prompt per line, for the audio samples (default: a few "
+      "built-in sentences that fit --max_text_len, else the reference samples' own texts)")
+    a("--dacvae_weights", default=os.environ.get("DACVAE_WEIGHTS"), help="DACVAE weights.pth (or Hub repo id) "
+      "that decodes the audio samples (default $DACVAE_WEIGHTS); without it, no samples")
+    a("--tensorboard_dir", default=None, help="also write every metric and the audio samples as TensorBoard events "
+      "here (tensorboard --logdir DIR)")
+    a("--profile_steps", default=None, metavar="A:B", help="write a jax.profiler trace of steps A to B (process 0) "
+      "to --tensorboard_dir, else RUN_DIR/profile; open it in TensorBoard's profile plugin or xprof")
     a("--aot_topology", default=None, help="compile for a TPU topology (e.g. v4-64, v4:2x2x1) and report memory")
     a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache")
     a("--distributed_timeout", type=int, default=300, help="seconds to wait for all hosts to join")
@@ -109,11 +127,13 @@ def resolve_defaults(args):
         raise TrainError(f"--synthetic_corpus must be one of {', '.join(data.SYNTHETIC_CORPORA)}, "
                          f"got {args.synthetic_corpus!r}")
     defaults = dict(preset="tiny", steps=1_000_000, global_batch_size=256, lr=1e-4, eval_every=1000,
-                    max_latent_len=768, max_text_len=768, max_speaker_len=768, remat="save_dots")
+                    max_latent_len=768, max_text_len=768, max_speaker_len=768, remat="save_dots", ema_decay=0.9999,
+                    sample_every=20000)
     if synthetic:
         latent_len, text_len, speaker_len = data.synthetic_lengths(args.synthetic_corpus)
         defaults.update(preset="demo", steps=2500, global_batch_size=32, lr=2e-3, eval_every=250,
-                        max_latent_len=latent_len, max_text_len=text_len, max_speaker_len=speaker_len, remat="none")
+                        max_latent_len=latent_len, max_text_len=text_len, max_speaker_len=speaker_len, remat="none",
+                        ema_decay=0.99, sample_every=500)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -134,6 +154,25 @@ def resolve_defaults(args):
                          f"{args.grad_accum} micro-batches")
     if not args.lr > 0 or not 0 <= args.warmup_frac < 1:
         raise TrainError("--lr must be positive and --warmup_frac in [0, 1)")
+    if not 0 <= args.ema_decay < 1:
+        raise TrainError(f"--ema_decay must lie in [0, 1) (0 turns EMA off), got {args.ema_decay}")
+    if args.sample_every < 0:
+        raise TrainError(f"--sample_every must not be negative (0: no audio samples), got {args.sample_every}")
+    weights = args.dacvae_weights
+    looks_local = weights and (weights.endswith((".pth", ".pt")) or weights.startswith((".", "/")))
+    if looks_local and not os.path.exists(weights):
+        raise TrainError(f"--dacvae_weights {weights}: no such file (give a weights.pth or a Hub repo id)")
+    if args.sample_texts and not os.path.isfile(args.sample_texts):
+        raise TrainError(f"--sample_texts {args.sample_texts}: no such file")
+    args.profile_range = None
+    if args.profile_steps:
+        first, _, last = args.profile_steps.partition(":")
+        try:
+            args.profile_range = (int(first), int(last or first))
+        except ValueError:
+            args.profile_range = (0, 0)
+        if not 1 <= args.profile_range[0] <= args.profile_range[1]:
+            raise TrainError(f"--profile_steps takes A:B with 1 <= A <= B (steps to trace), got {args.profile_steps!r}")
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
         raise TrainError(f"--resume {args.resume}: no such checkpoint file")
     if args.init_from and not os.path.isfile(args.init_from):
@@ -205,6 +244,12 @@ def rendezvous(coordinator, processes, index, timeout):
         if time.monotonic() > deadline:
             raise TrainError(missing("fewer than all"))
         time.sleep(0.5)
+
+
+def peak_flops(device_kind):
+    """Peak FLOP/s of one chip of this kind, or None for a kind not in PEAK_FLOPS (then no MFU is
+    reported rather than a wrong one)."""
+    return next((peak for name, peak in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
 def make_mesh(mesh_data):
@@ -311,6 +356,11 @@ def build_train_step(model, tx, args):
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
         new_state = {"params": keep(new_params, state["params"]), "opt_state": keep(new_opt, state["opt_state"]),
                      "step": state["step"] + 1}
+        if "ema_params" in state:
+            step = state["step"].astype(jnp.float32)
+            decay = jnp.minimum(args.ema_decay, (1 + step) / (10 + step))
+            new_state["ema_params"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"],
+                                                   new_state["params"])
         # Loss by timestep bucket: per-sample MSE over frames normalised the same way as the loss.
         per_sample = per_sample / (x0[0].size * valid_fraction)
         bucket = jnp.clip((t * TIMESTEP_BUCKETS).astype(jnp.int32), 0, TIMESTEP_BUCKETS - 1)
@@ -344,16 +394,18 @@ def build_eval_loss(model, args):
     return eval_fn
 
 
-def held_out_batches(trainer, args):
-    """The first --eval_batches global batches of the held-out source, read alike on every host."""
-    config = dataclasses.replace(trainer.data_config, source=trainer.eval_source, batch_size=args.global_batch_size,
-                                 process_index=0, process_count=1, split=trainer.eval_split)
+def fixed_batches(trainer, args, source, split, count, flag, open_shards=None):
+    """The first `count` global batches of a source, read alike on every host (validation sets,
+    audio-sample references)."""
+    config = dataclasses.replace(trainer.data_config, source=source, batch_size=args.global_batch_size,
+                                 process_index=0, process_count=1, split=split,
+                                 open_shards=open_shards or trainer.data_config.open_shards)
     try:
         pipeline = data.Pipeline(config)
     except data.DataError as e:
-        raise TrainError(f"--eval_data: {e}") from None
+        raise TrainError(f"{flag}: {e}") from None
     try:
-        batches = [next(pipeline) for _ in range(args.eval_batches)]
+        batches = [next(pipeline) for _ in range(count)]
         return [{k: v for k, v in b.items() if isinstance(v, np.ndarray)} for b in batches]
     finally:
         pipeline.close()
@@ -462,6 +514,8 @@ class Trainer:
             transform_non_params=lambda _: replicated,
             is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
         self.state_shardings = {"params": self.param_shardings, "opt_state": self.opt_shardings, "step": replicated}
+        if args.ema_decay > 0:  # float32 like the params, sharded like them
+            self.state_shardings["ema_params"] = self.param_shardings
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
         self.replicated = replicated
 
@@ -472,13 +526,17 @@ class Trainer:
 
         def init():
             params = nn.unbox(echo.init_params(self.config, jax.random.key(self.args.seed)))
-            return {"params": params, "opt_state": self.tx.init(params), "step": self.jnp.zeros((), self.jnp.int32)}
+            state = {"params": params, "opt_state": self.tx.init(params), "step": self.jnp.zeros((), self.jnp.int32)}
+            if self.args.ema_decay > 0:
+                state["ema_params"] = params
+            return state
 
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return jax.jit(init, out_shardings=self.state_shardings)()
 
-    def state_from_numpy(self, params, opt_state, step):
-        """Host numpy trees (same on every process) -> the sharded train state."""
+    def state_from_numpy(self, params, opt_state, step, ema_params=None):
+        """Host numpy trees (same on every process) -> the sharded train state (EMA weights
+        start from the params where none are given)."""
         jax = self.jax
         opt_template = jax.eval_shape(self.tx.init, params)
         import flax.serialization
@@ -486,8 +544,11 @@ class Trainer:
             else self.tx.init(params)
         put = lambda tree, shardings: jax.tree.map(
             lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]), tree, shardings)
-        return {"params": put(params, self.param_shardings), "opt_state": put(opt_state, self.opt_shardings),
-                "step": put(np.asarray(step, np.int32), self.replicated)}
+        state = {"params": put(params, self.param_shardings), "opt_state": put(opt_state, self.opt_shardings),
+                 "step": put(np.asarray(step, np.int32), self.replicated)}
+        if self.args.ema_decay > 0:
+            state["ema_params"] = put(params if ema_params is None else ema_params, self.param_shardings)
+        return state
 
     def find_resume_checkpoint(self):
         """Agree over all processes on the newest complete checkpoint on ANY worker's disk."""
@@ -510,7 +571,13 @@ class Trainer:
         if self.processes > 1:
             payload = self.broadcast_payload(payload, holder)
         params = echo.params_from_checkpoint(payload, self.config, path)
-        state = self.state_from_numpy(params, payload.get("opt_state"), payload["step"])
+        ema = None
+        if self.args.ema_decay > 0:
+            if "ema_params" in payload:
+                ema = echo.params_from_checkpoint(payload, self.config, path, key="ema_params")
+            else:
+                log.warning("%s holds no EMA weights: they start from its params", path)
+        state = self.state_from_numpy(params, payload.get("opt_state"), payload["step"], ema)
         data_states = payload.get("data_states")
         if data_states and len(data_states) == self.processes:
             data_state = data_states[self.process]
@@ -553,6 +620,8 @@ class Trainer:
             about = {"config": config, "max_lengths": {k: getattr(args, k) for k in
                                                        ("max_latent_len", "max_text_len", "max_speaker_len")},
                      "silence_latent": self.silence_latent}
+            if "ema_params" in full:
+                about["ema_params"] = to_numpy_tree(full["ema_params"])
             atomic_pickle(base + ".params.pkl", {"params": params, "step": step, **about})
             atomic_pickle(base + ".pkl", {"params": params, "opt_state": to_numpy_tree(full["opt_state"]),
                                           "step": step, "samples_seen": samples_seen, **about,
@@ -571,19 +640,167 @@ class Trainer:
 # Metrics
 
 class Metrics:
-    """Append-only JSON Lines on process 0, flushed line by line."""
+    """Append-only JSON Lines on process 0, flushed line by line (the source of truth), mirrored to
+    TensorBoard events when a directory is given: step lines under train/, evals under eval/."""
 
-    def __init__(self, path, enabled):
-        self.file = None
+    def __init__(self, path, enabled, tensorboard_dir=None):
+        self.file, self.tensorboard = None, None
+        self.lock = threading.Lock()  # the audio-sample thread writes too
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "a", buffering=1)
+            if tensorboard_dir:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tensorboard = SummaryWriter(tensorboard_dir)
 
     def write(self, **fields):
-        if self.file:
-            fields.setdefault("time", time.time())
+        if not self.file:
+            return
+        fields.setdefault("time", time.time())
+        with self.lock:
             self.file.write(json.dumps(fields) + "\n")
             self.file.flush()
+            event = fields.get("event")
+            if self.tensorboard and "step" in fields and event in (None, "eval"):
+                prefix = "eval/" if event else "train/"
+                for tag, value in _numbers(fields, ("step", "time", "event")):
+                    self.tensorboard.add_scalar(prefix + tag, value, fields["step"], walltime=fields["time"])
+
+    def audio(self, tag, audio, step, sample_rate):
+        if self.tensorboard:
+            with self.lock:
+                self.tensorboard.add_audio(tag, audio[None], step, sample_rate=sample_rate)
+
+    def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def _numbers(fields, skip=(), prefix=""):
+    """(tag, value) of every finite number in a metrics line, nested dicts as tag/subtag."""
+    for key, value in fields.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict):
+            yield from _numbers(value, prefix=f"{prefix}{key}/")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield prefix + key, value
+
+
+# ----------------------------------------------------------------------------
+# Audio samples: fixed prompts, generated on every host, decoded in the background on process 0
+
+DEFAULT_SAMPLE_TEXTS = ("The birch canoe slid on the smooth planks.", "Glue the sheet to the dark blue background.",
+                        "It is easy to tell the depth of a well.")
+MAX_SAMPLE_PROMPTS = 8
+
+
+def batch_texts(batch):
+    """The (normalised) texts of a batch, from its byte ids."""
+    return [bytes(ids[1:mask.sum()].astype(np.uint8)).decode("utf-8", "replace")
+            for ids, mask in zip(batch["text_ids"], batch["text_mask"])]
+
+
+def sample_prompts(args, reference):
+    """The audio-sample prompts: texts (--sample_texts, else built-in sentences that fit, else the
+    reference batch's own texts), each with a fixed speaker reference from `reference`."""
+    if args.sample_texts:
+        with open(args.sample_texts, encoding="utf-8") as f:
+            texts = [line.strip() for line in f if line.strip()][:MAX_SAMPLE_PROMPTS]
+        too_long = [t for t in texts if data.encode_text(t, args.max_text_len) is None]
+        if not texts or too_long:
+            raise TrainError(f"--sample_texts {args.sample_texts}: " + (f"{len(too_long)} line(s) do not fit "
+                             f"--max_text_len {args.max_text_len} bytes, e.g. {too_long[0][:40]!r}" if too_long
+                             else "holds no text"))
+    else:
+        texts = [t for t in DEFAULT_SAMPLE_TEXTS if data.encode_text(t, args.max_text_len) is not None]
+        texts = texts or batch_texts(reference)[:3]
+    encoded = [data.encode_text(t, args.max_text_len) for t in texts]
+    rows = [i % len(reference["speaker_latent"]) for i in range(len(texts))]
+    return texts, {"text_ids": np.stack([e[0] for e in encoded]), "text_mask": np.stack([e[1] for e in encoded]),
+                   "speaker_latent": reference["speaker_latent"][rows], "speaker_mask": reference["speaker_mask"][rows]}
+
+
+def write_spectrogram(path, audio, sample_rate):
+    """A PNG of the audio's log-power spectrogram: 0-12 kHz, an 80 dB range, dark to bright."""
+    from PIL import Image
+    n_fft, hop = 1024, 256
+    audio = np.pad(np.asarray(audio, np.float32), (0, max(0, n_fft - len(audio))))
+    frames = np.lib.stride_tricks.sliding_window_view(audio, n_fft)[::hop] * np.hanning(n_fft)
+    power = np.abs(np.fft.rfft(frames, axis=1)[:, :n_fft * 12000 // sample_rate]) ** 2
+    db = 10 * np.log10(power + 1e-12)
+    level = np.clip((db - db.max() + 80) / 80, 0, 1).T[::-1]
+    anchors = np.linspace(0, 1, 5)  # black, purple, red, orange, pale yellow
+    colors = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
+    rgb = np.stack([np.interp(level, anchors, colors[:, c]) for c in range(3)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(rgb).resize((min(max(rgb.shape[1], 200), 800), 160))
+    import dacvae
+    dacvae.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+class AudioSamples:
+    """Process 0's decoder of audio samples: a background thread turns generated latents into 48 kHz
+    wavs, spectrogram PNGs and an index.json under RUN_DIR/samples/step_XXXXXXX, then appends a
+    {"event": "samples"} line naming the index (and the audio to TensorBoard)."""
+
+    def __init__(self, args, metrics, texts, truth, silence_frame):
+        import dacvae
+        try:
+            self.codec = dacvae.DACVAE.load(args.dacvae_weights, flag="--dacvae_weights")
+        except dacvae.DACVAEError as e:
+            raise TrainError(str(e)) from None
+        self.root = os.path.join(args.run_dir, "samples")
+        self.metrics, self.texts, self.truth, self.silence_frame = metrics, texts, truth, silence_frame
+        self.truth_audio = None
+        self.jobs = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def submit(self, step, latents, weights):
+        self.jobs.put((step, latents, weights))
+
+    def close(self):
+        """Wait for the samples still being decoded."""
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            try:
+                self._write(*job)
+            except Exception as e:  # a failed sample never stops training
+                log.warning("audio samples of step %d failed: %s: %s", job[0], type(e).__name__, e)
+
+    def _decode(self, latent):
+        audio = self.codec.decode(np.asarray(latent, np.float32).T[None], progress=False)[0, 0].numpy()
+        return np.clip(audio, -1, 1)  # as the wav holds it
+
+    def _write(self, step, latents, weights):
+        import dacvae
+        import inference
+        directory = os.path.join(self.root, f"step_{step:07d}")
+        os.makedirs(directory, exist_ok=True)
+        if self.truth_audio is None:
+            self.truth_audio = self._decode(self.truth[1])
+        clips = [(text, self._decode(inference.trim_trailing_silence(latent, self.silence_frame)), "generated")
+                 for text, latent in zip(self.texts, latents)] + [(self.truth[0], self.truth_audio, "ground truth")]
+        entries = []
+        for i, (text, audio, kind) in enumerate(clips):
+            name = f"{i:02d}-{'truth' if kind == 'ground truth' else 'generated'}"
+            dacvae.save_audio(os.path.join(directory, name + ".wav"), audio)
+            write_spectrogram(os.path.join(directory, name + ".png"), audio, self.codec.sample_rate)
+            entries.append({"text": text, "kind": kind, "wav": name + ".wav", "spectrogram": name + ".png",
+                            "seconds": round(len(audio) / self.codec.sample_rate, 3)})
+            self.metrics.audio(f"samples/{name}", audio, step, self.codec.sample_rate)
+        index = os.path.join(directory, "index.json")
+        payload = json.dumps({"step": step, "weights": weights, "samples": entries}, indent=1)
+
+        def write_index(tmp):
+            with open(tmp, "w") as f:
+                f.write(payload)
+        dacvae.atomic_write(index, write_index)
+        self.metrics.write(event="samples", step=step, index=os.path.abspath(index), weights=weights,
+                           count=len(entries))
 
 
 def nmse(generated, truth, frames):
@@ -611,11 +828,13 @@ def train(args, on_eval=None):
     """The training loop. on_eval(step, fields), if given, sees every eval; returning True ends the
     run there (with a checkpoint), as --run_steps would."""
     import jax
+
+    import inference
     import model as echo
 
     trainer = Trainer(args)
     nn = trainer.nn
-    metrics = Metrics(args.metrics_file, trainer.process == 0)
+    metrics = Metrics(args.metrics_file, trainer.process == 0, args.tensorboard_dir)
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
 
@@ -636,7 +855,9 @@ def train(args, on_eval=None):
     if state is None and args.init_from:
         try:
             payload = echo.load_checkpoint_file(args.init_from)
-            params = echo.params_from_checkpoint(payload, trainer.config, args.init_from)
+            key = "ema_params" if "ema_params" in payload else "params"
+            params = echo.params_from_checkpoint(payload, trainer.config, args.init_from, key=key)
+            log.info("starting from the %s weights of %s", "EMA" if key == "ema_params" else "raw", args.init_from)
         except echo.CheckpointError as e:
             raise TrainError(str(e)) from None
         state = trainer.state_from_numpy(params, None, 0)
@@ -663,7 +884,8 @@ def train(args, on_eval=None):
     # Validation only ever sees held-out samples: fixed batches of the held-out source.
     eval_sets, synthetic_eval = [], None
     if trainer.eval_source:
-        eval_sets = held_out_batches(trainer, args)
+        eval_sets = fixed_batches(trainer, args, trainer.eval_source, trainer.eval_split, args.eval_batches,
+                                  "--eval_data")
         rows = slice(trainer.process * trainer.data_config.batch_size,
                      (trainer.process + 1) * trainer.data_config.batch_size)
         eval_batches = [global_batch({k: v[rows] for k, v in b.items()}) for b in eval_sets]
@@ -673,14 +895,39 @@ def train(args, on_eval=None):
         held_out = {k: np.concatenate([b[k] for b in eval_sets])[:args.eval_samples] for k in eval_sets[0]}
         synthetic_eval = dict(held_out, frames=held_out["latent_mask"].sum(axis=1))
 
+    # Audio samples: every host generates the fixed prompts (the weights are sharded over all of
+    # them); process 0 decodes them in the background.
+    prompts, audio = None, None
+    if args.sample_every and not args.dacvae_weights:
+        log.warning("no --dacvae_weights (or $DACVAE_WEIGHTS): no audio samples are written")
+    elif args.sample_every:
+        if eval_sets:
+            reference = eval_sets[0]
+        else:
+            log.warning("no held-out data: the audio samples take their speakers from training samples")
+            reference = fixed_batches(trainer, args, trainer.source, "train", 1, "--data", open_shards=1)[0]
+        texts, prompts = sample_prompts(args, reference)
+        if trainer.process == 0:
+            frames = int(reference["latent_mask"][0].sum())
+            truth = (batch_texts(reference)[0], reference["latent"][0, :frames])
+            audio = AudioSamples(args, metrics, texts, truth,
+                                 np.median(trainer.silence_latent.astype(np.float32), axis=0))
+
     start_step = int(state["step"])
+    device_kind = jax.devices()[0].device_kind
+    peak = peak_flops(device_kind)
     metrics.write(event="start", step=start_step, total_steps=args.steps, run=os.path.basename(
         os.path.abspath(args.run_dir)), preset=args.preset, global_batch_size=args.global_batch_size,
-        processes=trainer.processes, devices=jax.device_count())
+        processes=trainer.processes, devices=jax.device_count(), device_kind=device_kind, peak_flops_per_chip=peak)
     flops = echo.flops_per_sample(trainer.config, args.max_latent_len, args.max_text_len, args.max_speaker_len)
+    profile_dir = args.tensorboard_dir or os.path.join(args.run_dir, "profile")
+    profiling = False
     bad_in_a_row, last = 0, time.perf_counter()
     step = start_step
     while step < args.steps:
+        if args.profile_range and trainer.process == 0 and step + 1 == args.profile_range[0]:
+            jax.profiler.start_trace(profile_dir)
+            profiling = True
         t0 = time.perf_counter()
         local = next(pipeline)
         data_wait = time.perf_counter() - t0
@@ -692,6 +939,8 @@ def train(args, on_eval=None):
                 metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - compile_start, 2))
         step += 1
         samples_seen += args.global_batch_size
+        if profiling and step == args.profile_range[1]:
+            profiling = stop_profile(out, profile_dir)
         finite = bool(out["finite"])
         if not finite:
             bad_in_a_row += 1
@@ -715,9 +964,8 @@ def train(args, on_eval=None):
                         **({"skipped_by_source": pipeline.source_counters()} if "," in args.data else {}),
                         loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
                                    for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
-            if jax.default_backend() == "tpu":
-                line["mfu"] = round(flops * args.global_batch_size / step_time
-                                    / (TPU_V4_PEAK_FLOPS * jax.device_count()), 4)
+            if peak is not None:
+                line["mfu"] = round(flops * args.global_batch_size / step_time / (peak * jax.device_count()), 4)
             memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
             if "bytes_in_use" in memory:
                 line["device_bytes_in_use"] = int(memory["bytes_in_use"])
@@ -729,13 +977,27 @@ def train(args, on_eval=None):
         slot_done = False
         if (step % args.eval_every == 0 or step == args.steps) and eval_sets:
             with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                losses = [eval_loss(state["params"], b, np.int32(i)) for i, b in enumerate(eval_batches)]
-                fields = {"step": step, "event": "eval", "val_loss": float(np.mean([float(v) for v in losses]))}
+                fields = {"step": step, "event": "eval"}
+                for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
+                    if key in state:
+                        losses = [eval_loss(state[key], b, np.int32(i)) for i, b in enumerate(eval_batches)]
+                        fields[name] = float(np.mean([float(v) for v in losses]))
                 if synthetic_eval is not None:
                     fields["synthetic_nmse"] = synthetic_nmse(trainer.model, state["params"], synthetic_eval, args)
+                    if "ema_params" in state:
+                        fields["synthetic_nmse_ema"] = synthetic_nmse(trainer.model, state["ema_params"],
+                                                                      synthetic_eval, args)
             metrics.write(**fields)
             if on_eval is not None and on_eval(step, fields):
                 slot_done = True
+        if prompts is not None and step % args.sample_every == 0:
+            weights = "ema_params" if "ema_params" in state else "params"
+            with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+                latents = inference.sample_latents(trainer.model, state[weights], **prompts, steps=args.sample_steps,
+                                                   cfg_scale=args.sample_cfg, seed=args.seed + 11,
+                                                   num_frames=args.max_latent_len, progress=False)
+            if audio is not None:
+                audio.submit(step, latents, "ema" if weights == "ema_params" else "raw")
         preempted = stop["signal"] is not None
         if trainer.processes > 1:  # hosts get SIGTERM at different steps; they must checkpoint at the same one
             from jax.experimental import multihost_utils
@@ -750,8 +1012,22 @@ def train(args, on_eval=None):
             break
         if slot_done:
             break
+    if profiling:
+        stop_profile(out, profile_dir)
+    if audio is not None:
+        audio.close()
+    metrics.close()
     pipeline.close()
     return state
+
+
+def stop_profile(out, directory):
+    """End the jax.profiler trace once the traced steps have run; returns False (not profiling)."""
+    import jax
+    jax.block_until_ready(out["loss"])
+    jax.profiler.stop_trace()
+    log.info("profile written to %s (tensorboard --logdir %s, Profile tab; or xprof)", directory, directory)
+    return False
 
 
 # ----------------------------------------------------------------------------
@@ -802,8 +1078,11 @@ def aot_compile(args):
     shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
     with_sharding = lambda tree, sh: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-    state = with_sharding({"params": nn.unbox(abstract), "opt_state": abstract_opt,
-                           "step": jax.ShapeDtypeStruct((), jnp.int32)}, shardings)
+    abstract_state = {"params": nn.unbox(abstract), "opt_state": abstract_opt,
+                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    if args.ema_decay > 0:  # the EMA weights count too: float32, sharded like the params
+        shardings["ema_params"], abstract_state["ema_params"] = param_shardings, abstract_state["params"]
+    state = with_sharding(abstract_state, shardings)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     b = args.global_batch_size
     shapes = {"latent": ((b, args.max_latent_len, 128), jnp.float32), "latent_mask": ((b, args.max_latent_len), jnp.int32),

@@ -161,6 +161,9 @@ def test_reference_layout_and_boxed_checkpoints_load(run, loaded, tmp_path):
         assert other.config.model_size == loaded.config.model_size
         for k, v in echo.flatten(other.params).items():
             np.testing.assert_array_equal(np.asarray(v), np.asarray(echo.flatten(loaded.params)[k]), err_msg=k)
+    # A file without EMA weights loads its params; asking for EMA weights it lacks is one sentence.
+    with pytest.raises(inference.InferenceError, match="holds no EMA weights.*--weights raw"):
+        inference.load_model(str(ref_layout), weights="ema")
 
 
 # ---------------------------------------------------------------- determinism and guidance
@@ -417,7 +420,8 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
     truncated.write_bytes(open(run["params"], "rb").read()[:5000])
     incompatible = tmp_path / "other.pkl"
     payload = echo.load_checkpoint_file(run["params"])
-    payload["params"]["in_proj"]["kernel"] = np.zeros((128, 7), np.float32)
+    for key in ("params", "ema_params"):  # the EMA weights are the ones inference loads
+        payload[key]["in_proj"]["kernel"] = np.zeros((128, 7), np.float32)
     with open(incompatible, "wb") as f:
         pickle.dump(payload, f)
     not_echo = tmp_path / "not_echo.pkl"

@@ -35,6 +35,29 @@ def write_run(path, steps, events=True):
                 f.write(json.dumps({"event": "checkpoint", "step": s, "time": 1_700_000_000 + s}) + "\n")
 
 
+def write_samples(metrics_path, step, texts=("hello there", "a second prompt")):
+    """Audio samples as the trainer writes them: wavs, spectrogram PNGs, index.json, a samples event."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    directory = metrics_path.parent / "samples" / f"step_{step:07d}"
+    directory.mkdir(parents=True)
+    entries = []
+    for i, text in enumerate(texts):
+        t = np.arange(24000) / 48000
+        soundfile.write(str(directory / f"{i:02d}.wav"), 0.3 * np.sin(2 * np.pi * (220 + 110 * i) * t), 48000)
+        Image.fromarray(np.full((40, 120, 3), 60 * i, np.uint8)).save(directory / f"{i:02d}.png")
+        entries.append({"text": text, "kind": "generated", "wav": f"{i:02d}.wav", "spectrogram": f"{i:02d}.png",
+                        "seconds": 0.5})
+    (directory / "secret.wav").write_bytes(b"RIFF not listed")
+    (directory / "index.json").write_text(json.dumps({"step": step, "weights": "ema", "samples": entries}))
+    with open(metrics_path, "a") as f:
+        f.write(json.dumps({"event": "samples", "step": step, "weights": "ema", "time": 1_700_000_000 + step,
+                            "index": os.path.relpath(directory / "index.json", metrics_path.parent)}) + "\n")
+    return directory
+
+
 @pytest.fixture
 def server(tmp_path):
     """An in-process dashboard on a free port: (base url, metrics path, token setter)."""
@@ -191,6 +214,28 @@ def start_process(args, **kwargs):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def test_audio_samples_api_serves_only_indexed_files(server):
+    start, path = server
+    write_run(path, 10)
+    write_samples(path, 5)
+    write_samples(path, 10, texts=("newest",))
+    base = start(token="tok")
+    assert get(base + "/api/samples")[0] == 401 and get(base + "/samples/10/00.wav")[0] == 401
+    status, body = get(base + "/api/samples?token=tok")
+    steps = json.loads(body)["steps"]
+    assert status == 200 and [s["step"] for s in steps] == [10, 5]  # newest first
+    assert steps[0]["samples"] == [{"text": "newest", "kind": "generated", "seconds": 0.5,
+                                    "audio": "samples/10/00.wav", "spectrogram": "samples/10/00.png"}]
+    status, body = get(base + "/samples/5/01.wav?token=tok")
+    assert status == 200 and body[:4] == b"RIFF"
+    with urllib.request.urlopen(base + "/samples/5/01.png?token=tok", timeout=30) as r:
+        assert r.headers["Content-Type"] == "image/png" and r.read(4) == b"\x89PNG"
+    for bad in ("/samples/5/secret.wav", "/samples/5/index.json", "/samples/5/..%2F..%2Fmetrics.jsonl",
+                "/samples/5/../../metrics.jsonl", "/samples/7/00.wav", "/samples/x/00.wav", "/samples/10/01.wav",
+                "/samples/5", "/samples/"):
+        assert get(base + bad + "?token=tok")[0] == 404, bad
+
+
 def test_dashboard_in_headless_chromium(tmp_path):
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
@@ -203,6 +248,8 @@ def test_dashboard_in_headless_chromium(tmp_path):
         pytest.skip("apt-get install chromium chromium-driver")
     path = tmp_path / "metrics.jsonl"
     write_run(path, 60)
+    write_samples(path, 40, texts=("an older sample",))
+    write_samples(path, 60)
     server = start_process([sys.executable, os.path.join(REPO, "monitor.py"), "--metrics", str(path), "--port", "0",
                             "--token", "tok"])
     appender = None
@@ -226,6 +273,17 @@ def test_dashboard_in_headless_chromium(tmp_path):
         assert "step 60 / 1000" in driver.find_element("id", "progress").text
         assert "checkpoint 60" in driver.find_element("id", "ckpt").text
         assert "empty_text 2" in driver.find_element("id", "skipped").text
+
+        # The audio samples: newest step first, a player and a spectrogram per sample, all loaded.
+        wait.until(lambda d: len(d.find_elements("css selector", "#sample-list audio")) == 3)
+        titles = [e.text for e in driver.find_elements("css selector", ".sample-step h3")]
+        assert titles[0].startswith("step 60") and titles[1].startswith("step 40") and "ema" in titles[0]
+        captions = [e.text for e in driver.find_elements("css selector", "figure.sample figcaption")]
+        assert "hello there" in captions[0] and "an older sample" in captions[2]
+        wait.until(lambda d: d.execute_script(
+            "return [...document.querySelectorAll('#sample-list audio')].every(a => a.readyState >= 1 && "
+            "a.duration > 0.4) && [...document.querySelectorAll('#sample-list img')].every(i => i.complete && "
+            "i.naturalWidth > 0)"))
 
         # New points appear without a reload.
         driver.execute_script("window.__sameDocument = true")
@@ -259,6 +317,8 @@ def test_dashboard_in_headless_chromium(tmp_path):
 
         os.makedirs(ARTIFACTS, exist_ok=True)
         driver.save_screenshot(os.path.join(ARTIFACTS, "monitor.png"))
+        driver.execute_script("document.getElementById('samples').scrollIntoView()")
+        driver.save_screenshot(os.path.join(ARTIFACTS, "monitor-samples.png"))
         errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not errors, errors
     finally:

@@ -1,3 +1,4 @@
+import glob
 import io
 import json
 import logging
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+import soundfile
 from conftest import REPO
 
 import model as echo
@@ -81,6 +83,7 @@ def test_lossless_resume_in_one_process(tmp_path):
     a, b = final_params(str(straight / "checkpoints"), 12), final_params(str(split / "checkpoints"), 12)
     assert_trees_equal(a["params"], b["params"])
     assert_trees_equal(a["opt_state"], b["opt_state"])
+    assert_trees_equal(a["ema_params"], b["ema_params"])
     la, lb = losses(read_metrics(straight / "metrics.jsonl")), losses(read_metrics(split / "metrics.jsonl"))
     assert la == lb and len(la) == 12
     assert any(m.get("event") == "resumed" for m in read_metrics(split / "metrics.jsonl"))
@@ -169,7 +172,10 @@ def test_bad_flags_fail_before_anything_compiles(tmp_path):
     for flags, message in ((["--max_speaker_len", "30"], "multiple of 4"), (["--preset", "7B"], "--preset"),
                            (["--global_batch_size", "10", "--grad_accum", "3"], "--grad_accum"),
                            (["--data", str(tmp_path / "nothing")], "no .tar shards"),
-                           (["--init_from", str(tmp_path / "none.pkl")], "--init_from")):
+                           (["--init_from", str(tmp_path / "none.pkl")], "--init_from"),
+                           (["--ema_decay", "1"], "--ema_decay"), (["--profile_steps", "5:2"], "--profile_steps"),
+                           (["--sample_texts", str(tmp_path / "none.txt")], "--sample_texts"),
+                           (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
         start = time.perf_counter()
         out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir",
                               str(tmp_path / "r"), *flags], capture_output=True, text=True, timeout=120)
@@ -311,6 +317,84 @@ def test_val_loss_comes_from_held_out_data_only(tmp_path, caplog):
     assert [m["val_loss"] for m in read_metrics(tmp_path / "split" / "metrics.jsonl") if "val_loss" in m] == val["held"]
     run_inprocess(tmp_path, "mixed", *common[2:], "--data", f"{tmp_path / 'train'}:0.5,{split}:0.5")
     assert len([m for m in read_metrics(tmp_path / "mixed" / "metrics.jsonl") if "val_loss" in m]) == 2
+
+
+def test_peak_flops_come_from_the_device_kind():
+    peaks = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+             "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12}
+    for kind, peak in peaks.items():
+        assert train_pretrain.peak_flops(kind) == peak, kind
+    assert train_pretrain.peak_flops("cpu") is None and train_pretrain.peak_flops("TPU v9 hyper") is None
+
+
+def test_ema_audio_samples_tensorboard_and_profile(tmp_path):
+    """EMA weights follow their formula and reach the export; audio samples, TensorBoard events and a
+    profile are written; the dashboard lists and serves exactly the sample files."""
+    import dacvae
+    import inference
+    import monitor
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    codec = tmp_path / "codec.pth"
+    assert dacvae.main(["init-random", str(codec), "--size", "tiny", "--seed", "3"]) in (0, None)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello there\nsecond prompt\n")
+    run = run_inprocess(tmp_path, "run", "--steps", "4", "--checkpoint_every", "1", "--keep_checkpoints", "0",
+                        "--ema_decay", "0.5", "--sample_every", "2", "--sample_texts", str(texts),
+                        "--dacvae_weights", str(codec), "--tensorboard_dir", str(tmp_path / "tb"),
+                        "--profile_steps", "2:3", "--eval_every", "2")
+    exports = [echo.load_checkpoint_file(str(run / "checkpoints" / f"step_{k:07d}.params.pkl")) for k in (1, 2, 3, 4)]
+    for k in (1, 2, 3):  # ema(k+1) = d ema(k) + (1 - d) params(k+1), d = min(decay, (1 + k) / (10 + k))
+        d = min(0.5, (1 + k) / (10 + k))
+        want = {n: d * e + (1 - d) * p for (n, e), p in zip(echo.flatten(exports[k - 1]["ema_params"]).items(),
+                                                          echo.flatten(exports[k]["params"]).values())}
+        for name, value in echo.flatten(exports[k]["ema_params"]).items():
+            np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not all(np.array_equal(a, b) for a, b in zip(echo.flatten(exports[3]["params"]).values(),
+                                                      echo.flatten(exports[3]["ema_params"]).values()))
+    path = str(run / "checkpoints" / "step_0000004.params.pkl")
+    ema, raw = inference.load_model(path), inference.load_model(path, weights="raw")
+    first = lambda tree: echo.flatten(tree)[sorted(echo.flatten(tree))[0]]
+    np.testing.assert_array_equal(first(ema.params), first(echo.params_from_checkpoint(
+        exports[3], ema.config, key="ema_params")))
+    assert not np.array_equal(first(ema.params), first(raw.params))
+    metrics = read_metrics(run / "metrics.jsonl")
+    evals = [m for m in metrics if m.get("event") == "eval"]
+    assert len(evals) == 2 and all(np.isfinite(e["val_loss_ema"]) for e in evals if "val_loss" in e)
+    start = next(m for m in metrics if m.get("event") == "start")
+    assert start["device_kind"] == "cpu" and start["peak_flops_per_chip"] is None
+    assert not [m for m in metrics if "mfu" in m]  # an unknown chip reports no MFU rather than a wrong one
+
+    # Audio samples at steps 2 and 4: two prompts plus a ground truth, 48 kHz, named by a samples event.
+    events = [m for m in metrics if m.get("event") == "samples"]
+    assert [e["step"] for e in events] == [2, 4] and all(e["weights"] == "ema" for e in events)
+    index = json.loads(open(events[-1]["index"]).read())
+    assert [e["text"] for e in index["samples"]][:2] == ["hello there", "second prompt"]
+    assert [e["kind"] for e in index["samples"]] == ["generated", "generated", "ground truth"]
+    for entry in index["samples"]:
+        audio, rate = soundfile.read(os.path.join(os.path.dirname(events[-1]["index"]), entry["wav"]))
+        assert rate == 48000 and len(audio) > 0 and np.isfinite(audio).all()
+        assert open(os.path.join(os.path.dirname(events[-1]["index"]), entry["spectrogram"]), "rb").read(4) == \
+            b"\x89PNG"
+
+    # TensorBoard: every step's loss and the audio, read back with TensorBoard's own reader.
+    reader = plugin_event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+    reader.Reload()
+    assert len(reader.Tensors("train/loss")) == 4 and len(reader.Tensors("eval/val_loss_ema")) == 2
+    assert "train/loss_by_t/0.0-0.2" in reader.PluginTagToContent("scalars") or \
+        any(t.startswith("train/loss_by_t/") for t in reader.PluginTagToContent("scalars"))
+    assert len(reader.PluginTagToContent("audio")) == 3
+    assert glob.glob(str(tmp_path / "tb" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+
+    # The dashboard lists the samples and serves exactly the files an index names.
+    store = monitor.MetricsStore(str(run / "metrics.jsonl"))
+    store.poll()
+    listed = store.samples()
+    assert [s["step"] for s in listed] == [4, 2] and listed[0]["samples"][0]["text"] == "hello there"
+    body, kind = store.sample_file(4, listed[0]["samples"][0]["audio"].split("/")[-1])
+    assert body[:4] == b"RIFF" and kind == "audio/wav"
+    assert store.sample_file(4, "index.json") is None and store.sample_file(4, "../metrics.jsonl") is None
+    assert store.sample_file(3, listed[0]["samples"][0]["audio"].split("/")[-1]) is None
 
 
 def test_a_resume_on_changed_shards_stops_unless_accepted(tmp_path, capsys):
