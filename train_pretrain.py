@@ -21,6 +21,7 @@ sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import glob  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -55,8 +56,18 @@ class TrainError(Exception):
 # Flags
 
 def parse_args(argv=None):
+    """The flags, with `explicit`: the names of those given on the command line (a resumed run takes
+    every other flag from its checkpoint, see restore_flags)."""
+    args = build_parser().parse_args(argv)
+    args.explicit = sorted(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    return args
+
+
+def build_parser(suppress_defaults=False):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+
+    def a(*names, **kw):
+        p.add_argument(*names, **(dict(kw, default=argparse.SUPPRESS) if suppress_defaults else kw))
     a("--preset", default=None, help="model preset from model.PRESETS: 1.3B, 840M, demo or tiny (default: demo "
       "with --data synthetic, else tiny)")
     a("--data", default="synthetic", help="'synthetic' (generated in the run directory), a shard directory, "
@@ -114,10 +125,84 @@ def parse_args(argv=None):
       "here (tensorboard --logdir DIR)")
     a("--profile_steps", default=None, metavar="A:B", help="write a jax.profiler trace of steps A to B (process 0) "
       "to --tensorboard_dir, else RUN_DIR/profile; open it in TensorBoard's profile plugin or xprof")
+    a("--override", default=None, type=lambda v: [n.strip().lstrip("-") for n in v.split(",") if n.strip()],
+      metavar="FLAG[,FLAG]", help="on resume, let these flags differ from the run's (e.g. steps,lr); each change "
+      "is logged as an event")
     a("--aot_topology", default=None, help="compile for a TPU topology (e.g. v4-64, v4:2x2x1) and report memory")
     a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache")
     a("--distributed_timeout", type=int, default=300, help="seconds to wait for all hosts to join")
-    return p.parse_args(argv)
+    return p
+
+
+# On resume, flags a run may change freely (logging, evals, checkpoints, outputs); per-invocation
+# flags are never taken from the checkpoint; every other flag stays as the run started.
+FREE_FLAGS = frozenset({"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "metrics_file",
+                        "checkpoint_dir", "run_dir", "compile_cache_dir", "distributed_timeout", "tensorboard_dir",
+                        "sample_every", "sample_texts", "dacvae_weights", "eval_data", "eval_batches", "eval_samples",
+                        "sample_steps", "sample_cfg", "max_bad_steps"})
+PER_INVOCATION_FLAGS = frozenset({"run_steps", "resume", "init_from", "aot_topology", "profile_steps",
+                                  "accept_data_change", "override"})
+RUN_FLAGS_FILE = "run_flags.json"  # beside the checkpoints: the flags the run started with
+
+
+def run_flags(args):
+    """The flags of a run as JSON (what restore_flags reads back)."""
+    skip = PER_INVOCATION_FLAGS | {"explicit", "flag_changes", "profile_range"}
+    return {k: v for k, v in vars(args).items() if k not in skip}
+
+
+def check_same_flags(args):
+    """Every host must train the same run: a host started with other flags, or one that read another
+    run_flags.json, stops the pod with one sentence (on every host at once)."""
+    from jax.experimental import multihost_utils
+    pinned = {k: v for k, v in run_flags(args).items() if k not in FREE_FLAGS}
+    digest = hashlib.sha256(json.dumps(pinned, sort_keys=True, default=str).encode()).digest()[:8]
+    every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))).reshape(-1, 8)
+    if not (every == every[0]).all():
+        raise TrainError("the hosts run with different flags (started with other commands, or resuming from "
+                         "different run_flags.json files); start every host with the same command over a shared "
+                         "--checkpoint_dir")
+
+
+def restore_flags(args):
+    """Resume needs no flags: a run restarted with `--resume auto` (the default) over a checkpoint
+    directory that holds a run takes every flag not given from it. A given flag that differs is
+    refused unless it is free (FREE_FLAGS) or named in --override; overrides are kept in
+    args.flag_changes and logged as events."""
+    args.flag_changes = []
+    if args.resume != "auto" or args.aot_topology:
+        return args
+    path = os.path.join(args.checkpoint_dir or os.path.join(args.run_dir, "checkpoints"), RUN_FLAGS_FILE)
+    if not os.path.exists(path):
+        return args  # a new run
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError
+    except (OSError, ValueError):
+        raise TrainError(f"{path} (the flags of the run to resume) is unreadable; restore it, or start a new run "
+                         "in another --checkpoint_dir") from None
+    overrides = set(args.override or [])
+    unknown = overrides - set(saved) - set(vars(args))
+    if unknown:
+        raise TrainError(f"--override names unknown flag(s): {', '.join(sorted(unknown))}")
+    for name, value in saved.items():
+        if name in PER_INVOCATION_FLAGS or not hasattr(args, name):
+            continue
+        if name not in args.explicit:
+            setattr(args, name, value)
+            continue
+        given = getattr(args, name)
+        if given == value or name in FREE_FLAGS:
+            continue
+        if name not in overrides:
+            raise TrainError(f"--{name} {given} contradicts this run's {value} (in {path}); drop --{name} to "
+                             f"continue the run as it started, or add --override {name} to change it")
+        args.flag_changes.append({"flag": name, "before": value, "after": given})
+    log.info("resuming the run in %s with its own flags%s", os.path.dirname(path), "".join(
+        f"; --{c['flag']} {c['before']} -> {c['after']}" for c in args.flag_changes))
+    return args
 
 
 def resolve_defaults(args):
@@ -626,6 +711,12 @@ class Trainer:
             atomic_pickle(base + ".pkl", {"params": params, "opt_state": to_numpy_tree(full["opt_state"]),
                                           "step": step, "samples_seen": samples_seen, **about,
                                           "data_states": data_states, "train_args": vars(args)})
+            flags = json.dumps(run_flags(args), indent=1, sort_keys=True)
+
+            def write_flags(tmp):
+                with open(tmp, "w") as f:
+                    f.write(flags)
+            data.atomic_write(os.path.join(args.checkpoint_dir, RUN_FLAGS_FILE), write_flags)
             if args.keep_checkpoints > 0:
                 for old in sorted(complete_checkpoints(args.checkpoint_dir))[:-args.keep_checkpoints]:
                     for suffix in (".pkl", ".params.pkl"):
@@ -834,6 +925,8 @@ def train(args, on_eval=None):
 
     trainer = Trainer(args)
     nn = trainer.nn
+    if trainer.processes > 1:
+        check_same_flags(args)
     metrics = Metrics(args.metrics_file, trainer.process == 0, args.tensorboard_dir)
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
@@ -852,6 +945,8 @@ def train(args, on_eval=None):
                 raise TrainError(str(e)) from None
             log.info("resumed from step %d (checkpoint on process %d)", step, holder)
             metrics.write(event="resumed", step=step)
+            for change in args.flag_changes:
+                metrics.write(event="flag_changed", step=step, **change)
     if state is None and args.init_from:
         try:
             payload = echo.load_checkpoint_file(args.init_from)
@@ -1134,7 +1229,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     try:
-        args = resolve_defaults(args)
+        args = resolve_defaults(restore_flags(args))
         import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         if args.aot_topology:

@@ -89,6 +89,29 @@ def test_lossless_resume_in_one_process(tmp_path):
     assert any(m.get("event") == "resumed" for m in read_metrics(split / "metrics.jsonl"))
 
 
+def test_resume_needs_no_flags_and_refuses_contradicting_ones(tmp_path, capsys):
+    straight = run_inprocess(tmp_path, "straight", "--lr", "5e-4")
+    split = run_inprocess(tmp_path, "split", "--lr", "5e-4", "--run_steps", "5")
+    capsys.readouterr()
+    # A flag that contradicts the run is refused in one sentence; logging and eval flags may change.
+    assert train_pretrain.main(["--run_dir", str(split), "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr 0.001 contradicts this run's 0.0005" in err[0] and "--override lr" in err[0], err
+    # Where the run lives is all a restart needs: preset, data, lengths, schedule and seed come back.
+    assert train_pretrain.main(["--run_dir", str(split), "--log_every", "1"]) == 0
+    a, b = final_params(str(straight / "checkpoints"), 12), final_params(str(split / "checkpoints"), 12)
+    assert_trees_equal(a["params"], b["params"])
+    assert_trees_equal(a["ema_params"], b["ema_params"])
+    ma, mb = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
+    lr = lambda m: [x["lr"] for x in m if "loss" in x and "event" not in x]
+    assert losses(ma) == losses(mb) and lr(ma) == lr(mb) and len(losses(mb)) == 12
+    # A deliberate change needs --override, and is logged.
+    assert train_pretrain.main(["--run_dir", str(split), "--steps", "14", "--override", "steps"]) == 0
+    changed = [m for m in read_metrics(split / "metrics.jsonl") if m.get("event") == "flag_changed"]
+    assert [(c["flag"], c["before"], c["after"], c["step"]) for c in changed] == [("steps", 12, 14, 12)]
+    assert max(m["step"] for m in read_metrics(split / "metrics.jsonl") if "loss" in m) == 14
+
+
 def test_grad_accumulation_matches_the_large_batch(tmp_path):
     one = run_inprocess(tmp_path, "one", "--steps", "3")
     two = run_inprocess(tmp_path, "two", "--steps", "3", "--grad_accum", "2")
@@ -139,11 +162,12 @@ def test_crash_during_checkpoint_write_leaves_the_previous_one(tmp_path, monkeyp
 
     monkeypatch.setattr(pickle, "dump", dying_dump)
     with pytest.raises(KeyboardInterrupt):
-        train_pretrain.main(["--run_dir", str(run_dir), *FAST, "--steps", "6", "--checkpoint_every", "2"])
+        train_pretrain.main(["--run_dir", str(run_dir), *FAST, "--steps", "6", "--checkpoint_every", "2",
+                             "--override", "steps"])
     monkeypatch.setattr(pickle, "dump", real_dump)
     assert sorted(train_pretrain.complete_checkpoints(str(ckpt))) == [2, 4]
-    assert sorted(os.listdir(ckpt)) == ["step_0000002.params.pkl", "step_0000002.pkl", "step_0000004.params.pkl",
-                                        "step_0000004.pkl"]
+    assert sorted(os.listdir(ckpt)) == ["run_flags.json", "step_0000002.params.pkl", "step_0000002.pkl",
+                                        "step_0000004.params.pkl", "step_0000004.pkl"]
     assert int(echo.load_checkpoint_file(str(ckpt / "step_0000004.pkl"))["step"]) == 4
 
 
