@@ -526,6 +526,16 @@ def atomic_pickle(path, payload):
             os.remove(tmp)
 
 
+def write_json(path, payload):
+    """A small JSON file, written through a temporary file and a rename (never half a file)."""
+    text = json.dumps(payload, indent=1, sort_keys=True)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    data.atomic_write(path, write)
+
+
 def to_numpy_tree(tree):
     """Plain dicts/lists/tuples of numpy arrays (optax states become dicts)."""
     import flax.serialization
@@ -711,12 +721,7 @@ class Trainer:
             atomic_pickle(base + ".pkl", {"params": params, "opt_state": to_numpy_tree(full["opt_state"]),
                                           "step": step, "samples_seen": samples_seen, **about,
                                           "data_states": data_states, "train_args": vars(args)})
-            flags = json.dumps(run_flags(args), indent=1, sort_keys=True)
-
-            def write_flags(tmp):
-                with open(tmp, "w") as f:
-                    f.write(flags)
-            data.atomic_write(os.path.join(args.checkpoint_dir, RUN_FLAGS_FILE), write_flags)
+            write_json(os.path.join(args.checkpoint_dir, RUN_FLAGS_FILE), run_flags(args))
             if args.keep_checkpoints > 0:
                 for old in sorted(complete_checkpoints(args.checkpoint_dir))[:-args.keep_checkpoints]:
                     for suffix in (".pkl", ".params.pkl"):
@@ -884,12 +889,7 @@ class AudioSamples:
                             "seconds": round(len(audio) / self.codec.sample_rate, 3)})
             self.metrics.audio(f"samples/{name}", audio, step, self.codec.sample_rate)
         index = os.path.join(directory, "index.json")
-        payload = json.dumps({"step": step, "weights": weights, "samples": entries}, indent=1)
-
-        def write_index(tmp):
-            with open(tmp, "w") as f:
-                f.write(payload)
-        dacvae.atomic_write(index, write_index)
+        write_json(index, {"step": step, "weights": weights, "samples": entries})
         self.metrics.write(event="samples", step=step, index=os.path.abspath(index), weights=weights,
                            count=len(entries))
 
