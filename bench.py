@@ -13,7 +13,9 @@ Sections:
   build   data.py build with the full-size codec (random weights): clips per second and seconds of
           audio encoded per second, from a manifest of 2-6 s clips to finished shards.
   train   train_pretrain.py's real step (flow matching, CFG dropout, AdamW, clipping) for the tiny
-          preset and the small config: step time and MFU.
+          preset and the small config: step time and MFU; then a simulated 2-host pod of the 840M
+          preset saves, restores and continues: each host's peak RSS against the full train state,
+          and each checkpoint's blocking and total save seconds (about 25 GB of RAM in all).
   inference  inference.py's sampler for the tiny preset and the small config (768 text bytes,
           768 speaker frames, 15 s = 375 frames): median seconds per Euler step with joint and with
           independent guidance (also with temporal score rescaling on), against one decoder-only
@@ -38,6 +40,7 @@ import multiprocessing
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -350,7 +353,50 @@ def bench_train():
         results[name] = {"batch": batch, "lengths": lengths, "compile_s": round(compile_s, 2),
                          "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
                          "mfu": round(flops / seconds / 1e9 / peak, 3)}
+    results["checkpoint_840M_2_hosts"] = checkpointed_pod("840M", hosts=2)
     return results
+
+
+def checkpointed_pod(preset, hosts):
+    """A simulated pod of `hosts` processes (one device and one core each) trains one step of
+    `preset` with a checkpoint, then a restart restores it and trains a second: each host's peak RSS
+    (from wait4) in both runs against the size of the full train state, and the checkpoint's
+    blocking and total save seconds. Needs about 12 GB per host at 840M."""
+    import socket
+
+    import data
+    state_bytes = 12 * echo.count_params(echo.PRESETS[preset])  # params + two Adam moments, float32
+    with tempfile.TemporaryDirectory() as tmp:
+        data.make_synthetic(os.path.join(tmp, "data"), shards=hosts * 2, samples_per_shard=8, seed=1)
+        flags = ["--preset", preset, "--data", os.path.join(tmp, "data"), "--steps", "2", "--global_batch_size",
+                 str(hosts), "--max_latent_len", "96", "--max_text_len", "64", "--max_speaker_len", "96",
+                 "--checkpoint_every", "1", "--eval_every", "1000", "--ema_decay", "0", "--checkpoint_dir",
+                 os.path.join(tmp, "ck"), "--metrics_file", os.path.join(tmp, "metrics.jsonl"), "--silence_latent",
+                 os.path.join(tmp, "data", "silence_latent.npy"), "--run_dir", tmp]
+        peaks = {}
+        for run, extra in (("first", ["--run_steps", "1"]), ("resumed", [])):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            procs = [subprocess.Popen(
+                ["taskset", "-c", str(i % os.cpu_count()), sys.executable,
+                 os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_pretrain.py"), *flags, *extra],
+                env={**os.environ, "ECHO_COORDINATOR": f"127.0.0.1:{port}", "ECHO_NUM_PROCESSES": str(hosts),
+                     "ECHO_PROCESS_ID": str(i), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(hosts)]
+            for i, proc in enumerate(procs):
+                _, status, usage = os.wait4(proc.pid, 0)
+                if status:
+                    raise RuntimeError(f"{preset} {run} run: host {i} failed (wait status {status})")
+                peaks[f"{run}-{i}"] = round(usage.ru_maxrss * 1024 / 2 ** 30, 2)  # ru_maxrss is in KiB
+        with open(os.path.join(tmp, "metrics.jsonl")) as f:
+            events = [json.loads(line) for line in f if '"event"' in line]
+    saves = [e for e in events if e["event"] == "checkpoint"]
+    committed = {e["step"]: e["save_s"] for e in events if e["event"] == "checkpoint_committed"}
+    return {"preset": preset, "hosts": hosts, "train_state_gib": round(state_bytes / 2 ** 30, 2),
+            "peak_rss_gib": peaks, "max_peak_over_state": round(max(peaks.values()) * 2 ** 30 / state_bytes, 3),
+            "saves": [{"step": e["step"], "sharded_blocking_s": e["blocking_s"], "export_s": e["export_s"],
+                       "total_s": committed.get(e["step"])} for e in saves]}
 
 
 _COMPILE_PROBE = """

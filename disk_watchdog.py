@@ -9,10 +9,13 @@ enough again:
   1. Hugging Face Hub cache entries (least recently used first), through huggingface_hub's cache API;
   2. shard downloads the data pipeline is done with (`*.tar` in its `echo-shards-*` scratch
      directories that no process holds open: the pipeline holds every shard it still needs);
-  3. checkpoints beyond the newest --keep-checkpoints complete ones (`step_XXXXXXX.pkl` with its
-     weights-only `.params.pkl`).
-It never deletes the newest complete checkpoint, a file some process has open (being written or
-read), anything outside the roots, or anything reached through a symlink. Every deletion is a JSON
+  3. leftovers of interrupted saves: orbax's `step_XXXXXXX.orbax-checkpoint-tmp*` directories, temporary
+     `.step_*.tmp` files, and checkpoints the trainer set aside as unreadable (`step_XXXXXXX.unreadable-*`),
+     once nothing in them has changed for 10 minutes and no process has them open;
+  4. checkpoints beyond the newest --keep-checkpoints complete ones: orbax's `step_XXXXXXX/` directories
+     and the seed's `step_XXXXXXX.pkl` files, each with its weights-only `.params.pkl`.
+It never deletes the newest complete checkpoint, one still being written, a file some process has
+open, anything outside the roots, or anything reached through a symlink. Every deletion is a JSON
 line on stdout. Below --critical-gb with nothing left to delete, it appends an event to the run's
 metrics file so that the dashboard shows it.
 """
@@ -26,7 +29,10 @@ import shutil
 import sys
 import time
 
-CHECKPOINT_RE = re.compile(r"^step_(\d{7})\.pkl$")  # train_pretrain.py's complete checkpoints
+# train_pretrain.py's complete checkpoints: orbax step directories, or the seed's pickles.
+CHECKPOINT_RE = re.compile(r"^step_(\d{7})(\.pkl)?$")
+LEFTOVER_RE = re.compile(r"^(step_\d{7}\.orbax-checkpoint-tmp.*|step_\d{7}\.unreadable-.*|\.step_\d{7}.*\.tmp)$")
+LEFTOVER_AGE_S = 600  # a save under way changes its files well within this
 SCRATCH_PREFIX = "echo-shards-"  # data.py's per-host shard download directories
 GB = 1024 ** 3
 MAX_DEPTH = 6  # how deep under a root the watchdog looks
@@ -106,18 +112,41 @@ class Watchdog:
                         found.append(path)
         return sorted(found, key=lambda p: os.lstat(p).st_mtime)
 
-    def old_checkpoints(self, opened):
-        """[(step, [files])] of checkpoints beyond the newest `keep` complete ones, oldest first."""
+    def leftovers(self, opened):
+        """Temporary files and directories of interrupted saves, and set-aside unreadable checkpoints,
+        untouched for LEFTOVER_AGE_S and not open, oldest first."""
         found = []
         for root in self.roots:
-            for directory, _, files in self.walk(root):
-                steps = sorted(int(m.group(1)) for m in map(CHECKPOINT_RE.match, files) if m)
+            for directory, subdirs, files in self.walk(root):
+                for name in subdirs + files:
+                    path = os.path.join(directory, name)
+                    if LEFTOVER_RE.match(name) and self.inside_roots(path) and not self.in_use(path, opened):
+                        found.append(path)
+                subdirs[:] = [d for d in subdirs if not LEFTOVER_RE.match(d)]
+        return sorted(found, key=lambda p: os.lstat(p).st_mtime)
+
+    def old_checkpoints(self, opened):
+        """[(step, [paths])] of checkpoints beyond the newest `keep` complete ones, oldest first."""
+        found = []
+        for root in self.roots:
+            for directory, subdirs, files in self.walk(root):
+                steps = sorted({int(m.group(1)) for m in map(CHECKPOINT_RE.match, subdirs + files) if m})
                 for step in steps[:-self.keep]:
-                    paths = [os.path.join(directory, f"step_{step:07d}{suffix}") for suffix in (".pkl", ".params.pkl")]
+                    paths = [os.path.join(directory, f"step_{step:07d}{suffix}") for suffix in ("", ".pkl", ".params.pkl")]
                     paths = [p for p in paths if os.path.lexists(p)]
-                    if all(self.inside_roots(p) and os.path.realpath(p) not in opened for p in paths):
+                    if all(self.inside_roots(p) and not self.in_use(p, opened, age=0) for p in paths):
                         found.append((step, paths))
+                subdirs[:] = [d for d in subdirs if not CHECKPOINT_RE.match(d)]
         return sorted(found)
+
+    @staticmethod
+    def in_use(path, opened, age=LEFTOVER_AGE_S):
+        """Open in some process, or (a directory) holding such a file, or changed in the last `age` s."""
+        paths = [path]
+        if os.path.isdir(path) and not os.path.islink(path):
+            paths = [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs] or [path]
+        newest = max(os.lstat(p).st_mtime for p in paths)
+        return any(os.path.realpath(p) in opened for p in paths) or time.time() - newest < age
 
     # -- the pass
     def free_bytes(self, path):
@@ -128,10 +157,16 @@ class Watchdog:
         return free
 
     def delete(self, path, reason):
-        size = os.lstat(path).st_size
+        """Delete a file or a whole directory (no symlink is followed)."""
         dev = os.lstat(path).st_dev
-        if not self.dry_run:
-            os.remove(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            size = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(path) for f in fs)
+            if not self.dry_run:
+                shutil.rmtree(path)
+        else:
+            size = os.lstat(path).st_size
+            if not self.dry_run:
+                os.remove(path)
         self.deleted.add((path, size, dev))
         log(event="deleted" if not self.dry_run else "would_delete", path=path, bytes=size, reason=reason)
 
@@ -173,6 +208,11 @@ class Watchdog:
                 return
             if same_fs(path):
                 self.delete(path, "shard download the pipeline is done with")
+        for path in self.leftovers(opened):
+            if enough():
+                return
+            if same_fs(path):
+                self.delete(path, "leftover of an interrupted or unreadable checkpoint")
         for step, paths in self.old_checkpoints(opened):
             if enough():
                 return

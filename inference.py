@@ -1,6 +1,6 @@
 """Echo inference: text (and optionally a voice to clone) -> 48 kHz speech.
 
-    python inference.py --checkpoint checkpoints/step_0935000.params.pkl \\
+    python inference.py --checkpoint runs/echo/checkpoints \\
         --text "Hello, this is a test." --speaker_ref ref.mp3 --output out.wav
     python inference.py --checkpoint ckpt.pkl --text_file lines.txt --output outdir/      # one wav per line
     python inference.py --checkpoint ckpt.pkl --input_jsonl jobs.jsonl --output outdir/  # {"text", "speaker_ref", ...}
@@ -61,7 +61,7 @@ def load_model(path, dtype="float32", weights=None):
     EMA weights (weights="ema", or None where it has them) or its raw ones ("raw")."""
     import model as echo
 
-    payload = echo.load_checkpoint_file(path)
+    payload = echo.load_checkpoint(path)
     if weights == "ema" and "ema_params" not in payload:
         raise InferenceError(f"{path} holds no EMA weights (trained with --ema_decay 0); use --weights raw")
     key = "ema_params" if weights != "raw" and "ema_params" in payload else "params"
@@ -481,7 +481,8 @@ def codec_silence_frame(codec):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--checkpoint", help="step_XXXXXXX.params.pkl (fastest) or step_XXXXXXX.pkl")
+    a("--checkpoint", help="a training checkpoint directory (its newest step) or one of its step_XXXXXXX "
+      "directories, a weights-only step_XXXXXXX.params.pkl, or a full pickle (train_pretrain.py export)")
     a("--weights", choices=("ema", "raw"), default=None, help="the checkpoint's EMA weights or its raw ones "
       "(default: EMA where it has them)")
     src = p.add_mutually_exclusive_group()
@@ -562,7 +563,7 @@ def resolve_sampler(args):
 def validate(args):
     """Every flag checked before anything heavy loads; returns the resolved sampler knobs."""
     if args.checkpoint is None:
-        raise InferenceError("--checkpoint is required: a step_XXXXXXX.params.pkl or step_XXXXXXX.pkl file")
+        raise InferenceError("--checkpoint is required: a training checkpoint directory or a .pkl file")
     if args.text is None and args.text_file is None and args.input_jsonl is None:
         raise InferenceError("say what to speak: --text, --text_file or --input_jsonl")
     sampler = resolve_sampler(args)
@@ -588,7 +589,7 @@ def validate(args):
         raise InferenceError(f"--speaker_kv_max_layers must be at least 1, got {sampler['speaker_kv_max_layers']}")
     if sampler["sway"] is not None and not -1 <= sampler["sway"] <= 1:
         raise InferenceError(f"--sway must be in [-1, 1] (F5-TTS uses -1), got {sampler['sway']}")
-    if not os.path.isfile(args.checkpoint):
+    if not os.path.exists(args.checkpoint):
         raise InferenceError(f"checkpoint {args.checkpoint} does not exist")
     for flag in ("speaker_ref", "speaker_latent"):
         path = getattr(args, flag)

@@ -78,6 +78,9 @@ start_companions() {
 if [[ -z "$LOCAL_HOSTS" ]]; then
   # ---- a TPU worker: companions in the background, then this shell becomes the trainer.
   start_companions
+  # On a TPU VM (v4: /dev/accel*, v5e and later: /dev/vfio) the trainer joins the pod with
+  # jax.distributed.initialize(), which finds the other workers through the metadata server.
+  if compgen -G "/dev/accel*" >/dev/null || compgen -G "/dev/vfio/[0-9]*" >/dev/null; then export ECHO_TPU_POD=1; fi
   echo "launch.sh: $(hostname): training, log $LOG_DIR/train-$(hostname).log"
   exec > >(tee -a "$LOG_DIR/train-$(hostname).log") 2>&1
   exec "$PYTHON" -u "${TRAIN[@]}"
@@ -96,7 +99,8 @@ TRAINER_PIDS=()
 WATCHDOG_PID="" MONITOR_PID="" TAIL_PID="" STOPPING=""
 
 GRACE=${ECHO_STOP_GRACE:-300}  # seconds a host gets to checkpoint and exit after SIGTERM, then SIGKILL
-STOP_TIME=0
+FAILED_GRACE=20  # once a host has failed no checkpoint can complete: the others get this long to exit
+STOP_TIME=0 FAILED=""
 alive() { local pid; for pid in "$@"; do kill -0 "$pid" 2>/dev/null && return 0; done; return 1; }
 stop_hosts() {  # SIGTERM every host (each checkpoints at its next step); remember when
   [[ -z "$STOPPING" ]] && STOP_TIME=$SECONDS
@@ -147,8 +151,12 @@ while [[ ${#DONE[@]} -lt ${#TRAINER_PIDS[@]} ]]; do
       DONE[$i]=$code
       if [[ $code -ne 0 ]]; then
         STATUS=$code
-        if [[ -z "$STOPPING" ]]; then
-          echo "launch.sh: host $i exited with status $code (see $LOG_DIR/host$i.log); stopping the others" >&2
+        if [[ -z "$FAILED" ]]; then
+          FAILED=1
+          how="exited with status $code"; ((code > 128)) && how="was lost (killed by signal $((code - 128)), status $code)"
+          # A checkpoint needs every host: without this one the others can only stop.
+          echo "launch.sh: host $i $how (see $LOG_DIR/host$i.log); stopping the others" >&2
+          GRACE=$FAILED_GRACE
           stop_hosts
         fi
       fi
@@ -164,8 +172,25 @@ done
 sleep 0.5  # the last lines of host 0's log reach the console
 kill -TERM "$TAIL_PID" 2>/dev/null || true
 
-if [[ $STATUS -ne 0 || -n "$STOPPING" ]]; then
-  echo "launch.sh: stopped (status $STATUS); rerun the same command to resume from the last checkpoint"
+reached_last_step() {  # did the run's latest start reach its total_steps? (metrics written by process 0)
+  "$PYTHON" - "$METRICS" <<'EOF'
+import json, sys
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        rows.append(json.loads(line))
+    except ValueError:
+        pass
+starts = [r for r in rows if r.get("event") == "start"]
+last = max((r["step"] for r in rows if "loss" in r and "event" not in r), default=0)
+sys.exit(0 if starts and last >= starts[-1]["total_steps"] else 1)
+EOF
+}
+# A host sent SIGTERM on its own (a preemption) checkpoints every host and they all exit 0: the
+# metrics say whether the run finished.
+if [[ $STATUS -ne 0 || -n "$STOPPING" ]] || ! reached_last_step; then
+  echo "launch.sh: the run stopped before its last step (status $STATUS); rerun the same command to resume" \
+    "from its last checkpoint"
   exit "$STATUS"
 fi
 
@@ -188,6 +213,6 @@ then
   CODEC=(--dacvae_weights "$RUN_DIR/dacvae-random.pth")
 fi
 echo "launch.sh: inference example with $CHECKPOINT"
-"$PYTHON" "$HERE/inference.py" --checkpoint "$CHECKPOINT" --text "Hello from a simulated TPU pod." \
+"$PYTHON" "$HERE/inference.py" --checkpoint "$CHECKPOINT" --text "Hello from a pod." \
   --output "$RUN_DIR/demo.wav" --compile_cache_dir "$ECHO_DISK/jax_cache" "${CODEC[@]}"
 echo "launch.sh: wrote $RUN_DIR/demo.wav"

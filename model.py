@@ -748,6 +748,55 @@ def load_checkpoint_file(path):
     return _unbox(payload)
 
 
+STEP_DIR = re.compile(r"^step_(\d{7})$")  # a committed orbax checkpoint of train_pretrain.py
+
+
+def find_checkpoint_step(path):
+    """(checkpoint directory, step) for a training checkpoint directory (its newest committed step)
+    or one of its step_XXXXXXX directories."""
+    path = os.path.normpath(path)
+    m = STEP_DIR.match(os.path.basename(path))
+    if m and os.path.isdir(os.path.join(path, "state")):
+        return os.path.dirname(path), int(m.group(1))
+    steps = [int(m.group(1)) for m in map(STEP_DIR.match, sorted(os.listdir(path)))
+             if m and os.path.isdir(os.path.join(path, m.group(0), "state"))]
+    if not steps:
+        raise CheckpointError(f"{path} holds no complete training checkpoint (step_XXXXXXX directories)")
+    return path, max(steps)
+
+
+def load_checkpoint_dir(path):
+    """The weights of a training checkpoint (directory, or one step of it) as a weights-only
+    payload: its .params.pkl export where there is one, else the params and EMA weights read from
+    the orbax checkpoint (a preemption save has no export)."""
+    directory, step = find_checkpoint_step(path)
+    export = os.path.join(directory, f"step_{step:07d}.params.pkl")
+    if os.path.isfile(export):
+        return load_checkpoint_file(export)
+    import json
+
+    import orbax.checkpoint as ocp
+    step_dir = os.path.join(directory, f"step_{step:07d}")
+    try:
+        with open(os.path.join(step_dir, "meta", "metadata")) as f:
+            meta = json.load(f)
+        checkpointer = ocp.PyTreeCheckpointer()
+        tree = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata.tree
+        keys = [k for k in ("params", "ema_params") if k in tree]
+        as_numpy = {k: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[k]) for k in keys}
+        weights = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+            item={k: tree[k] for k in keys}, restore_args=as_numpy, partial_restore=True))
+    except Exception as e:  # a damaged checkpoint raises whatever its reader meets
+        raise CheckpointError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    return {**weights, "step": meta["step"], "config": meta["config"], "max_lengths": meta["max_lengths"],
+            "silence_latent": np.asarray(meta["silence_latent"], np.float16)}
+
+
+def load_checkpoint(path):
+    """A checkpoint pickle (full or weights-only) or a training checkpoint directory."""
+    return load_checkpoint_dir(path) if os.path.isdir(path) else load_checkpoint_file(path)
+
+
 def config_from_checkpoint(payload, path="checkpoint"):
     """The EchoConfig stored in a checkpoint, or one inferred from its parameter shapes."""
     stored = payload.get("config")

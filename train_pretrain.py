@@ -8,10 +8,14 @@ in a few minutes on a CPU, and scores what it generates:
     python train_pretrain.py --preset 1.3B --data hf://datasets/ORG/REPO --silence_latent silence.npy \\
         --checkpoint_dir /mnt/disk/ckpt --metrics_file /mnt/disk/ckpt/metrics.jsonl
 
-Checkpoints (`step_XXXXXXX.pkl` plus a weights-only `.params.pkl`) hold params, Adam moments,
-the step, every host's data position and the config: `--resume auto` (the default) continues
-bit-identically from the newest complete one found on ANY worker. SIGTERM writes a checkpoint at
-the next step boundary and exits 0.
+Checkpoints are orbax step directories in --checkpoint_dir (gs://BUCKET/PATH, or a directory every
+host sees): every host writes its own shards of params, Adam moments and EMA weights in the
+background, with every host's data position, the config and the flags; a weights-only
+`step_XXXXXXX.params.pkl` beside each is what inference.py loads. `--resume auto` (the default)
+continues bit-identically from the newest readable one, taking the run's own flags. SIGTERM makes
+every host checkpoint at the same step and exit 0.
+
+    python train_pretrain.py export CHECKPOINT_DIR OUT.pkl    # the seed's full pickle format
 """
 
 import sys
@@ -20,7 +24,6 @@ sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
-import glob  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -29,9 +32,9 @@ import os  # noqa: E402
 import pickle  # noqa: E402
 import queue  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -88,10 +91,13 @@ def build_parser(suppress_defaults=False):
     a("--warmup_frac", type=float, default=0.05, help="linear warmup over this fraction of steps, then cosine to 0")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms, AdaLN, gates)")
     a("--seed", type=int, default=0, help="seed for init, timesteps, noise, dropout and data order")
-    a("--checkpoint_dir", default=None, help="where step_XXXXXXX.pkl files go (default RUN_DIR/checkpoints)")
+    a("--checkpoint_dir", default=None, help="where checkpoints go: gs://BUCKET/PATH, or a directory every host "
+      "sees (default RUN_DIR/checkpoints)")
     a("--checkpoint_every", type=int, default=5000, help="steps between checkpoints (and one at the end)")
     a("--keep_checkpoints", type=int, default=3, help="keep only the newest N checkpoints (0: keep all)")
-    a("--resume", default="auto", help="'auto' (newest complete checkpoint on any worker), 'none', or a path")
+    a("--keep_period", type=int, default=0, help="also keep every checkpoint whose step is a multiple of this")
+    a("--resume", default="auto", help="'auto' (the newest complete checkpoint in --checkpoint_dir), 'none', or "
+      "a pickle of the seed's format (train_pretrain.py export writes one); checkpoints then go to --checkpoint_dir")
     a("--init_from", default=None, help="start from this checkpoint's weights (its EMA weights where it has "
       "them) with a fresh optimizer at step 0")
     a("--metrics_file", default=None, help="JSON Lines metrics (default RUN_DIR/metrics.jsonl)")
@@ -136,13 +142,15 @@ def build_parser(suppress_defaults=False):
 
 # On resume, flags a run may change freely (logging, evals, checkpoints, outputs); per-invocation
 # flags are never taken from the checkpoint; every other flag stays as the run started.
-FREE_FLAGS = frozenset({"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "metrics_file",
+FREE_FLAGS = frozenset({"log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "keep_period",
+                        "metrics_file",
                         "checkpoint_dir", "run_dir", "compile_cache_dir", "distributed_timeout", "tensorboard_dir",
                         "sample_every", "sample_texts", "dacvae_weights", "eval_data", "eval_batches", "eval_samples",
                         "sample_steps", "sample_cfg", "max_bad_steps"})
 PER_INVOCATION_FLAGS = frozenset({"run_steps", "resume", "init_from", "aot_topology", "profile_steps",
                                   "accept_data_change", "override"})
 RUN_FLAGS_FILE = "run_flags.json"  # beside the checkpoints: the flags the run started with
+METRICS_HISTORY_FILE = "metrics.jsonl"  # beside the checkpoints: a copy of the metrics at the last one
 
 
 def run_flags(args):
@@ -172,12 +180,12 @@ def restore_flags(args):
     args.flag_changes = []
     if args.resume != "auto" or args.aot_topology:
         return args
+    from etils import epath
     path = os.path.join(args.checkpoint_dir or os.path.join(args.run_dir, "checkpoints"), RUN_FLAGS_FILE)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
         return args  # a new run
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = read_json(path)
         if not isinstance(saved, dict):
             raise ValueError
     except (OSError, ValueError):
@@ -259,7 +267,10 @@ def resolve_defaults(args):
         if not 1 <= args.profile_range[0] <= args.profile_range[1]:
             raise TrainError(f"--profile_steps takes A:B with 1 <= A <= B (steps to trace), got {args.profile_steps!r}")
     if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
-        raise TrainError(f"--resume {args.resume}: no such checkpoint file")
+        raise TrainError(f"--resume {args.resume}: no such checkpoint file (a pickle of the seed's format; to "
+                         "continue a run, give its --checkpoint_dir and --resume auto)")
+    if args.keep_checkpoints < 0 or args.keep_period < 0:
+        raise TrainError("--keep_checkpoints and --keep_period must not be negative (0: keep all, no period)")
     if args.init_from and not os.path.isfile(args.init_from):
         raise TrainError(f"--init_from {args.init_from}: no such checkpoint file")
     if args.silence_latent and not os.path.isfile(args.silence_latent):
@@ -270,12 +281,16 @@ def resolve_defaults(args):
 # ----------------------------------------------------------------------------
 # Distributed setup
 
+HEARTBEAT_TIMEOUT_S = 45  # a host silent this long is lost: JAX stops the others (within 90 s in all)
+
+
 def init_distributed(timeout):
     """Join the other hosts: a local simulated pod (ECHO_COORDINATOR, ECHO_NUM_PROCESSES,
-    ECHO_PROCESS_ID) or a TPU pod (detected by JAX). Single-host runs skip this."""
+    ECHO_PROCESS_ID), or a TPU pod, which JAX's cluster detection finds (launch.sh sets ECHO_TPU_POD
+    on every worker; GKE sets TPU_WORKER_HOSTNAMES). Single-host runs skip this."""
     import jax
     coordinator = os.environ.get("ECHO_COORDINATOR")
-    tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    tpu_pod = os.environ.get("ECHO_TPU_POD") == "1" or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if not coordinator and not tpu_pod:
         return
     if coordinator:
@@ -286,9 +301,10 @@ def init_distributed(timeout):
         if coordinator:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
             jax.distributed.initialize(coordinator, int(os.environ["ECHO_NUM_PROCESSES"]),
-                                       int(os.environ["ECHO_PROCESS_ID"]), initialization_timeout=timeout)
+                                       int(os.environ["ECHO_PROCESS_ID"]), initialization_timeout=timeout,
+                                       heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
         else:
-            jax.distributed.initialize(initialization_timeout=timeout)
+            jax.distributed.initialize(initialization_timeout=timeout, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     except Exception as e:
         raise TrainError(f"could not join the other hosts within {timeout} s ({type(e).__name__}); check that "
                          "every worker started and can reach the coordinator") from None
@@ -497,62 +513,267 @@ def fixed_batches(trainer, args, source, split, count, flag, open_shards=None):
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints. Under --checkpoint_dir (gs://BUCKET/PATH, or a directory every host sees):
+#   step_XXXXXXX/            orbax: `state` (every host writes its own shards, in the background)
+#                            and `meta` (JSON: every host's data position, samples seen, config, flags)
+#   step_XXXXXXX.params.pkl  the weights in the seed's pickle format, for inference.py
+#   run_flags.json           the flags the run started with (restore_flags)
 
-CHECKPOINT_RE = re.compile(r"^step_(\d{7})\.pkl$")
-
-
-def complete_checkpoints(directory):
-    """{step: path} of complete full checkpoints in a directory (temporary files never match)."""
-    found = {}
-    for path in glob.glob(os.path.join(directory, "step_*.pkl")):
-        m = CHECKPOINT_RE.match(os.path.basename(path))
-        if m:
-            found[int(m.group(1))] = path
-    return found
+CHECKPOINT_BUFFER_GB = 2  # orbax's bound on the host memory a save or restore holds at once
 
 
-def atomic_pickle(path, payload):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL)
+def state_layout(config, tx, mesh, rules, ema):
+    """(abstract train state, its shardings): params (and the float32 EMA weights) sharded by the
+    model's logical axes, Adam moments like their params, counters replicated."""
+    import flax.linen as nn
+    import jax
+    import optax
+
+    import model as echo
+    abstract = echo.abstract_params(config)
+    params = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_state = jax.eval_shape(tx.init, nn.unbox(abstract))
+    shardings = {"params": params, "step": replicated,
+                 "opt_state": optax.tree_map_params(tx, lambda _, s: s, opt_state, params,
+                                                    transform_non_params=lambda _: replicated,
+                                                    is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))}
+    state = {"params": nn.unbox(abstract), "opt_state": opt_state, "step": jax.ShapeDtypeStruct((), np.int32)}
+    if ema:
+        shardings["ema_params"], state["ema_params"] = params, state["params"]
+    return state, shardings
+
+
+def checkpoint_manager(directory, keep=0, keep_period=0):
+    """The orbax manager of a checkpoint directory. It removes the temporary directories of
+    interrupted saves when it opens, and keeps the newest `keep` checkpoints (0: all) plus every
+    `keep_period`-th step."""
+    import orbax.checkpoint as ocp
+    # One zarr array per leaf (no OCDBT): every host writes its own chunk objects and nothing is
+    # updated in place, so any store that can write an object serves (OCDBT's shared manifest needs
+    # conditional writes, which the Cloud Storage emulator of the tests lacks). A few hundred leaves
+    # make a few thousand objects per checkpoint on a v4-64.
+    handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=CHECKPOINT_BUFFER_GB,
+                                                       restore_concurrent_gb=CHECKPOINT_BUFFER_GB, use_ocdbt=False),
+                "meta": ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, keep_period=keep_period or None,
+                                           step_prefix="step", step_format_fixed_length=7,
+                                           cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def export_path(directory, step):
+    return os.path.join(directory, f"step_{step:07d}.params.pkl")
+
+
+def write_atomically(path, write):
+    """write(binary file) for a local path through a temporary file and a rename; on gs:// an object
+    only appears once its upload completes, so it is written in place."""
+    from etils import epath
+    if "://" in path:
+        with epath.Path(path).open("wb") as f:
+            write(f)
+        return
+
+    def to_file(tmp):
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    data.atomic_write(path, to_file)
 
 
 def write_json(path, payload):
-    """A small JSON file, written through a temporary file and a rename (never half a file)."""
-    text = json.dumps(payload, indent=1, sort_keys=True)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-    data.atomic_write(path, write)
+    """A small JSON file, never half written."""
+    text = json.dumps(payload, indent=1, sort_keys=True).encode()
+    write_atomically(path, lambda f: f.write(text))
 
 
-def to_numpy_tree(tree):
-    """Plain dicts/lists/tuples of numpy arrays (optax states become dicts)."""
+def read_json(path):
+    from etils import epath
+    return json.loads(epath.Path(path).read_text())
+
+
+def dict_leaves(tree):
+    """The leaves of nested dicts in insertion order: the order pickle writes them in."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from dict_leaves(value)
+    else:
+        yield tree
+
+
+class GatheringPickler(pickle.Pickler):
+    """Pickles a tree of sharded jax arrays as numpy arrays, gathering each one when pickle reaches
+    it (every other process joins the same gathers through dict_leaves), so that only one whole array
+    is ever on the host. Fast mode keeps no memo, which would hold every array until the end."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.fast = True
+
+    def reducer_override(self, obj):
+        import jax
+        if isinstance(obj, jax.Array):
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(obj, tiled=True)).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
+
+
+def export_weights(path, state, about, process):
+    """The weights-only pickle of the seed's format ({"params", "step", ...} with the EMA weights and
+    what inference needs), gathered one array at a time. Every process must call it."""
     import flax.serialization
+    from jax.experimental import multihost_utils
+    trees = {key: flax.serialization.to_state_dict(state[key]) for key in ("params", "ema_params") if key in state}
+    if process != 0:
+        for leaf in dict_leaves(trees):
+            multihost_utils.process_allgather(leaf, tiled=True)
+        return
+    write_atomically(path, lambda f: GatheringPickler(f).dump({**trees, **about}))
+
+
+def gather_json(value):
+    """A small JSON-able value from every process, as a list (one collective)."""
+    from jax.experimental import multihost_utils
+    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)], np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:len(encoded)] = encoded
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+
+
+def agree(ok, processes):
+    """The indices of the processes whose `ok` is False (one collective; [] on a single host)."""
+    if processes == 1:
+        return [] if ok else [0]
+    from jax.experimental import multihost_utils
+    every = np.asarray(multihost_utils.process_allgather(np.asarray([ok]))).reshape(-1)
+    return [int(i) for i in np.flatnonzero(~every)]
+
+
+def check_shared_directory(directory, process, processes):
+    """Every host must see the same checkpoint directory (gs://, or a shared mount): process 0 writes
+    a token into it and every host looks for it, before anything compiles."""
+    from etils import epath
+    from jax.experimental import multihost_utils
+    token = np.frombuffer(os.urandom(8), np.uint8) if process == 0 else np.zeros(8, np.uint8)
+    token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(token)).astype(np.uint8)).hex()
+    marker = epath.Path(directory) / f".hosts-{token}"
+    if process == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(token)
+    multihost_utils.sync_global_devices("checkpoint directory written")
+    blind = agree(marker.exists(), processes)
+    multihost_utils.sync_global_devices("checkpoint directory checked")
+    if process == 0:
+        marker.unlink()
+    if blind:
+        raise TrainError(f"host(s) {', '.join(map(str, blind))} do not see process 0's --checkpoint_dir {directory}: "
+                         "every host must write to the same place; use gs://BUCKET/PATH or a directory on a "
+                         "shared mount (NFS, Filestore)")
+
+
+def save_checkpoint(manager, trainer, state, step, data_state, samples_seen, export=True):
+    """Every process joins. Orbax copies this host's shards off the devices and writes them in the
+    background; with `export`, the weights-only pickle follows (synchronously). Returns the seconds
+    training waited for the sharded save and for the export."""
+    import orbax.checkpoint as ocp
+    args = trainer.args
+    started = time.perf_counter()
+    meta = {"step": step, "samples_seen": samples_seen, "data_states": gather_json(data_state),
+            "flags": run_flags(args), **trainer.about(json_safe=True)}
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                 force=True)
+    sharded = time.perf_counter() - started
+    if export:
+        export_weights(export_path(args.checkpoint_dir, step), state, {"step": step, **trainer.about()},
+                       trainer.process)
+    if trainer.process == 0:
+        write_json(os.path.join(args.checkpoint_dir, RUN_FLAGS_FILE), run_flags(args))
+        prune_exports(args.checkpoint_dir, manager.all_steps())
+    return sharded, time.perf_counter() - started - sharded
+
+
+def prune_exports(directory, kept_steps):
+    """Remove the weights-only exports of checkpoints orbax has pruned."""
+    from etils import epath
+    for path in epath.Path(directory).glob("step_*.params.pkl"):
+        m = re.fullmatch(r"step_(\d{7})\.params\.pkl", path.name)
+        if m and int(m.group(1)) not in kept_steps:
+            path.unlink(missing_ok=True)
+
+
+def restore_checkpoint(manager, trainer):
+    """The newest readable checkpoint, each host reading only its own shards straight onto its
+    devices: (state, meta), or None when the directory holds none. An unreadable newest one gives a
+    warning and the one before it is tried; every host takes the same decision."""
+    import orbax.checkpoint as ocp
     import jax
-    return jax.tree.map(np.asarray, flax.serialization.to_state_dict(tree))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            trainer.abstract_state, trainer.state_shardings)
+    steps = sorted(manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        error = None
+        try:
+            saved = manager.item_metadata(step)["state"]
+            target = dict(abstract)
+            if "ema_params" in target and "ema_params" not in saved:
+                del target["ema_params"]
+                log.warning("checkpoint %d holds no EMA weights: they start from its params", step)
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                     meta=ocp.args.JsonRestore()))
+        except Exception as e:  # a damaged checkpoint raises whatever its reader meets
+            error = f"{type(e).__name__}: {str(e)[:200]}"
+        failed = agree(error is None, trainer.processes)
+        if not failed:
+            state = dict(restored["state"])
+            if "ema_params" in abstract and "ema_params" not in state:
+                state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
+            return state, restored["meta"]
+        path = os.path.join(str(manager.directory), f"step_{step:07d}")
+        where = error or f"unreadable on host(s) {', '.join(map(str, failed))}"
+        if i + 1 == len(steps):
+            raise TrainError(f"no checkpoint in {manager.directory} is readable (the oldest, {path}: {where}); "
+                             "restore them, or start a new run in another --checkpoint_dir")
+        log.warning("checkpoint %s is unreadable (%s): resuming from step %d instead", path, where, steps[i + 1])
+        set_aside(manager, path, trainer.process, trainer.processes)
+    return None
+
+
+def set_aside(manager, path, process, processes):
+    """Rename an unreadable checkpoint to PATH.unreadable-TIME, out of the way of the step that will
+    be saved again under its name (and of pruning, which would count it); nothing is deleted."""
+    from etils import epath
+    from jax.experimental import multihost_utils
+    aside = f"{path}.unreadable-{int(time.time())}"
+    error = None
+    if process == 0:
+        try:
+            epath.Path(path).rename(aside)
+            if epath.Path(path + ".params.pkl").exists():
+                epath.Path(path + ".params.pkl").rename(aside + ".params.pkl")
+            log.warning("moved the unreadable checkpoint to %s", aside)
+        except OSError as e:
+            error = str(e)
+    if processes > 1:
+        multihost_utils.sync_global_devices("unreadable checkpoint set aside")
+    if agree(error is None, processes):
+        raise TrainError(f"cannot move the unreadable checkpoint {path} aside ({error or 'on process 0'}); move or "
+                         "remove it, then restart")
+    manager.reload()
 
 
 class Trainer:
+    """What one host knows about the run: model, mesh, optimizer, data sources, state layout."""
+
     def __init__(self, args):
         import jax
-        import jax.numpy as jnp
-        import flax.linen as nn
 
         import model as echo
 
         self.args = args
-        self.jax, self.jnp, self.nn = jax, jnp, nn
         self.process = jax.process_index()
         self.processes = jax.process_count()
         log.info("host %s is process %d of %d (%d local / %d global devices)", socket.gethostname(),
@@ -599,29 +820,29 @@ class Trainer:
         except data.DataError as e:
             raise TrainError(str(e)) from None
 
-        # Shardings from the model's logical axis rules.
-        abstract = echo.abstract_params(self.config)
-        self.param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), self.mesh, self.rules)
-        abstract_opt = jax.eval_shape(self.tx.init, nn.unbox(abstract))
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.opt_shardings = __import__("optax").tree_map_params(
-            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-            transform_non_params=lambda _: replicated,
-            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-        self.state_shardings = {"params": self.param_shardings, "opt_state": self.opt_shardings, "step": replicated}
-        if args.ema_decay > 0:  # float32 like the params, sharded like them
-            self.state_shardings["ema_params"] = self.param_shardings
+        self.abstract_state, self.state_shardings = state_layout(self.config, self.tx, self.mesh, self.rules,
+                                                                 args.ema_decay > 0)
+        self.param_shardings = self.state_shardings["params"]
+        self.replicated = self.state_shardings["step"]
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-        self.replicated = replicated
 
-    # -- state
+    def about(self, json_safe=False):
+        """What inference needs besides the weights: the config, the trained lengths, and the silence
+        the model learned to end speech with (trailing-silence trimming)."""
+        silence = self.silence_latent.tolist() if json_safe else self.silence_latent
+        return {"config": dataclasses.asdict(self.config), "silence_latent": silence,
+                "max_lengths": {k: getattr(self.args, k) for k in ("max_latent_len", "max_text_len", "max_speaker_len")}}
+
     def init_state(self):
-        jax, nn = self.jax, self.nn
+        import flax.linen as nn
+        import jax
+        import jax.numpy as jnp
+
         import model as echo
 
         def init():
             params = nn.unbox(echo.init_params(self.config, jax.random.key(self.args.seed)))
-            state = {"params": params, "opt_state": self.tx.init(params), "step": self.jnp.zeros((), self.jnp.int32)}
+            state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
             if self.args.ema_decay > 0:
                 state["ema_params"] = params
             return state
@@ -630,106 +851,45 @@ class Trainer:
             return jax.jit(init, out_shardings=self.state_shardings)()
 
     def state_from_numpy(self, params, opt_state, step, ema_params=None):
-        """Host numpy trees (same on every process) -> the sharded train state (EMA weights
-        start from the params where none are given)."""
-        jax = self.jax
-        opt_template = jax.eval_shape(self.tx.init, params)
+        """Host numpy trees -> the sharded train state, one array at a time: each device receives only
+        its shards. A fresh optimizer where opt_state is None; EMA weights start from the params
+        where none are given."""
         import flax.serialization
+        import jax
+        opt_template = jax.eval_shape(self.tx.init, params)
         opt_state = flax.serialization.from_state_dict(opt_template, opt_state) if opt_state is not None \
             else self.tx.init(params)
         put = lambda tree, shardings: jax.tree.map(
             lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]), tree, shardings)
-        state = {"params": put(params, self.param_shardings), "opt_state": put(opt_state, self.opt_shardings),
+        state = {"params": put(params, self.param_shardings),
+                 "opt_state": put(opt_state, self.state_shardings["opt_state"]),
                  "step": put(np.asarray(step, np.int32), self.replicated)}
         if self.args.ema_decay > 0:
             state["ema_params"] = put(params if ema_params is None else ema_params, self.param_shardings)
         return state
 
-    def find_resume_checkpoint(self):
-        """Agree over all processes on the newest complete checkpoint on ANY worker's disk."""
-        from jax.experimental import multihost_utils
-        local = complete_checkpoints(self.args.checkpoint_dir)
-        newest = max(local) if local else -1
-        steps = np.asarray(multihost_utils.process_allgather(np.asarray([newest], np.int64))).reshape(-1)
-        best = int(steps.max())
-        if best < 0:
-            return None, None
-        holder = int(np.argmax(steps == best))
-        return best, holder
-
-    def load_resume(self, step, holder):
-        """The holder reads the file; everyone receives it (broadcast) and shards it onto the mesh."""
-        import model as echo
-        from jax.experimental import multihost_utils
-        path = os.path.join(self.args.checkpoint_dir, f"step_{step:07d}.pkl")
-        payload = echo.load_checkpoint_file(path) if self.process == holder else None
-        if self.processes > 1:
-            payload = self.broadcast_payload(payload, holder)
-        params = echo.params_from_checkpoint(payload, self.config, path)
-        ema = None
-        if self.args.ema_decay > 0:
-            if "ema_params" in payload:
-                ema = echo.params_from_checkpoint(payload, self.config, path, key="ema_params")
-            else:
-                log.warning("%s holds no EMA weights: they start from its params", path)
-        state = self.state_from_numpy(params, payload.get("opt_state"), payload["step"], ema)
-        data_states = payload.get("data_states")
+    def data_position(self, data_states):
+        """This host's data position among those a checkpoint holds (one per host that wrote it)."""
         if data_states and len(data_states) == self.processes:
-            data_state = data_states[self.process]
-        else:
-            data_state = None
-            log.warning("checkpoint has no data position for %d hosts: the data stream restarts", self.processes)
-        return state, data_state, payload.get("samples_seen", 0)
+            return data_states[self.process]
+        log.warning("the checkpoint holds the data positions of %d host(s), this run has %d: every host's data "
+                    "stream starts again from the beginning of its epoch order (seed %d), so some samples repeat",
+                    len(data_states or []), self.processes, self.args.seed)
+        return None
 
-    def broadcast_payload(self, payload, holder):
-        """Send a picklable payload from `holder` to every process (as bytes over the collectives)."""
-        from jax.experimental import multihost_utils
-        blob = pickle.dumps(payload) if self.process == holder else b""
-        size = np.asarray(multihost_utils.process_allgather(np.asarray([len(blob)], np.int64))).reshape(-1)[holder]
-        buffer = np.frombuffer(blob, np.uint8) if self.process == holder else np.zeros(int(size), np.uint8)
-        buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer, is_source=self.process == holder))
+    def read_pickle(self, path):
+        """A checkpoint pickle of the seed's format, read by every host (each keeps it in RAM only
+        until its own shards are on its devices); any host that cannot read it stops them all."""
         import model as echo
-        import io
-        return echo._RestrictedUnpickler(io.BytesIO(buffer.tobytes())).load() if self.process != holder \
-            else payload
-
-    def save_checkpoint(self, state, data_state, samples_seen):
-        """Every process joins the gather; process 0 writes both files atomically, then prunes."""
-        from jax.experimental import multihost_utils
-        args = self.args
-        full = multihost_utils.process_allgather(state, tiled=True)
-        encoded = json.dumps(data_state).encode()
-        lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)], np.int64))).reshape(-1)
-        padded = np.zeros(int(lengths.max()), np.uint8)
-        padded[:len(encoded)] = np.frombuffer(encoded, np.uint8)
-        gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.processes, -1)
-        data_states = [json.loads(bytes(row[:n]).decode()) for row, n in zip(gathered, lengths)]
-        step = int(full["step"])
-        if self.process == 0:
-            os.makedirs(args.checkpoint_dir, exist_ok=True)
-            config = dataclasses.asdict(self.config)
-            params = to_numpy_tree(full["params"])
-            base = os.path.join(args.checkpoint_dir, f"step_{step:07d}")
-            # What inference needs besides the weights: the trained lengths, and the silence the
-            # model learned to end speech with (trailing-silence trimming).
-            about = {"config": config, "max_lengths": {k: getattr(args, k) for k in
-                                                       ("max_latent_len", "max_text_len", "max_speaker_len")},
-                     "silence_latent": self.silence_latent}
-            if "ema_params" in full:
-                about["ema_params"] = to_numpy_tree(full["ema_params"])
-            atomic_pickle(base + ".params.pkl", {"params": params, "step": step, **about})
-            atomic_pickle(base + ".pkl", {"params": params, "opt_state": to_numpy_tree(full["opt_state"]),
-                                          "step": step, "samples_seen": samples_seen, **about,
-                                          "data_states": data_states, "train_args": vars(args)})
-            write_json(os.path.join(args.checkpoint_dir, RUN_FLAGS_FILE), run_flags(args))
-            if args.keep_checkpoints > 0:
-                for old in sorted(complete_checkpoints(args.checkpoint_dir))[:-args.keep_checkpoints]:
-                    for suffix in (".pkl", ".params.pkl"):
-                        path = os.path.join(args.checkpoint_dir, f"step_{old:07d}{suffix}")
-                        if os.path.exists(path):
-                            os.remove(path)
-        multihost_utils.sync_global_devices(f"checkpoint {step}")
-        return step
+        try:
+            payload, error = echo.load_checkpoint_file(path), None
+        except echo.CheckpointError as e:
+            payload, error = None, str(e)
+        failed = agree(error is None, self.processes)
+        if failed:
+            raise TrainError(error or f"{path} is unreadable on host(s) {', '.join(map(str, failed))}: put it "
+                             "where every host can read it")
+        return payload
 
 
 # ----------------------------------------------------------------------------
@@ -737,13 +897,19 @@ class Trainer:
 
 class Metrics:
     """Append-only JSON Lines on process 0, flushed line by line (the source of truth), mirrored to
-    TensorBoard events when a directory is given: step lines under train/, evals under eval/."""
+    TensorBoard events when a directory is given: step lines under train/, evals under eval/.
+    A copy travels with the checkpoints (`history`, rewritten at each one): after a restart that
+    puts process 0 on another worker, it replaces the shorter local file, so no history is lost."""
 
-    def __init__(self, path, enabled, tensorboard_dir=None):
-        self.file, self.tensorboard = None, None
+    def __init__(self, path, enabled, tensorboard_dir=None, history=None):
+        if history and os.path.abspath(history) == os.path.abspath(path):
+            history = None  # the metrics are written next to the checkpoints already
+        self.file, self.tensorboard, self.path, self.history = None, None, path, history
         self.lock = threading.Lock()  # the audio-sample thread writes too
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if history:
+                self.restore_history()
             self.file = open(path, "a", buffering=1)
             if tensorboard_dir:
                 from torch.utils.tensorboard import SummaryWriter
@@ -761,6 +927,23 @@ class Metrics:
                 prefix = "eval/" if event else "train/"
                 for tag, value in _numbers(fields, ("step", "time", "event")):
                     self.tensorboard.add_scalar(prefix + tag, value, fields["step"], walltime=fields["time"])
+
+    def restore_history(self):
+        from etils import epath
+        saved = epath.Path(self.history)
+        if not saved.exists():
+            return
+        local = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        if saved.stat().length > local:
+            log.info("metrics history restored from %s", self.history)
+            data.atomic_write(self.path, lambda tmp: saved.copy(tmp, overwrite=True))
+
+    def save_history(self):
+        """Copy the metrics file next to the checkpoints (process 0, after each checkpoint)."""
+        if not (self.file and self.history):
+            return
+        with self.lock, open(self.path, "rb") as f:
+            write_atomically(self.history, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
     def audio(self, tag, audio, step, sample_rate):
         if self.tensorboard:
@@ -918,38 +1101,50 @@ def synthetic_nmse(module, params, held_out, args):
 def train(args, on_eval=None):
     """The training loop. on_eval(step, fields), if given, sees every eval; returning True ends the
     run there (with a checkpoint), as --run_steps would."""
+    import flax.linen as nn
     import jax
 
     import inference
     import model as echo
 
-    trainer = Trainer(args)
-    nn = trainer.nn
-    if trainer.processes > 1:
+    if jax.process_count() > 1:
+        check_shared_directory(args.checkpoint_dir, jax.process_index(), jax.process_count())
         check_same_flags(args)
-    metrics = Metrics(args.metrics_file, trainer.process == 0, args.tensorboard_dir)
+    trainer = Trainer(args)
+    metrics = Metrics(args.metrics_file, trainer.process == 0, args.tensorboard_dir,
+                      history=os.path.join(args.checkpoint_dir, METRICS_HISTORY_FILE))
     stop = {"signal": None}
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
+    if trainer.processes == 1:  # a pod learns of SIGTERM (or a preemption notice) through JAX's coordinator
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
 
+    manager = checkpoint_manager(args.checkpoint_dir, args.keep_checkpoints, args.keep_period)
     data_state, samples_seen, state = None, 0, None
-    if args.resume != "none":
-        if args.resume == "auto":
-            step, holder = trainer.find_resume_checkpoint()
-        else:
-            step, holder = int(echo.load_checkpoint_file(args.resume)["step"]), 0
-            args.checkpoint_dir = os.path.dirname(os.path.abspath(args.resume))
-        if step is not None:
-            try:
-                state, data_state, samples_seen = trainer.load_resume(step, holder)
-            except echo.CheckpointError as e:
-                raise TrainError(str(e)) from None
-            log.info("resumed from step %d (checkpoint on process %d)", step, holder)
-            metrics.write(event="resumed", step=step)
+    if args.resume == "auto":
+        restored = restore_checkpoint(manager, trainer)
+        if restored is not None:
+            state, meta = restored
+            data_state, samples_seen = trainer.data_position(meta.get("data_states")), meta["samples_seen"]
+            log.info("resumed from step %d in %s", meta["step"], args.checkpoint_dir)
+            metrics.write(event="resumed", step=meta["step"])
             for change in args.flag_changes:
-                metrics.write(event="flag_changed", step=step, **change)
-    if state is None and args.init_from:
+                metrics.write(event="flag_changed", step=meta["step"], **change)
+    elif args.resume != "none":  # a pickle of the seed's full format
+        payload = trainer.read_pickle(args.resume)
         try:
-            payload = echo.load_checkpoint_file(args.init_from)
+            params = echo.params_from_checkpoint(payload, trainer.config, args.resume)
+            ema = echo.params_from_checkpoint(payload, trainer.config, args.resume, key="ema_params") \
+                if "ema_params" in payload and args.ema_decay > 0 else None
+        except echo.CheckpointError as e:
+            raise TrainError(str(e)) from None
+        state = trainer.state_from_numpy(params, payload.get("opt_state"), payload["step"], ema)
+        data_state, samples_seen = trainer.data_position(payload.get("data_states")), payload.get("samples_seen", 0)
+        del payload, params, ema
+        log.info("resumed from step %d of %s; checkpoints go to %s", int(state["step"]), args.resume,
+                 args.checkpoint_dir)
+        metrics.write(event="resumed", step=int(state["step"]), path=args.resume)
+    if state is None and args.init_from:
+        payload = trainer.read_pickle(args.init_from)
+        try:
             key = "ema_params" if "ema_params" in payload else "params"
             params = echo.params_from_checkpoint(payload, trainer.config, args.init_from, key=key)
             log.info("starting from the %s weights of %s", "EMA" if key == "ema_params" else "raw", args.init_from)
@@ -1017,98 +1212,128 @@ def train(args, on_eval=None):
     flops = echo.flops_per_sample(trainer.config, args.max_latent_len, args.max_text_len, args.max_speaker_len)
     profile_dir = args.tensorboard_dir or os.path.join(args.run_dir, "profile")
     profiling = False
-    bad_in_a_row, last = 0, time.perf_counter()
-    step = start_step
-    while step < args.steps:
-        if args.profile_range and trainer.process == 0 and step + 1 == args.profile_range[0]:
-            jax.profiler.start_trace(profile_dir)
-            profiling = True
-        t0 = time.perf_counter()
-        local = next(pipeline)
-        data_wait = time.perf_counter() - t0
-        with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-            compile_start = time.perf_counter()
-            state, out = train_step(state, global_batch(local))
-            if step == start_step:
-                jax.block_until_ready(out["loss"])
-                metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - compile_start, 2))
-        step += 1
-        samples_seen += args.global_batch_size
-        if profiling and step == args.profile_range[1]:
-            profiling = stop_profile(out, profile_dir)
-        finite = bool(out["finite"])
-        if not finite:
-            bad_in_a_row += 1
-            metrics.write(event="nan_step", step=step, loss=float(out["loss"]))
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, bad_in_a_row)
-            if bad_in_a_row >= args.max_bad_steps:
-                raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
-                                 f"checkpoint in {args.checkpoint_dir} is intact (lower --lr or check the data)")
-        else:
-            bad_in_a_row = 0
-        now = time.perf_counter()
-        step_time, last = now - last, now
-        if step % args.log_every == 0 or step == args.steps:
-            counts = np.asarray(out["bucket_count"])
-            line = dict(step=step, loss=float(out["loss"]), lr=float(trainer.schedule(step - 1)),
-                        grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4),
-                        data_wait=round(data_wait, 4), samples_per_sec=round(args.global_batch_size / step_time, 2),
-                        latent_seconds_per_sec=round(float(local["latent_mask"].sum()) * trainer.processes
-                                                     / 25.0 / step_time, 2),
-                        samples_seen=samples_seen, skipped=pipeline.counters(),
-                        **({"skipped_by_source": pipeline.source_counters()} if "," in args.data else {}),
-                        loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
-                                   for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
-            if peak is not None:
-                line["mfu"] = round(flops * args.global_batch_size / step_time / (peak * jax.device_count()), 4)
-            memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
-            if "bytes_in_use" in memory:
-                line["device_bytes_in_use"] = int(memory["bytes_in_use"])
-                line["device_peak_bytes"] = int(memory.get("peak_bytes_in_use", 0))
-            metrics.write(**line)
-            if trainer.process == 0:
-                print(f"step {step}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
-                      f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
-        slot_done = False
-        if (step % args.eval_every == 0 or step == args.steps) and eval_sets:
+    bad_in_a_row, last, previous = 0, time.perf_counter(), None
+    step, finished, saving = start_step, False, None
+
+    def note_committed(saving):
+        """Log when the background write of the checkpoint (step, start time) is committed."""
+        if saving:
+            metrics.write(event="checkpoint_committed", step=saving[0],
+                          save_s=round(time.perf_counter() - saving[1], 3))
+        return None
+
+    try:
+        while step < args.steps:
+            if args.profile_range and trainer.process == 0 and step + 1 == args.profile_range[0]:
+                jax.profiler.start_trace(profile_dir)
+                profiling = True
+            t0 = time.perf_counter()
+            local = next(pipeline)
+            data_wait = time.perf_counter() - t0
             with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                fields = {"step": step, "event": "eval"}
-                for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
-                    if key in state:
-                        losses = [eval_loss(state[key], b, np.int32(i)) for i, b in enumerate(eval_batches)]
-                        fields[name] = float(np.mean([float(v) for v in losses]))
-                if synthetic_eval is not None:
-                    fields["synthetic_nmse"] = synthetic_nmse(trainer.model, state["params"], synthetic_eval, args)
-                    if "ema_params" in state:
-                        fields["synthetic_nmse_ema"] = synthetic_nmse(trainer.model, state["ema_params"],
-                                                                      synthetic_eval, args)
-            metrics.write(**fields)
-            if on_eval is not None and on_eval(step, fields):
-                slot_done = True
-        if prompts is not None and step % args.sample_every == 0:
-            weights = "ema_params" if "ema_params" in state else "params"
-            with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                latents = inference.sample_latents(trainer.model, state[weights], **prompts, steps=args.sample_steps,
-                                                   cfg_scale=args.sample_cfg, seed=args.seed + 11,
-                                                   num_frames=args.max_latent_len, progress=False)
-            if audio is not None:
-                audio.submit(step, latents, "ema" if weights == "ema_params" else "raw")
-        preempted = stop["signal"] is not None
-        if trainer.processes > 1:  # hosts get SIGTERM at different steps; they must checkpoint at the same one
-            from jax.experimental import multihost_utils
-            preempted = bool(np.asarray(multihost_utils.process_allgather(np.asarray([preempted]))).any())
-        slot_done = slot_done or (args.run_steps is not None and step - start_step >= args.run_steps)
-        if step % args.checkpoint_every == 0 or step == args.steps or preempted or slot_done:
-            trainer.save_checkpoint(state, pipeline.state(), samples_seen)
-            metrics.write(event="checkpoint", step=step, path=os.path.join(args.checkpoint_dir, f"step_{step:07d}.pkl"))
-        if preempted:
-            metrics.write(event="preempted", step=step)
-            log.info("SIGTERM: checkpoint written at step %d, exiting", step)
-            break
-        if slot_done:
-            break
-    if profiling:
-        stop_profile(out, profile_dir)
+                compile_start = time.perf_counter()
+                state, out = train_step(state, global_batch(local))
+                if step == start_step:
+                    jax.block_until_ready(out["loss"])
+                    metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - compile_start, 2))
+            step += 1
+            samples_seen += args.global_batch_size
+            if profiling and step == args.profile_range[1]:
+                profiling = stop_profile(out, profile_dir)
+            # The previous step's flag: reading it does not wait for this step (no host sync on the hot path).
+            if previous is not None and not bool(previous["finite"]):
+                bad_in_a_row += 1
+                metrics.write(event="nan_step", step=step - 1, loss=float(previous["loss"]))
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step - 1, bad_in_a_row)
+                if bad_in_a_row >= args.max_bad_steps:
+                    raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step - 1}: stopping; the last "
+                                     f"checkpoint in {args.checkpoint_dir} is intact (lower --lr or check the data)")
+            elif previous is not None:
+                bad_in_a_row = 0
+            previous = out
+            now = time.perf_counter()
+            step_time, last = now - last, now
+            if step % args.log_every == 0 or step == args.steps:
+                counts = np.asarray(out["bucket_count"])
+                line = dict(step=step, loss=float(out["loss"]), lr=float(trainer.schedule(step - 1)),
+                            grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4),
+                            data_wait=round(data_wait, 4), samples_per_sec=round(args.global_batch_size / step_time, 2),
+                            latent_seconds_per_sec=round(float(local["latent_mask"].sum()) * trainer.processes
+                                                         / 25.0 / step_time, 2),
+                            samples_seen=samples_seen, skipped=pipeline.counters(),
+                            **({"skipped_by_source": pipeline.source_counters()} if "," in args.data else {}),
+                            loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
+                                       for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
+                if peak is not None:
+                    line["mfu"] = round(flops * args.global_batch_size / step_time / (peak * jax.device_count()), 4)
+                memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+                if "bytes_in_use" in memory:
+                    line["device_bytes_in_use"] = int(memory["bytes_in_use"])
+                    line["device_peak_bytes"] = int(memory.get("peak_bytes_in_use", 0))
+                metrics.write(**line)
+                if trainer.process == 0:
+                    print(f"step {step}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
+                          f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
+            slot_done = False
+            if (step % args.eval_every == 0 or step == args.steps) and eval_sets:
+                with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+                    fields = {"step": step, "event": "eval"}
+                    for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
+                        if key in state:
+                            losses = [eval_loss(state[key], b, np.int32(i)) for i, b in enumerate(eval_batches)]
+                            fields[name] = float(np.mean([float(v) for v in losses]))
+                    if synthetic_eval is not None:
+                        fields["synthetic_nmse"] = synthetic_nmse(trainer.model, state["params"], synthetic_eval, args)
+                        if "ema_params" in state:
+                            fields["synthetic_nmse_ema"] = synthetic_nmse(trainer.model, state["ema_params"],
+                                                                          synthetic_eval, args)
+                metrics.write(**fields)
+                if on_eval is not None and on_eval(step, fields):
+                    slot_done = True
+            if prompts is not None and step % args.sample_every == 0:
+                weights = "ema_params" if "ema_params" in state else "params"
+                with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+                    latents = inference.sample_latents(trainer.model, state[weights], **prompts, steps=args.sample_steps,
+                                                       cfg_scale=args.sample_cfg, seed=args.seed + 11,
+                                                       num_frames=args.max_latent_len, progress=False)
+                if audio is not None:
+                    audio.submit(step, latents, "ema" if weights == "ema_params" else "raw")
+            if trainer.processes > 1:  # every host reaches the agreed step, then all checkpoint there
+                from jax.experimental import multihost_utils
+                preempted = multihost_utils.reached_preemption_sync_point(step)
+            else:
+                preempted = stop["signal"] is not None
+            slot_done = slot_done or (args.run_steps is not None and step - start_step >= args.run_steps)
+            if saving and not manager.is_saving_in_progress():
+                saving = note_committed(saving)
+            if step % args.checkpoint_every == 0 or step == args.steps or preempted or slot_done:
+                # A preempted host has about 30 s: only the sharded save, no pickle export.
+                started = time.perf_counter()
+                sharded, exported = save_checkpoint(manager, trainer, state, step, pipeline.state(), samples_seen,
+                                                    export=not preempted)
+                metrics.write(event="checkpoint", step=step, path=os.path.join(args.checkpoint_dir,
+                                                                               f"step_{step:07d}"),
+                              blocking_s=round(sharded, 3), export_s=round(exported, 3))
+                metrics.save_history()
+                saving = (step, started)
+            if preempted:
+                manager.wait_until_finished()
+                saving = note_committed(saving)
+                metrics.write(event="preempted", step=step)
+                log.info("preempted: checkpoint written at step %d, exiting", step)
+                break
+            if slot_done:
+                break
+        if profiling:
+            stop_profile(out, profile_dir)
+        manager.wait_until_finished()
+        note_committed(saving)
+        finished = True
+    finally:
+        # A save under way still commits when the loop fails; on a pod only when every host got this
+        # far (orbax's commit waits for all of them).
+        if finished or trainer.processes == 1:
+            manager.close()
     if audio is not None:
         audio.close()
     metrics.close()
@@ -1163,21 +1388,9 @@ def aot_compile(args):
     model = echo.EchoDiT(config)
     rules = echo.logical_axis_rules()
     tx, _ = make_optimizer(args)
-    abstract = echo.abstract_params(config)
-    param_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    abstract_opt = jax.eval_shape(tx.init, nn.unbox(abstract))
-    opt_shardings = __import__("optax").tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings, transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
-    shardings = {"params": param_shardings, "opt_state": opt_shardings, "step": replicated}
-    with_sharding = lambda tree, sh: jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-    abstract_state = {"params": nn.unbox(abstract), "opt_state": abstract_opt,
-                      "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    if args.ema_decay > 0:  # the EMA weights count too: float32, sharded like the params
-        shardings["ema_params"], abstract_state["ema_params"] = param_shardings, abstract_state["params"]
-    state = with_sharding(abstract_state, shardings)
+    abstract, shardings = state_layout(config, tx, mesh, rules, args.ema_decay > 0)  # EMA weights count too
+    replicated = shardings["step"]
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     b = args.global_batch_size
     shapes = {"latent": ((b, args.max_latent_len, 128), jnp.float32), "latent_mask": ((b, args.max_latent_len), jnp.int32),
@@ -1225,13 +1438,74 @@ def print_aot(result):
     print(json.dumps(result))
 
 
+def export_checkpoint(source, out):
+    """`python train_pretrain.py export CHECKPOINT OUT.pkl`: a training checkpoint (its directory, or
+    one step of it) as one pickle of the seed's full format (params, opt_state, step, samples_seen,
+    EMA weights, config, data positions, flags), which --resume and --init_from read. This host holds
+    the whole train state while it writes."""
+    import flax.serialization
+    import jax
+    import orbax.checkpoint as ocp
+
+    import model as echo
+    try:
+        directory, step = echo.find_checkpoint_step(source)
+    except (echo.CheckpointError, OSError) as e:
+        raise TrainError(f"{source}: {e}") from None
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, step_prefix="step", step_format_fixed_length=7),
+        item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()})
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        flags = argparse.Namespace(**meta["flags"])
+        config = echo.EchoConfig(**meta["config"])
+        mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                             devices=jax.devices()[:1])
+        abstract, shardings = state_layout(config, make_optimizer(flags)[0], mesh, echo.logical_axis_rules(),
+                                           "ema_params" in manager.item_metadata(step)["state"])
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:  # a damaged checkpoint raises whatever its reader meets
+        raise TrainError(f"{directory}/step_{step:07d} is not a readable checkpoint ({type(e).__name__}: "
+                         f"{str(e)[:200]})") from None
+    payload = {key: jax.tree.map(np.asarray, flax.serialization.to_state_dict(value)) for key, value in state.items()}
+    payload.update(step=int(payload["step"]), samples_seen=meta["samples_seen"], config=meta["config"],
+                   max_lengths=meta["max_lengths"], silence_latent=np.asarray(meta["silence_latent"], np.float16),
+                   data_states=meta["data_states"], train_args=meta["flags"])
+    try:
+        write_atomically(out, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError as e:
+        raise TrainError(f"cannot write {out} ({e.strerror or e})") from None
+    print(f"wrote step {step} of {directory} to {out}")
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every file of every save at INFO
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        if len(argv) != 3:
+            print("usage: python train_pretrain.py export CHECKPOINT OUT.pkl", file=sys.stderr)
+            return 2
+        try:
+            export_checkpoint(argv[1], argv[2])
+        except TrainError as e:
+            print(f"train_pretrain.py: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     args = parse_args(argv)
     try:
         args = resolve_defaults(restore_flags(args))
         import jax
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
+        if os.environ.get("ECHO_COORDINATOR"):
+            # The simulated pod (XLA:CPU, gloo): JAX keys cache entries per process and writes only
+            # process 0's, so after a restart process 0 would run its cached step function while the
+            # others compile theirs, and gloo then meets collectives of different sizes at the same
+            # point ("Received data size doesn't match expected size"). TPU pods keep the cache.
+            jax.config.update("jax_enable_compilation_cache", False)
+            log.info("simulated pod on CPU: the persistent compilation cache is off (see README, 'A simulated pod')")
+        else:
+            jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         if args.aot_topology:
             print_aot(aot_compile(args))
             return 0

@@ -27,6 +27,20 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("DACVAE_WEIGHTS", None)
 
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# gs:// goes to a local Cloud Storage emulator (started by the `gcs` fixture); gcsfs and tensorstore
+# (orbax) read these variables at first use.
+GCS_PORT = _free_port()
+os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
+os.environ["TENSORSTORE_GCS_HTTP_URL"] = f"http://127.0.0.1:{GCS_PORT}"
+GCS_BUCKET = "echo-test-bucket"
+
 import pytest  # noqa: E402
 
 
@@ -38,3 +52,25 @@ def pytest_configure(config):
 def hub():
     """The loopback Hub (HF_ENDPOINT points at it): add repos with hub.add_file(...)."""
     return HUB
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A local Cloud Storage emulator (tests/gcs_emulator.py) holding one bucket; returns its name."""
+    import socket
+    import subprocess
+    import time
+    server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(GCS_PORT),
+                               GCS_BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", GCS_PORT), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("the Cloud Storage emulator did not start")
+            time.sleep(0.2)
+    yield GCS_BUCKET
+    server.terminate()
+    server.wait(timeout=10)

@@ -5,8 +5,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import threading
-import time
 
 import numpy as np
 import pytest

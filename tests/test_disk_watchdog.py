@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import time
 
 import pytest
 from huggingface_hub import hf_hub_download
@@ -35,13 +36,26 @@ def layout(tmp_path, hub):
         blob(ckpt / f"step_{step:07d}.params.pkl", 2)
     writing = blob(ckpt / ".step_0000400.pkl.x1y2.tmp", 6)
     writer = open(writing, "ab")
+    # The orbax layout: step directories with weights-only exports, a save under way, and the leftovers
+    # of interrupted saves (untouched for an hour).
+    orbax = root / "run" / "orbax"
+    for step in (100, 200, 300):
+        blob(orbax / f"step_{step:07d}" / "state" / "d" / "chunk", 3)
+        blob(orbax / f"step_{step:07d}.params.pkl", 1)
+    saving = blob(orbax / "step_0000400.orbax-checkpoint-tmp-77" / "state" / "d" / "chunk", 3)
+    hour_ago = time.time() - 3600
+    stale = [blob(orbax / "step_0000050.orbax-checkpoint-tmp-12" / "state" / "d" / "chunk", 3),
+             blob(orbax / ".step_0000050.params.pkl.k3j.tmp", 1),
+             blob(orbax / "step_0000060.unreadable-1790000000" / "state" / "d" / "chunk", 1)]
+    for path in stale + [os.path.dirname(p) for p in stale]:
+        os.utime(path, (hour_ago, hour_ago))
     outside = tmp_path / "outside"
     for step in (1, 2, 3):
         blob(outside / f"step_{step:07d}.pkl", 1)
     os.symlink(outside, root / "run" / "linked_checkpoints")
     (root / "run" / "old_shard_link.tar").symlink_to(outside / "step_0000001.pkl")
     yield {"root": root, "done_shard": done_shard, "in_use": in_use, "ckpt": ckpt, "writing": writing,
-           "outside": outside, "metrics": tmp_path / "metrics.jsonl"}
+           "outside": outside, "metrics": tmp_path / "metrics.jsonl", "orbax": orbax, "saving": saving}
     held.close()
     writer.close()
 
@@ -85,6 +99,11 @@ def test_never_deletes_what_it_must_not(layout, capsys):
         assert {str(layout["ckpt"] / f"step_{step:07d}.pkl"), str(layout["ckpt"] / f"step_{step:07d}.params.pkl")} \
             <= deleted
     assert all(d["bytes"] > 0 and d["reason"] for d in lines if d["event"] == "deleted")
+    # Orbax: the newest step directory and its export stay, and the save under way; leftovers go.
+    assert files(layout["orbax"]) == ["step_0000300", "step_0000300.params.pkl", "step_0000400.orbax-checkpoint-tmp-77"]
+    assert os.path.exists(layout["saving"])
+    assert str(layout["orbax"] / "step_0000100") in deleted and str(layout["orbax"] / "step_0000050.orbax-checkpoint-tmp-12") in deleted
+    assert next(d for d in lines if d.get("path") == str(layout["orbax"] / "step_0000200"))["bytes"] == 3 * MB
     # Still below the (critical) threshold with nothing left: the dashboard hears of it, once.
     assert any(line["event"] == "disk_critical" for line in lines)
     events = [json.loads(line) for line in layout["metrics"].read_text().splitlines()]
@@ -99,7 +118,9 @@ def test_dry_run_only_reports(layout, capsys):
                    for f in fs)
     assert code == 0 and before == after
     would = [line for line in lines if line["event"] == "would_delete"]
-    assert len(would) == 1 + 1 + 2  # cache entry, done shard, checkpoint 100 (keep 2) with its params file
+    # cache entry, done shard, three leftovers, pickle checkpoint 100 (keep 2) with its params file,
+    # orbax checkpoint 100 with its export
+    assert len(would) == 1 + 1 + 3 + 2 + 2
     assert not [line for line in lines if line["event"] == "deleted"]
 
 

@@ -34,7 +34,8 @@ def run(tmp_path_factory):
     weights = root / "codec.pth"
     assert dacvae.main(["init-random", str(weights), "--size", "tiny", "--seed", "1"]) in (0, None)
     checkpoints = root / "run" / "checkpoints"
-    return {"root": root, "full": str(checkpoints / "step_0000003.pkl"),
+    assert train_pretrain.main(["export", str(checkpoints), str(checkpoints / "step_0000003.pkl")]) == 0
+    return {"root": root, "full": str(checkpoints / "step_0000003.pkl"), "dir": str(checkpoints),
             "params": str(checkpoints / "step_0000003.params.pkl"), "codec": str(weights)}
 
 
@@ -144,6 +145,20 @@ def test_full_checkpoint_loads_like_the_weights_only_file(run, loaded, caplog):
     assert full.silence_frame is not None and full.silence_frame.shape == (128,)
     for k, v in echo.flatten(full.params).items():
         np.testing.assert_array_equal(v, echo.flatten(loaded.params)[k])
+
+
+def test_a_training_checkpoint_directory_loads(run, loaded, tmp_path):
+    """The checkpoint directory (its newest step), one step directory, and a step without its
+    .params.pkl export (a preemption save), read from the sharded checkpoint itself."""
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(os.path.join(run["dir"], "step_0000003"), bare / "step_0000003")
+    for path in (run["dir"], os.path.join(run["dir"], "step_0000003"), str(bare), str(bare / "step_0000003")):
+        other = inference.load_model(path)
+        assert other.step == 3 and other.config == loaded.config and other.max_text_len == loaded.max_text_len
+        np.testing.assert_array_equal(other.silence_frame, loaded.silence_frame)
+        for k, v in echo.flatten(other.params).items():
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(echo.flatten(loaded.params)[k]), err_msg=k)
 
 
 def test_reference_layout_and_boxed_checkpoints_load(run, loaded, tmp_path):
@@ -433,6 +448,7 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
     np.save(ints, np.zeros((10, 128), np.int32))
     cases = [
         (["--checkpoint", str(tmp_path / "none.pkl"), "--text", "hi"], ("does not exist",)),
+        (["--checkpoint", str(tmp_path), "--text", "hi"], ("holds no complete training checkpoint",)),
         (["--checkpoint", str(corrupt), "--text", "hi"], (str(corrupt),)),
         (["--checkpoint", str(truncated), "--text", "hi"], (str(truncated),)),
         (["--checkpoint", str(incompatible), "--text", "hi"], (str(incompatible),)),
