@@ -684,8 +684,13 @@ def save_checkpoint(manager, trainer, state, step, data_state, samples_seen, exp
     started = time.perf_counter()
     meta = {"step": step, "samples_seen": samples_seen, "data_states": gather_json(data_state),
             "flags": run_flags(args), **trainer.about(json_safe=True)}
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
+    try:  # also raises what the background write of the previous checkpoint met (a full disk, say)
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:
+        raise TrainError(f"writing a checkpoint to {args.checkpoint_dir} failed ({type(e).__name__}: "
+                         f"{str(e)[:200]}); free space there or fix its permissions, then rerun to resume "
+                         "from the last complete checkpoint") from None
     sharded = time.perf_counter() - started
     if export:
         export_weights(export_path(args.checkpoint_dir, step), state, {"step": step, **trainer.about()},

@@ -227,6 +227,24 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
     assert int(echo.load_checkpoint(str(ckpt))["step"]) == 6
 
 
+def test_a_full_disk_during_a_save_is_one_sentence(tmp_path, monkeypatch, capsys):
+    import orbax.checkpoint as ocp
+    real, calls = ocp.CheckpointManager.save, []
+
+    def full_disk_on_the_second_save(self, step, *a, **k):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, step, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk_on_the_second_save)
+    run_dir = tmp_path / "full"
+    assert train_pretrain.main(["--run_dir", str(run_dir), *FAST, "--steps", "4", "--checkpoint_every", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "writing a checkpoint to" in err[0] and "No space left on device" in err[0], err
+    assert checkpoint_steps(run_dir / "checkpoints") == [2]  # the last complete checkpoint stays
+
+
 def test_restricted_unpickling_refuses_code_and_unboxes_flax(tmp_path):
     import flax.linen as nn
 
@@ -352,6 +370,13 @@ def test_two_processes_match_one_and_resume_losslessly(tmp_path):
     b = final_params(str(tmp_path / "split" / "checkpoints"), 6)
     assert_trees_equal(a["params"], b["params"])
     assert losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == two
+    # The same checkpoint on another number of hosts: restored onto the new mesh, with one warning
+    # saying how the data order continues.
+    out = run_pod(tmp_path / "split", 1, 4, *common, "--steps", "8", "--override", "steps")[0]
+    assert "data positions of 2 host(s), this run has 1" in out, out[-2000:]
+    metrics = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m.get("event") == "resumed"][-1] == 6
+    assert [m["step"] for m in metrics if "loss" in m and "event" not in m][-2:] == [7, 8]
 
 
 def test_hosts_with_different_checkpoint_directories_are_refused(tmp_path):
