@@ -603,21 +603,26 @@ def dict_leaves(tree):
         yield tree
 
 
-class GatheringPickler(pickle.Pickler):
-    """Pickles a tree of sharded jax arrays as numpy arrays, gathering each one when pickle reaches
-    it (every other process joins the same gathers through dict_leaves), so that only one whole array
-    is ever on the host. Fast mode keeps no memo, which would hold every array until the end."""
+class StreamingPickler(pickle.Pickler):
+    """Pickles a tree whose array leaves are fetched as numpy one at a time, when pickle reaches
+    them (`fetch(leaf)`: the numpy array, or None for an ordinary object), so that only one whole
+    array is ever on the host. Fast mode keeps no memo, which would hold every array until the end."""
 
-    def __init__(self, file):
+    def __init__(self, file, fetch):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
         self.fast = True
+        self.fetch = fetch
 
     def reducer_override(self, obj):
-        import jax
-        if isinstance(obj, jax.Array):
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(obj, tiled=True)).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        return NotImplemented
+        array = self.fetch(obj)
+        return NotImplemented if array is None else np.asarray(array).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
+def gathered(obj):
+    """A sharded jax array as a whole numpy array (a collective: every process must join)."""
+    import jax
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(obj, tiled=True) if isinstance(obj, jax.Array) else None
 
 
 def export_weights(path, state, about, process):
@@ -626,11 +631,11 @@ def export_weights(path, state, about, process):
     import flax.serialization
     from jax.experimental import multihost_utils
     trees = {key: flax.serialization.to_state_dict(state[key]) for key in ("params", "ema_params") if key in state}
-    if process != 0:
+    if process != 0:  # join process 0's gathers, in the order its pickler reaches the arrays
         for leaf in dict_leaves(trees):
             multihost_utils.process_allgather(leaf, tiled=True)
         return
-    write_atomically(path, lambda f: GatheringPickler(f).dump({**trees, **about}))
+    write_atomically(path, lambda f: StreamingPickler(f, gathered).dump({**trees, **about}))
 
 
 def gather_json(value):
@@ -1443,11 +1448,22 @@ def print_aot(result):
     print(json.dumps(result))
 
 
+class StoredArray:
+    """One array of a checkpoint on disk (a zarr directory), read only when it is pickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def read(self):
+        import tensorstore
+        return tensorstore.open({"driver": "zarr", "kvstore": {"driver": "file", "path": self.path}}).result().read().result()
+
+
 def export_checkpoint(source, out):
     """`python train_pretrain.py export CHECKPOINT OUT.pkl`: a training checkpoint (its directory, or
     one step of it) as one pickle of the seed's full format (params, opt_state, step, samples_seen,
-    EMA weights, config, data positions, flags), which --resume and --init_from read. This host holds
-    the whole train state while it writes."""
+    EMA weights, config, data positions, flags), which --resume and --init_from read. Each array is
+    read from the checkpoint when the pickle reaches it: the host holds one array at a time."""
     import flax.serialization
     import jax
     import orbax.checkpoint as ocp
@@ -1455,32 +1471,36 @@ def export_checkpoint(source, out):
     import model as echo
     try:
         directory, step = echo.find_checkpoint_step(source)
-    except (echo.CheckpointError, OSError) as e:
-        raise TrainError(f"{source}: {e}") from None
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        read_only=True, create=False, step_prefix="step", step_format_fixed_length=7),
-        item_handlers={"state": ocp.StandardCheckpointHandler(use_ocdbt=False), "meta": ocp.JsonCheckpointHandler()})
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        flags = argparse.Namespace(**meta["flags"])
+        step_dir = os.path.join(directory, f"step_{step:07d}")
+        meta = read_json(os.path.join(step_dir, "meta", "metadata"))
+        stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
         config = echo.EchoConfig(**meta["config"])
         mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                              devices=jax.devices()[:1])
-        abstract, shardings = state_layout(config, make_optimizer(flags)[0], mesh, echo.logical_axis_rules(),
-                                           "ema_params" in manager.item_metadata(step)["state"])
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    except Exception as e:  # a damaged checkpoint raises whatever its reader meets
-        raise TrainError(f"{directory}/step_{step:07d} is not a readable checkpoint ({type(e).__name__}: "
-                         f"{str(e)[:200]})") from None
-    payload = {key: jax.tree.map(np.asarray, flax.serialization.to_state_dict(value)) for key, value in state.items()}
-    payload.update(step=int(payload["step"]), samples_seen=meta["samples_seen"], config=meta["config"],
+        abstract, _ = state_layout(config, make_optimizer(argparse.Namespace(**meta["flags"]))[0], mesh,
+                                   echo.logical_axis_rules(), "ema_params" in stored)
+    except (echo.CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"{source} is not a readable training checkpoint ({type(e).__name__}: {str(e)[:200]})") \
+            from None
+
+    def leaf(path, _):
+        node = stored
+        for key in path:  # dict keys, namedtuple fields, list indices: orbax's tree mirrors the state's
+            node = node[getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))]
+        return StoredArray(os.path.join(step_dir, "state", node.name))
+
+    lazy = jax.tree_util.tree_map_with_path(leaf, {k: v for k, v in abstract.items() if k != "step"})
+    payload = {key: flax.serialization.to_state_dict(value) for key, value in lazy.items()}
+    payload.update(step=step, samples_seen=meta["samples_seen"], config=meta["config"],
                    max_lengths=meta["max_lengths"], silence_latent=np.asarray(meta["silence_latent"], np.float16),
                    data_states=meta["data_states"], train_args=meta["flags"])
+    fetch = lambda obj: obj.read() if isinstance(obj, StoredArray) else None
     try:
-        write_atomically(out, lambda f: pickle.dump(payload, f, protocol=pickle.HIGHEST_PROTOCOL))
+        write_atomically(out, lambda f: StreamingPickler(f, fetch).dump(payload))
     except OSError as e:
         raise TrainError(f"cannot write {out} ({e.strerror or e})") from None
+    except Exception as e:  # a damaged array raises whatever tensorstore meets
+        raise TrainError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     print(f"wrote step {step} of {directory} to {out}")
 
 

@@ -198,7 +198,7 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
         if path.is_file() and path.stat().st_size > 64:
             path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
-    real, gathered = train_pretrain.GatheringPickler.reducer_override, []
+    real, gathered = train_pretrain.StreamingPickler.reducer_override, []
 
     def dying_after_three_arrays(self, obj):
         result = real(self, obj)
@@ -207,7 +207,7 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
             raise KeyboardInterrupt("power cut")
         return result
 
-    monkeypatch.setattr(train_pretrain.GatheringPickler, "reducer_override", dying_after_three_arrays)
+    monkeypatch.setattr(train_pretrain.StreamingPickler, "reducer_override", dying_after_three_arrays)
     with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(KeyboardInterrupt):
         train_pretrain.main(["--run_dir", str(run_dir), "--steps", "6", "--override", "steps"])
     assert "step_0000004 is unreadable" in caplog.text and "resuming from step 2 instead" in caplog.text
