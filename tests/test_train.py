@@ -137,8 +137,8 @@ def test_checkpoints_on_gs_resume_bit_exactly(tmp_path, gcs):
     assert losses(read_metrics(tmp_path / "local" / "metrics.jsonl")) == losses(read_metrics(straight / "metrics.jsonl"))
     names = sorted(p.name for p in epath.Path(bucket).iterdir())
     assert "step_0000004" in names and "step_0000004.params.pkl" in names
-    with epath.Path(bucket, "step_0000004.params.pkl").open("rb") as f:
-        exported = pickle.load(f)
+    epath.Path(bucket, "step_0000004.params.pkl").copy(tmp_path / "from_gs.params.pkl")
+    exported = echo.load_checkpoint_file(str(tmp_path / "from_gs.params.pkl"))  # restricted unpickling
     local = echo.load_checkpoint_file(str(straight / "checkpoints" / "step_0000004.params.pkl"))
     assert exported["step"] == 4
     assert_trees_equal(exported["params"], local["params"])
