@@ -23,6 +23,7 @@ import sys
 sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never pull TF in next to JAX
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -37,6 +38,7 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -49,6 +51,7 @@ PEAK_FLOPS = (("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), 
               ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("H100 PCIe", 756e12),
               ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 TIMESTEP_BUCKETS = 5
+DISTRIBUTED_TIMEOUT_S = 300  # default seconds for every host to join
 
 
 class TrainError(Exception):
@@ -61,9 +64,16 @@ class TrainError(Exception):
 def parse_args(argv=None):
     """The flags, with `explicit`: the names of those given on the command line (a resumed run takes
     every other flag from its checkpoint, see restore_flags)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.error = refuse_command_line
+    args = parser.parse_args(argv)
     args.explicit = sorted(vars(build_parser(suppress_defaults=True).parse_args(argv)))
     return args
+
+
+def refuse_command_line(message):
+    """argparse's error hook: one sentence through main(), which on a pod also stops the other hosts."""
+    raise TrainError(f"{message} (python train_pretrain.py --help lists the flags)")
 
 
 def build_parser(suppress_defaults=False):
@@ -136,7 +146,7 @@ def build_parser(suppress_defaults=False):
       "is logged as an event")
     a("--aot_topology", default=None, help="compile for a TPU topology (e.g. v4-64, v4:2x2x1) and report memory")
     a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache")
-    a("--distributed_timeout", type=int, default=300, help="seconds to wait for all hosts to join")
+    a("--distributed_timeout", type=int, default=DISTRIBUTED_TIMEOUT_S, help="seconds to wait for all hosts to join")
     return p
 
 
@@ -287,12 +297,13 @@ HEARTBEAT_TIMEOUT_S = 45  # a host silent this long is lost: JAX stops the other
 def init_distributed(timeout):
     """Join the other hosts: a local simulated pod (ECHO_COORDINATOR, ECHO_NUM_PROCESSES,
     ECHO_PROCESS_ID), or a TPU pod, which JAX's cluster detection finds (launch.sh sets ECHO_TPU_POD
-    on every worker; GKE sets TPU_WORKER_HOSTNAMES). Single-host runs skip this."""
+    on every worker; GKE sets TPU_WORKER_HOSTNAMES), then watch the others for errors (watch_peers).
+    Single-host runs skip this. Returns whether this host joined a pod."""
     import jax
     coordinator = os.environ.get("ECHO_COORDINATOR")
     tpu_pod = os.environ.get("ECHO_TPU_POD") == "1" or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
     if not coordinator and not tpu_pod:
-        return
+        return False
     if coordinator:
         # JAX aborts the process when a peer never shows up; meet on the next port first, with a
         # deadline, so that a missing host is one clear sentence.
@@ -308,6 +319,71 @@ def init_distributed(timeout):
     except Exception as e:
         raise TrainError(f"could not join the other hosts within {timeout} s ({type(e).__name__}); check that "
                          "every worker started and can reach the coordinator") from None
+    watch_peers()
+    return True
+
+
+PEER_FAILURE_KEY = "echo/failed"  # key-value store entry: the sentence of the first host that met an error
+PEER_SEEN_KEY = "echo/failure_seen/"  # + process index: that host has printed the sentence and is stopping
+leaving_pod = threading.Lock()  # held by the thread (main or watch_peers) that ends this host after an error
+
+
+def watch_peers():
+    """On a pod, end this host the moment another one reports an error (leave_pod), instead of leaving
+    it in a collective until the heartbeat timeout: a bad flag, a full disk or a damaged shard on one
+    host stops every host within seconds, each with the same sentence."""
+    from orbax.checkpoint import multihost
+    client, done = multihost.get_jax_distributed_client(), threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                sentence = client.blocking_key_value_get(PEER_FAILURE_KEY, 1000)
+            except Exception as e:  # the 1 s wait ran out (look again), or the client is shutting down
+                if "DEADLINE_EXCEEDED" in str(e):
+                    continue
+                return
+            leave_pod(sentence)
+
+    thread = threading.Thread(target=watch, name="watch-peers", daemon=True)
+    thread.start()
+    # Stop the watcher before JAX shuts the client down at exit (registered later, so it runs first):
+    # a thread left waiting in the client then aborts the process.
+    atexit.register(lambda: (done.set(), thread.join()))
+
+
+def leave_pod(sentence, tell_others=False, with_traceback=False):
+    """End this host of a pod after an error: print the sentence, tell the other hosts (tell_others:
+    this host met it), wait (10 s at most) until every host has printed it, and exit without JAX's
+    shutdown barrier, which would wait for hosts that are gone. Never returns. Process 0 leaves
+    last: the coordination service lives in it, and the others' JAX clients abort them the moment
+    it goes."""
+    import jax
+    from orbax.checkpoint import multihost
+    if not leaving_pod.acquire(blocking=False):
+        time.sleep(60)  # this host's other thread is ending the process already (os._exit)
+    process = jax.process_index()
+    if with_traceback:
+        traceback.print_exc()
+    print(f"train_pretrain.py: error: {sentence}", file=sys.stderr, flush=True)
+    client = multihost.get_jax_distributed_client()
+    for key, value in (((PEER_FAILURE_KEY, f"host {process} stopped the run: {sentence}"),) if tell_others else ()) \
+            + ((PEER_SEEN_KEY + str(process), "1"),):
+        try:
+            client.key_value_set(key, value)
+        except Exception:  # another host reported first: its sentence reaches the others
+            pass
+    deadline = time.monotonic() + 10
+    for other in range(jax.process_count()):
+        try:
+            client.blocking_key_value_get(PEER_SEEN_KEY + str(other),
+                                          max(1, int((deadline - time.monotonic()) * 1000)))
+        except Exception:  # that host is gone already
+            pass
+    sys.stdout.flush()
+    if process == 0:
+        time.sleep(2)
+    os._exit(2)
 
 
 def rendezvous(coordinator, processes, index, timeout):
@@ -1518,9 +1594,18 @@ def main(argv=None):
             print(f"train_pretrain.py: error: {e}", file=sys.stderr)
             return 2
         return 0
-    args = parse_args(argv)
+    joined = False
     try:
-        args = resolve_defaults(restore_flags(args))
+        try:
+            args, refused = resolve_defaults(restore_flags(parse_args(argv))), None
+        except TrainError as e:
+            args, refused = None, e
+        if args is None or not args.aot_topology:
+            # A host with a bad flag still joins the pod, so that its sentence stops the others at once
+            # instead of leaving them waiting for it until --distributed_timeout.
+            joined = init_distributed(args.distributed_timeout if args else DISTRIBUTED_TIMEOUT_S)
+        if refused is not None:
+            raise refused
         import jax
         if os.environ.get("ECHO_COORDINATOR"):
             # The simulated pod (XLA:CPU, gloo): JAX keys cache entries per process and writes only
@@ -1534,13 +1619,18 @@ def main(argv=None):
         if args.aot_topology:
             print_aot(aot_compile(args))
             return 0
-        init_distributed(args.distributed_timeout)
         train(args)
     except (TrainError, data.DataError) as e:
-        print(f"train_pretrain.py: error: {e}", file=sys.stderr)
+        if joined:
+            leave_pod(str(e), tell_others=True)
+        print(f"train_pretrain.py: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:
+        if joined:  # a defect: its traceback here, one sentence everywhere
+            leave_pod(f"{type(e).__name__}: {str(e)[:300]} (the traceback is in that host's log)",
+                      tell_others=True, with_traceback=True)
+        raise
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

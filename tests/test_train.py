@@ -393,6 +393,72 @@ def test_hosts_with_different_checkpoint_directories_are_refused(tmp_path):
     assert not os.path.exists(tmp_path / "pod" / "metrics.jsonl")
 
 
+FULL_DISK_ON_THE_SECOND_SAVE = """
+import runpy, sys
+sys.modules.setdefault("tensorflow", None)
+import orbax.checkpoint as ocp
+real, calls = ocp.CheckpointManager.save, []
+def save(self, step, *a, **k):
+    calls.append(step)
+    if len(calls) == 2:
+        raise OSError(28, "No space left on device")
+    return real(self, step, *a, **k)
+ocp.CheckpointManager.save = save
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def pod_with_one_faulty_host(run_dir, common, host1_flags=(), host1_python=()):
+    """A 2-host pod where only host 1 has an extra flag or runs under a wrapper; returns each host's
+    output, exit status and the time it ended."""
+    port, procs = free_port(), []
+    for i in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
+               "ECHO_COORDINATOR": f"127.0.0.1:{port}", "ECHO_NUM_PROCESSES": "2", "ECHO_PROCESS_ID": str(i)}
+        wrapper = list(host1_python) if i == 1 else []
+        procs.append(subprocess.Popen(
+            [sys.executable, *wrapper, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir), *FAST,
+             "--distributed_timeout", "120", *common, *(host1_flags if i == 1 else ())],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    ended, deadline = [None, None], time.monotonic() + 600
+    while None in ended and time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.monotonic()
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    outs = [p.communicate()[0] for p in procs]
+    return outs, [p.returncode for p in procs], ended
+
+
+def test_an_error_on_one_host_stops_every_host_at_once(tmp_path):
+    """A bad flag or a full disk that only host 1 meets: host 1 says it in one sentence, and host 0 stops
+    within seconds with the same sentence (not after --distributed_timeout or the heartbeat)."""
+    corpus = tmp_path / "corpus"
+    identical_corpus(corpus)
+    common = ["--data", str(corpus), "--eval_every", "100"]
+    for flags, message in ((["--lr", "-1"], "--lr must be positive"),
+                           (["--bogus", "1"], "unrecognized arguments: --bogus 1")):
+        start = time.monotonic()
+        outs, codes, ended = pod_with_one_faulty_host(tmp_path / "flag", common, host1_flags=flags)
+        assert codes == [2, 2], outs
+        assert max(ended) - start < 60, outs  # not the 120 s --distributed_timeout
+        assert f"error: host 1 stopped the run: {message}" in outs[0] and f"error: {message}" in outs[1], outs
+        assert "Traceback" not in outs[0] + outs[1]
+    outs, codes, ended = pod_with_one_faulty_host(
+        tmp_path / "full", common + ["--steps", "4", "--checkpoint_every", "2"],
+        host1_python=["-c", FULL_DISK_ON_THE_SECOND_SAVE])
+    assert codes == [2, 2], outs
+    assert abs(ended[0] - ended[1]) < 30, ended  # not the 45 s heartbeat
+    assert "No space left on device" in outs[1] and "host 1 stopped the run: " in outs[0], outs
+    assert "No space left on device" in outs[0].split("host 1 stopped the run: ")[1], outs[0][-1000:]
+    assert "Traceback" not in outs[0] + outs[1] and "Terminating process" not in outs[0] + outs[1], outs
+    assert checkpoint_steps(tmp_path / "full" / "checkpoints") == [2]
+
+
 def test_val_loss_comes_from_held_out_data_only(tmp_path, caplog):
     identical_corpus(tmp_path / "train")
     identical_corpus(tmp_path / "held-out", count=16, seed=1)
