@@ -9,8 +9,11 @@ the page polls every few seconds. It also plays the run's audio samples: the fil
 index of each {"event": "samples"} line, and only those. Read-only, only its own routes (/,
 /api/metrics?since=STEP, /api/samples, /samples/STEP/FILE, /metrics.csv), bound to 127.0.0.1
 unless told otherwise; with --token every request must carry
-`?token=T` or `Authorization: Bearer T`. Standard library only, and a separate process: it never
-slows the trainer. The charts are drawn on canvas by the small script below; nothing is fetched
+`?token=T` or `Authorization: Bearer T`. A separate process: it never slows the trainer. The
+standard library serves a local file; a gs:// path (the history train_pretrain.py keeps beside
+gs:// checkpoints, updated at each checkpoint, which outlives any one worker) is read through etils.epath:
+
+    python monitor.py --metrics gs://BUCKET/run/metrics.jsonl The charts are drawn on canvas by the small script below; nothing is fetched
 from the internet.
 """
 
@@ -61,27 +64,28 @@ class MetricsStore:
     def poll(self):
         """Read what was appended since the last poll (at most READ_CHUNK bytes)."""
         try:
-            st = os.stat(self.path)
+            size, inode, mtime = stat_file(self.path)
         except OSError:
             return
         with self.lock:
-            if self.inode is not None and (st.st_ino != self.inode or st.st_size < self.offset):
+            if self.inode is not None and (inode != self.inode or size < self.offset):
                 generation = self.generation
                 self.reset()  # the file was replaced or truncated: start over
                 self.generation = generation + 1
-            self.inode = st.st_ino
-            if st.st_size == self.offset:
+            self.inode = inode
+            if size == self.offset:
                 return
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read(min(READ_CHUNK, st.st_size - self.offset))
+            try:
+                data = read_range(self.path, self.offset, min(READ_CHUNK, size - self.offset))
+            except OSError:
+                return
             self.offset += len(data)
             lines = (self.partial + data).split(b"\n")
             self.partial = lines.pop()  # a line still being written stays for the next poll
             for line in lines:
                 if line.strip():
                     self.add_line(line)
-            self.last_line_time = st.st_mtime
+            self.last_line_time = mtime
 
     def add_line(self, raw):
         try:
@@ -234,6 +238,36 @@ class MetricsStore:
         for i in range(len(columns["step"])):
             values = [columns[f][i] for f in FIELDS] + [b[i] for b in buckets.values()]
             yield ",".join("" if math.isnan(v) else repr(v) for v in values) + "\n"
+
+
+def stat_file(path):
+    """(size, identity, mtime) of the metrics file: a local file's inode; a gs:// object's path, since
+    its history is only ever rewritten longer and its size alone says what is new."""
+    if "://" not in path:
+        st = os.stat(path)
+        return st.st_size, st.st_ino, st.st_mtime
+    from etils import epath
+    try:
+        st = epath.Path(path).stat()
+    except Exception as e:  # gcsfs raises its own errors for a missing object or a refused request
+        raise OSError(str(e)) from None
+    mtime = st.mtime.timestamp() if hasattr(st.mtime, "timestamp") else float(st.mtime)
+    return st.length, path, mtime
+
+
+def read_range(path, offset, count):
+    """`count` bytes of the metrics file from `offset` (local, or a ranged read of a gs:// object)."""
+    if "://" not in path:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(count)
+    from etils import epath
+    try:
+        with epath.Path(path).open("rb") as f:
+            f.seek(offset)
+            return f.read(count)
+    except Exception as e:
+        raise OSError(str(e)) from None
 
 
 def _number(value):

@@ -129,6 +129,33 @@ def test_api_tails_incrementally_with_partial_lines_and_a_missing_file(server):
     assert rows[-1].split(",")[0] == "31.0"
 
 
+def test_the_history_beside_gs_checkpoints_is_served(gcs, tmp_path):
+    """train_pretrain.py rewrites CHECKPOINT_DIR/metrics.jsonl (on gs://) longer at each checkpoint;
+    the dashboard follows it there as it does a local file."""
+    from etils import epath
+    path = f"gs://{gcs}/monitor-run/metrics.jsonl"
+    srv = monitor.serve(path, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        data = json.loads(get(base + "/api/metrics")[1])
+        assert data["file_exists"] is False and data["step"] is None
+        local = tmp_path / "metrics.jsonl"
+        write_run(local, 20)
+        epath.Path(path).write_bytes(local.read_bytes())
+        data = json.loads(get(base + "/api/metrics")[1])
+        assert data["file_exists"] and data["step"] == 20 and data["points"] == 20
+        assert data["last_checkpoint"]["step"] == 20
+        write_run(local, 40)
+        epath.Path(path).write_bytes(local.read_bytes())
+        data = json.loads(get(base + "/api/metrics?since=18")[1])
+        assert data["series"]["step"] == list(range(19, 41)) and data["generation"] == 0
+        assert data["series"]["loss"][-1] == json.loads(step_line(40))["loss"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_a_huge_file_is_read_once_and_answered_small(server, monkeypatch):
     start, path = server
     lines = 1_000_000
