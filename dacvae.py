@@ -17,7 +17,6 @@ import argparse
 import math
 import os
 import sys
-import tempfile
 
 import numpy as np
 import soundfile
@@ -509,20 +508,15 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path) for a temporary file beside `path`, then rename it into place."""
+    """data.atomic_write (a temporary file beside `path`, renamed into place), failing as one DACVAEError."""
+    import data
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise DACVAEError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        data.atomic_write(path, write)
     except OSError as e:
         raise DACVAEError(f"cannot write {path} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_audio(path, audio, sample_rate=SAMPLE_RATE):

@@ -751,6 +751,16 @@ def load_checkpoint_file(path):
 STEP_DIR = re.compile(r"^step_(\d{7})$")  # a committed orbax checkpoint of train_pretrain.py
 
 
+def step_path(directory, step):
+    """A training checkpoint's step directory (orbax's, as train_pretrain.checkpoint_manager names it)."""
+    return os.path.join(directory, f"step_{step:07d}")
+
+
+def export_path(directory, step):
+    """The weights-only pickle written beside a step directory."""
+    return step_path(directory, step) + ".params.pkl"
+
+
 def find_checkpoint_step(path):
     """(checkpoint directory, step) for a training checkpoint directory (its newest committed step)
     or one of its step_XXXXXXX directories."""
@@ -770,13 +780,13 @@ def load_checkpoint_dir(path):
     payload: its .params.pkl export where there is one, else the params and EMA weights read from
     the orbax checkpoint (a preemption save has no export)."""
     directory, step = find_checkpoint_step(path)
-    export = os.path.join(directory, f"step_{step:07d}.params.pkl")
+    export = export_path(directory, step)
     if os.path.isfile(export):
         return load_checkpoint_file(export)
     import json
 
     import orbax.checkpoint as ocp
-    step_dir = os.path.join(directory, f"step_{step:07d}")
+    step_dir = step_path(directory, step)
     try:
         with open(os.path.join(step_dir, "meta", "metadata")) as f:
             meta = json.load(f)

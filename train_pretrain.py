@@ -172,14 +172,13 @@ def run_flags(args):
 def check_same_flags(args):
     """Every host must train the same run: a host started with other flags, or one that read another
     run_flags.json, stops the pod with one sentence (on every host at once)."""
-    from jax.experimental import multihost_utils
     pinned = {k: v for k, v in run_flags(args).items() if k not in FREE_FLAGS}
-    digest = hashlib.sha256(json.dumps(pinned, sort_keys=True, default=str).encode()).digest()[:8]
-    every = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint8))).reshape(-1, 8)
-    if not (every == every[0]).all():
-        raise TrainError("the hosts run with different flags (started with other commands, or resuming from "
-                         "different run_flags.json files); start every host with the same command over a shared "
-                         "--checkpoint_dir")
+    every = gather_json(hashlib.sha256(json.dumps(pinned, sort_keys=True, default=str).encode()).hexdigest())
+    differ = [str(i) for i, digest in enumerate(every) if digest != every[0]]
+    if differ:
+        raise TrainError(f"host(s) {', '.join(differ)} run with other flags than process 0 (started with another "
+                         "command, or resuming from another run_flags.json); start every host with the same "
+                         "command over a shared --checkpoint_dir")
 
 
 def restore_flags(args):
@@ -638,10 +637,6 @@ def checkpoint_manager(directory, keep=0, keep_period=0):
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def export_path(directory, step):
-    return os.path.join(directory, f"step_{step:07d}.params.pkl")
-
-
 def write_atomically(path, write):
     """write(binary file) for a local path through a temporary file and a rename; on gs:// an object
     only appears once its upload completes, so it is written in place."""
@@ -761,6 +756,8 @@ def save_checkpoint(manager, trainer, state, step, data_state, samples_seen, exp
     background; with `export`, the weights-only pickle follows (synchronously). Returns the seconds
     training waited for the sharded save and for the export."""
     import orbax.checkpoint as ocp
+
+    import model as echo
     args = trainer.args
     started = time.perf_counter()
     meta = {"step": step, "samples_seen": samples_seen, "data_states": gather_json(data_state),
@@ -774,7 +771,7 @@ def save_checkpoint(manager, trainer, state, step, data_state, samples_seen, exp
                          "from the last complete checkpoint") from None
     sharded = time.perf_counter() - started
     if export:
-        export_weights(export_path(args.checkpoint_dir, step), state, {"step": step, **trainer.about()},
+        export_weights(echo.export_path(args.checkpoint_dir, step), state, {"step": step, **trainer.about()},
                        trainer.process)
     if trainer.process == 0:
         write_json(os.path.join(args.checkpoint_dir, RUN_FLAGS_FILE), run_flags(args))
@@ -795,8 +792,10 @@ def restore_checkpoint(manager, trainer):
     """The newest readable checkpoint, each host reading only its own shards straight onto its
     devices: (state, meta), or None when the directory holds none. An unreadable newest one gives a
     warning and the one before it is tried; every host takes the same decision."""
-    import orbax.checkpoint as ocp
     import jax
+    import orbax.checkpoint as ocp
+
+    import model as echo
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             trainer.abstract_state, trainer.state_shardings)
     steps = sorted(manager.all_steps(), reverse=True)
@@ -818,28 +817,32 @@ def restore_checkpoint(manager, trainer):
             if "ema_params" in abstract and "ema_params" not in state:
                 state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
             return state, restored["meta"]
-        path = os.path.join(str(manager.directory), f"step_{step:07d}")
+        path = echo.step_path(str(manager.directory), step)
         where = error or f"unreadable on host(s) {', '.join(map(str, failed))}"
         if i + 1 == len(steps):
             raise TrainError(f"no checkpoint in {manager.directory} is readable (the oldest, {path}: {where}); "
                              "restore them, or start a new run in another --checkpoint_dir")
         log.warning("checkpoint %s is unreadable (%s): resuming from step %d instead", path, where, steps[i + 1])
-        set_aside(manager, path, trainer.process, trainer.processes)
+        set_aside(manager, step, trainer.process, trainer.processes)
     return None
 
 
-def set_aside(manager, path, process, processes):
-    """Rename an unreadable checkpoint to PATH.unreadable-TIME, out of the way of the step that will
-    be saved again under its name (and of pruning, which would count it); nothing is deleted."""
+def set_aside(manager, step, process, processes):
+    """Rename an unreadable checkpoint (and its export) to STEP_DIR.unreadable-TIME, out of the way of
+    the step that will be saved again under its name (and of pruning, which would count it); nothing
+    is deleted."""
     from etils import epath
     from jax.experimental import multihost_utils
+
+    import model as echo
+    path, export = echo.step_path(str(manager.directory), step), echo.export_path(str(manager.directory), step)
     aside = f"{path}.unreadable-{int(time.time())}"
     error = None
     if process == 0:
         try:
             epath.Path(path).rename(aside)
-            if epath.Path(path + ".params.pkl").exists():
-                epath.Path(path + ".params.pkl").rename(aside + ".params.pkl")
+            if epath.Path(export).exists():
+                epath.Path(export).rename(aside + ".params.pkl")
             log.warning("moved the unreadable checkpoint to %s", aside)
         except OSError as e:
             error = str(e)
@@ -1397,8 +1400,7 @@ def train(args, on_eval=None):
                 started = time.perf_counter()
                 sharded, exported = save_checkpoint(manager, trainer, state, step, pipeline.state(), samples_seen,
                                                     export=not preempted)
-                metrics.write(event="checkpoint", step=step, path=os.path.join(args.checkpoint_dir,
-                                                                               f"step_{step:07d}"),
+                metrics.write(event="checkpoint", step=step, path=echo.step_path(args.checkpoint_dir, step),
                               blocking_s=round(sharded, 3), export_s=round(exported, 3))
                 metrics.save_history()
                 saving = (step, started)
@@ -1547,7 +1549,7 @@ def export_checkpoint(source, out):
     import model as echo
     try:
         directory, step = echo.find_checkpoint_step(source)
-        step_dir = os.path.join(directory, f"step_{step:07d}")
+        step_dir = echo.step_path(directory, step)
         meta = read_json(os.path.join(step_dir, "meta", "metadata"))
         stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
         config = echo.EchoConfig(**meta["config"])
