@@ -589,7 +589,7 @@ def validate(args):
         raise InferenceError(f"--speaker_kv_max_layers must be at least 1, got {sampler['speaker_kv_max_layers']}")
     if sampler["sway"] is not None and not -1 <= sampler["sway"] <= 1:
         raise InferenceError(f"--sway must be in [-1, 1] (F5-TTS uses -1), got {sampler['sway']}")
-    if not os.path.exists(args.checkpoint):
+    if "://" not in args.checkpoint and not os.path.exists(args.checkpoint):  # gs:// is looked up when loaded
         raise InferenceError(f"checkpoint {args.checkpoint} does not exist")
     for flag in ("speaker_ref", "speaker_latent"):
         path = getattr(args, flag)

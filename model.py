@@ -732,12 +732,29 @@ def _unbox(tree):
     return tree
 
 
+def checkpoint_file_exists(path):
+    """Whether a checkpoint pickle exists: a local file, or an object on gs:// (a bucket every host reads)."""
+    if "://" in path:
+        from etils import epath
+        try:
+            return epath.Path(path).is_file()
+        except Exception:  # an unreachable bucket or a refused request counts as missing
+            return False
+    return os.path.isfile(path)
+
+
 def load_checkpoint_file(path):
-    """Read a checkpoint .pkl with restricted unpickling; Flax boxes are unwrapped."""
-    if not os.path.isfile(path):
+    """Read a checkpoint .pkl (a local path, or gs://... through etils.epath) with restricted
+    unpickling; Flax boxes are unwrapped."""
+    if not checkpoint_file_exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        with open(path, "rb") as f:
+        if "://" in path:
+            from etils import epath
+            opened = epath.Path(path).open("rb")
+        else:
+            opened = open(path, "rb")
+        with opened as f:
             payload = _RestrictedUnpickler(f).load()
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path} is not a safe checkpoint ({e})") from None
@@ -763,33 +780,34 @@ def export_path(directory, step):
 
 def find_checkpoint_step(path):
     """(checkpoint directory, step) for a training checkpoint directory (its newest committed step)
-    or one of its step_XXXXXXX directories."""
-    path = os.path.normpath(path)
-    m = STEP_DIR.match(os.path.basename(path))
-    if m and os.path.isdir(os.path.join(path, "state")):
-        return os.path.dirname(path), int(m.group(1))
-    steps = [int(m.group(1)) for m in map(STEP_DIR.match, sorted(os.listdir(path)))
-             if m and os.path.isdir(os.path.join(path, m.group(0), "state"))]
+    or one of its step_XXXXXXX directories; local or gs://."""
+    from etils import epath
+    where = epath.Path(path)
+    m = STEP_DIR.match(where.name)
+    if m and (where / "state").is_dir():
+        return str(where.parent), int(m.group(1))
+    steps = [int(m.group(1)) for m in map(STEP_DIR.match, sorted(p.name for p in where.iterdir()))
+             if m and (where / m.group(0) / "state").is_dir()] if where.is_dir() else []
     if not steps:
         raise CheckpointError(f"{path} holds no complete training checkpoint (step_XXXXXXX directories)")
-    return path, max(steps)
+    return str(where), max(steps)
 
 
 def load_checkpoint_dir(path):
-    """The weights of a training checkpoint (directory, or one step of it) as a weights-only
-    payload: its .params.pkl export where there is one, else the params and EMA weights read from
-    the orbax checkpoint (a preemption save has no export)."""
-    directory, step = find_checkpoint_step(path)
-    export = export_path(directory, step)
-    if os.path.isfile(export):
-        return load_checkpoint_file(export)
+    """The weights of a training checkpoint (directory, or one step of it; local or gs://) as a
+    weights-only payload: its .params.pkl export where there is one, else the params and EMA weights
+    read from the orbax checkpoint (a preemption save has no export)."""
     import json
 
     import orbax.checkpoint as ocp
+    from etils import epath
+    directory, step = find_checkpoint_step(path)
+    export = export_path(directory, step)
+    if epath.Path(export).is_file():
+        return load_checkpoint_file(export)
     step_dir = step_path(directory, step)
     try:
-        with open(os.path.join(step_dir, "meta", "metadata")) as f:
-            meta = json.load(f)
+        meta = json.loads(epath.Path(step_dir, "meta", "metadata").read_text())
         checkpointer = ocp.PyTreeCheckpointer()
         tree = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata.tree
         keys = [k for k in ("params", "ema_params") if k in tree]
@@ -803,8 +821,9 @@ def load_checkpoint_dir(path):
 
 
 def load_checkpoint(path):
-    """A checkpoint pickle (full or weights-only) or a training checkpoint directory."""
-    return load_checkpoint_dir(path) if os.path.isdir(path) else load_checkpoint_file(path)
+    """A checkpoint pickle (full or weights-only) or a training checkpoint directory; local or gs://."""
+    from etils import epath
+    return load_checkpoint_dir(path) if epath.Path(path).is_dir() else load_checkpoint_file(path)
 
 
 def config_from_checkpoint(payload, path="checkpoint"):

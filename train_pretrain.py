@@ -107,9 +107,10 @@ def build_parser(suppress_defaults=False):
     a("--keep_checkpoints", type=int, default=3, help="keep only the newest N checkpoints (0: keep all)")
     a("--keep_period", type=int, default=0, help="also keep every checkpoint whose step is a multiple of this")
     a("--resume", default="auto", help="'auto' (the newest complete checkpoint in --checkpoint_dir), 'none', or "
-      "a pickle of the seed's format (train_pretrain.py export writes one); checkpoints then go to --checkpoint_dir")
-    a("--init_from", default=None, help="start from this checkpoint's weights (its EMA weights where it has "
-      "them) with a fresh optimizer at step 0")
+      "a pickle of the seed's format (train_pretrain.py export writes one; a path every host reads, such as "
+      "gs://...); checkpoints then go to --checkpoint_dir")
+    a("--init_from", default=None, help="start from this checkpoint pickle's weights (its EMA weights where it "
+      "has them) with a fresh optimizer at step 0; local or gs://")
     a("--metrics_file", default=None, help="JSON Lines metrics (default RUN_DIR/metrics.jsonl)")
     a("--log_every", type=int, default=1, help="steps between metrics lines")
     a("--eval_every", type=int, default=None, help="steps between validation (default 1000; synthetic 250)")
@@ -275,12 +276,12 @@ def resolve_defaults(args):
             args.profile_range = (0, 0)
         if not 1 <= args.profile_range[0] <= args.profile_range[1]:
             raise TrainError(f"--profile_steps takes A:B with 1 <= A <= B (steps to trace), got {args.profile_steps!r}")
-    if args.resume not in ("auto", "none") and not os.path.isfile(args.resume):
+    if args.resume not in ("auto", "none") and not model.checkpoint_file_exists(args.resume):
         raise TrainError(f"--resume {args.resume}: no such checkpoint file (a pickle of the seed's format; to "
                          "continue a run, give its --checkpoint_dir and --resume auto)")
     if args.keep_checkpoints < 0 or args.keep_period < 0:
         raise TrainError("--keep_checkpoints and --keep_period must not be negative (0: keep all, no period)")
-    if args.init_from and not os.path.isfile(args.init_from):
+    if args.init_from and not model.checkpoint_file_exists(args.init_from):
         raise TrainError(f"--init_from {args.init_from}: no such checkpoint file")
     if args.silence_latent and not os.path.isfile(args.silence_latent):
         raise TrainError(f"--silence_latent {args.silence_latent}: no such file")
@@ -454,8 +455,8 @@ def stratified_timesteps(rng, batch):
 
 def make_optimizer(args):
     import optax
-    warmup = int(args.warmup_frac * args.steps)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(warmup, 1), max(args.steps, warmup + 1), 0.0)
+    warmup = max(int(args.warmup_frac * args.steps), 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), 0.0)
 
     def decay_mask(params):
         from flax.traverse_util import path_aware_map
@@ -1534,7 +1535,8 @@ class StoredArray:
 
     def read(self):
         import tensorstore
-        return tensorstore.open({"driver": "zarr", "kvstore": {"driver": "file", "path": self.path}}).result().read().result()
+        kvstore = self.path if "://" in self.path else {"driver": "file", "path": self.path}  # gs:// as a URL
+        return tensorstore.open({"driver": "zarr", "kvstore": kvstore}).result().read().result()
 
 
 def export_checkpoint(source, out):

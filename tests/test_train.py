@@ -137,13 +137,22 @@ def test_checkpoints_on_gs_resume_bit_exactly(tmp_path, gcs):
     assert losses(read_metrics(tmp_path / "local" / "metrics.jsonl")) == losses(read_metrics(straight / "metrics.jsonl"))
     names = sorted(p.name for p in epath.Path(bucket).iterdir())
     assert "step_0000004" in names and "step_0000004.params.pkl" in names
-    epath.Path(bucket, "step_0000004.params.pkl").copy(tmp_path / "from_gs.params.pkl")
-    exported = echo.load_checkpoint_file(str(tmp_path / "from_gs.params.pkl"))  # restricted unpickling
+    exported = echo.load_checkpoint_file(f"{bucket}/step_0000004.params.pkl")  # restricted unpickling
     local = echo.load_checkpoint_file(str(straight / "checkpoints" / "step_0000004.params.pkl"))
     assert exported["step"] == 4
     assert_trees_equal(exported["params"], local["params"])
     history = [json.loads(line) for line in epath.Path(bucket, "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history if m.get("event") == "resumed"] == [2]
+    # export, inference and --resume/--init_from read gs:// too (a pickle every host of a pod reads).
+    assert train_pretrain.main(["export", f"{bucket}/step_0000004", f"{bucket}/full.pkl"]) == 0
+    full = echo.load_checkpoint(f"{bucket}/full.pkl")
+    assert full["step"] == 4 and "opt_state" in full
+    assert_trees_equal(full["params"], local["params"])
+    assert echo.load_checkpoint(bucket)["step"] == 4
+    args = train_pretrain.parse_args(["--run_dir", str(tmp_path / "tuned"), "--init_from", f"{bucket}/full.pkl"])
+    assert train_pretrain.resolve_defaults(args).init_from == f"{bucket}/full.pkl"
+    with pytest.raises(train_pretrain.TrainError, match="no such checkpoint file"):
+        train_pretrain.resolve_defaults(train_pretrain.parse_args(["--resume", f"{bucket}/missing.pkl"]))
 
 
 def test_grad_accumulation_matches_the_large_batch(tmp_path):
