@@ -59,6 +59,9 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
     assert float(schedule(25)) == pytest.approx(1e-3)
     assert float(schedule(525)) == pytest.approx(1e-3, rel=1e-3)  # cosine: half way down half way through
     assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-12)
+    for steps in (1, 2, 19):  # runs too short for a 5% warm-up still get a schedule
+        _, schedule = train_pretrain.make_optimizer(optimizer_args(steps=steps))
+        assert float(schedule(0)) == 0.0 and float(schedule(max(steps - 1, 1))) >= 0.0
 
 
 def test_weight_decay_shrinks_kernels_and_embeddings_only():
