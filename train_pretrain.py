@@ -1636,5 +1636,6 @@ def main(argv=None):
         raise
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())
