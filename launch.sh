@@ -150,9 +150,9 @@ while [[ ${#DONE[@]} -lt ${#TRAINER_PIDS[@]} ]]; do
       wait "$pid" || code=$?
       DONE[$i]=$code
       if [[ $code -ne 0 ]]; then
-        STATUS=$code
-        if [[ -z "$FAILED" ]]; then
+        if [[ -z "$FAILED" ]]; then  # the first failure's status is the run's: the others follow it
           FAILED=1
+          STATUS=$code
           how="exited with status $code"; ((code > 128)) && how="was lost (killed by signal $((code - 128)), status $code)"
           # A checkpoint needs every host: without this one the others can only stop.
           echo "launch.sh: host $i $how (see $LOG_DIR/host$i.log); stopping the others" >&2

@@ -325,6 +325,9 @@ def init_distributed(timeout):
 
 PEER_FAILURE_KEY = "echo/failed"  # key-value store entry: the sentence of the first host that met an error
 PEER_SEEN_KEY = "echo/failure_seen/"  # + process index: that host has printed the sentence and is stopping
+# What a collective raises when a peer's connection drops (gloo on the simulated pod): a lost host,
+# not a defect of this one.
+PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer")
 leaving_pod = threading.Lock()  # held by the thread (main or watch_peers) that ends this host after an error
 
 
@@ -1630,6 +1633,9 @@ def main(argv=None):
         print(f"train_pretrain.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:
+        if joined and any(sign in str(e) for sign in PEER_LOST_SIGNS):
+            leave_pod("lost contact with another host in the middle of a collective (it stopped or died: see its "
+                      "log); rerun the same command to resume from the last checkpoint", tell_others=True)
         if joined:  # a defect: its traceback here, one sentence everywhere
             leave_pod(f"{type(e).__name__}: {str(e)[:300]} (the traceback is in that host's log)",
                       tell_others=True, with_traceback=True)

@@ -121,6 +121,25 @@ def test_sigterm_checkpoints_and_leaves_no_process(tmp_path, target):
     assert processes_of(tmp_path) == []
 
 
+def test_a_lost_host_stops_the_pod_with_one_line_naming_it(tmp_path):
+    """SIGKILL of host 1's trainer (a dead worker): the launcher names it, exits with its status
+    within 90 s and leaves nothing running; host 0 says it lost contact, with no raw traceback."""
+    port = free_port()
+    proc = launch(tmp_path, port, "--steps", "100000", "--checkpoint_every", "100000", "--eval_every", "100000",
+                  start_new_session=True)
+    wait_for_steps(tmp_path, proc, port, 3)
+    killed = time.monotonic()
+    os.kill(trainer_of_host(tmp_path, 1), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 137 and time.monotonic() - killed < 90, out[-3000:]
+    assert "launch.sh: host 1 was lost (killed by signal 9, status 137)" in out, out[-3000:]
+    assert "rerun the same command to resume" in out and "inference example" not in out
+    host0 = (tmp_path / "disk" / "run" / "logs" / "host0.log").read_text()
+    assert "Traceback" not in host0, host0[-3000:]
+    time.sleep(0.5)
+    assert processes_of(tmp_path) == []
+
+
 def test_worker_mode_starts_companions_and_execs_the_trainer(tmp_path):
     """Without --local (a TPU worker): companions in the background, the trainer's output teed to a log."""
     port = free_port()
