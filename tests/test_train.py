@@ -457,7 +457,8 @@ def test_an_error_on_one_host_stops_every_host_at_once(tmp_path):
         outs, codes, ended = pod_with_one_faulty_host(tmp_path / "flag", common, host1_flags=flags)
         assert codes == [2, 2], outs
         assert max(ended) - start < 60, outs  # not the 120 s --distributed_timeout
-        assert f"error: {message}" in outs[1] and on_host0 in outs[0], outs
+        # Where both hosts meet it (different flags), either may report first: each prints it once.
+        assert message in outs[1] and on_host0 in outs[0], outs
         assert "Traceback" not in outs[0] + outs[1]
     outs, codes, ended = pod_with_one_faulty_host(
         tmp_path / "full", common + ["--steps", "4", "--checkpoint_every", "2"],
