@@ -1,10 +1,10 @@
 """Pretrain Echo: multi-host FSDP flow matching on TPU pods (or CPU, for the tiny preset).
 
 Every worker of a pod runs this same command (see launch.sh); roles come from
-jax.process_index(). The embedded default trains the tiny preset on a learnable synthetic corpus
-in a few minutes on a CPU, and scores what it generates:
+jax.process_index(). The embedded default trains the demo preset on a learnable synthetic corpus
+in under 10 minutes on a 2-core CPU, and scores what it generates on held-out texts:
 
-    python train_pretrain.py --preset tiny --data synthetic
+    python train_pretrain.py --data synthetic
     python train_pretrain.py --preset 1.3B --data hf://datasets/ORG/REPO --silence_latent silence.npy \\
         --checkpoint_dir /mnt/disk/ckpt --metrics_file /mnt/disk/ckpt/metrics.jsonl
 
@@ -86,8 +86,8 @@ def build_parser(suppress_defaults=False):
     a("--data", default="synthetic", help="'synthetic' (generated in the run directory), a shard directory, "
       "glob, list file, or hf://datasets/ORG/REPO[@REV][/GLOB]; several mixed by weight as A:0.7,B:0.3")
     a("--synthetic_corpus", default="short", help="with --data synthetic: 'short' (4-8-byte strings over 8 "
-      "letters: alignment in minutes), 'medium' (4-12 bytes over 16 letters) or 'words' (10-40-byte "
-      "pseudo-sentences)")
+      "letters: alignment in minutes), 'medium' (4-12 bytes over 16 letters, after 2-6-byte 'starter' strings "
+      "for the first half of the steps), 'starter' or 'words' (10-40-byte pseudo-sentences)")
     a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); default: the "
       "validation split of --data (val-*.tar, written by data.py build) where it has one; with --data "
       "synthetic, the corpus's held-out split")
@@ -456,10 +456,32 @@ def stratified_timesteps(rng, batch):
     return jax.nn.sigmoid(ndtri(q))
 
 
+def primer_steps(args):
+    """How many first steps of a synthetic run train on its corpus's primer (0: none, or real data)."""
+    if getattr(args, "data", None) != "synthetic" or getattr(args, "aot_topology", None):
+        return 0
+    corpus = data.SYNTHETIC_CORPORA[args.synthetic_corpus]
+    return int(corpus.primer_fraction * args.steps) if corpus.primer else 0
+
+
+def stage_lengths(args, corpus):
+    """(max_latent_len, max_text_len, max_speaker_len) of a synthetic stage: its corpus's own where the
+    run keeps its corpus's lengths, else the run's for every stage."""
+    run = (args.max_latent_len, args.max_text_len, args.max_speaker_len)
+    return data.synthetic_lengths(corpus) if run == data.synthetic_lengths(args.synthetic_corpus) else run
+
+
 def make_optimizer(args):
+    """AdamW with warm-up and cosine decay; a run with a primer (data stages) restarts both at the
+    switch, and restart_moments gives Adam fresh moments there."""
     import optax
-    warmup = max(int(args.warmup_frac * args.steps), 1)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), 0.0)
+
+    def warmup_cosine(steps):
+        warmup = max(int(args.warmup_frac * steps), 1)
+        return optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(steps, warmup + 1), 0.0)
+    primed = primer_steps(args)
+    schedule = (optax.join_schedules([warmup_cosine(primed), warmup_cosine(args.steps - primed)], [primed])
+                if primed else warmup_cosine(args.steps))
 
     def decay_mask(params):
         from flax.traverse_util import path_aware_map
@@ -469,6 +491,15 @@ def make_optimizer(args):
     tx = optax.chain(optax.clip_by_global_norm(1.0),
                      optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=args.weight_decay, mask=decay_mask))
     return tx, schedule
+
+
+def restart_moments(tx, opt_state, params):
+    """The optimizer state of a new data stage: Adam's moments and step count as at the start (its
+    bias correction starts over), while the schedule's count runs on into the stage's own warm-up."""
+    import jax
+    import optax
+    kept = lambda node: isinstance(node, optax.ScaleByScheduleState)
+    return jax.tree.map(lambda fresh, old: old if kept(fresh) else fresh, tx.init(params), opt_state, is_leaf=kept)
 
 
 def flow_matching_pair(x0, noise, t):
@@ -885,19 +916,34 @@ class Trainer:
         self.source, self.eval_source, silence = args.data, args.eval_data, args.silence_latent
         if args.data == "synthetic":
             # Each host writes its own copy (no shared disk needed), and the held-out split beside it.
-            name = os.path.join(args.run_dir, f"synthetic-{args.synthetic_corpus}-{args.seed}-{self.process}")
-            self.source, self.eval_source = name, self.eval_source or name + "-held-out"
-            for directory, held_out, shards in ((self.source, False, max(4, self.processes)),
-                                                (name + "-held-out", True, 1)):
+            corpus = data.SYNTHETIC_CORPORA[args.synthetic_corpus]
+            name = lambda which: os.path.join(args.run_dir, f"synthetic-{which}-{args.seed}-{self.process}")
+            self.source, self.eval_source = name(args.synthetic_corpus), self.eval_source or \
+                name(args.synthetic_corpus) + "-held-out"
+            corpora = [(self.source, args.synthetic_corpus, False, max(corpus.shards, self.processes)),
+                       (name(args.synthetic_corpus) + "-held-out", args.synthetic_corpus, True, 1)]
+            if primer_steps(args):
+                shards = max(data.SYNTHETIC_CORPORA[corpus.primer].shards, self.processes)
+                corpora.append((name(corpus.primer), corpus.primer, False, shards))
+            for directory, which, held_out, shards in corpora:
                 if not os.path.exists(os.path.join(directory, "silence_latent.npy")):
                     data.make_synthetic(directory, shards=shards, samples_per_shard=512, seed=args.seed,
-                                        corpus=args.synthetic_corpus, held_out=held_out)
+                                        corpus=which, held_out=held_out)
             silence = os.path.join(self.source, "silence_latent.npy")
         self.data_config = data.DataConfig(
             source=self.source, batch_size=args.global_batch_size // self.processes, seed=args.seed,
             max_latent_len=args.max_latent_len, max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len,
             silence_latent=silence, process_index=self.process, process_count=self.processes,
             accept_data_change=args.accept_data_change)
+        # Data stages, (first step, data config): a synthetic corpus with a primer trains on it first.
+        self.data_stages = [(0, self.data_config)]
+        if primer_steps(args):
+            primer = data.SYNTHETIC_CORPORA[args.synthetic_corpus].primer
+            latent_len, text_len, speaker_len = stage_lengths(args, primer)
+            self.data_stages = [(0, dataclasses.replace(self.data_config, source=name(primer),
+                                                        max_latent_len=latent_len, max_text_len=text_len,
+                                                        max_speaker_len=speaker_len)),
+                                (primer_steps(args), self.data_config)]
         self.eval_split = "all"  # an --eval_data source is read whole
         try:
             sources = data.parse_sources(self.source)
@@ -960,6 +1006,10 @@ class Trainer:
         if self.args.ema_decay > 0:
             state["ema_params"] = put(params if ema_params is None else ema_params, self.param_shardings)
         return state
+
+    def data_stage(self, step):
+        """The index of the data stage that the batch of `step` (0-based) comes from."""
+        return max(i for i, (first, _) in enumerate(self.data_stages) if first <= step)
 
     def data_position(self, data_states):
         """This host's data position among those a checkpoint holds (one per host that wrote it)."""
@@ -1251,11 +1301,17 @@ def train(args, on_eval=None):
     # collectives in flight at once can interleave differently on each host and deadlock.
     jax.block_until_ready(state)
 
-    pipeline = data.Pipeline(trainer.data_config, state=data_state)
+    # A checkpoint's data position belongs to the stage of the last batch it trained.
+    stage = trainer.data_stage(max(int(state["step"]) - 1, 0))
+    pipeline = data.Pipeline(trainer.data_stages[stage][1], state=data_state)
     step_fn = build_train_step(trainer.model, trainer.tx, args)
     with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
         train_step = jax.jit(step_fn, in_shardings=(trainer.state_shardings, trainer.batch_sharding),
                              out_shardings=(trainer.state_shardings, trainer.replicated), donate_argnums=(0,))
+        # A new data stage starts from the EMA weights with fresh Adam moments, as a new run would.
+        start_stage = jax.jit(lambda s: {**s, "params": s.get("ema_params", s["params"]),
+                                         "opt_state": restart_moments(trainer.tx, s["opt_state"], s["params"])},
+                              out_shardings=trainer.state_shardings, donate_argnums=(0,))
         eval_loss = jax.jit(build_eval_loss(trainer.model, args), in_shardings=(
             trainer.param_shardings, trainer.batch_sharding, trainer.replicated))
 
@@ -1302,7 +1358,9 @@ def train(args, on_eval=None):
     metrics.write(event="start", step=start_step, total_steps=args.steps, run=os.path.basename(
         os.path.abspath(args.run_dir)), preset=args.preset, global_batch_size=args.global_batch_size,
         processes=trainer.processes, devices=jax.device_count(), device_kind=device_kind, peak_flops_per_chip=peak)
-    flops = echo.flops_per_sample(trainer.config, args.max_latent_len, args.max_text_len, args.max_speaker_len)
+    stage_flops = lambda config: echo.flops_per_sample(trainer.config, config.max_latent_len, config.max_text_len,
+                                                       config.max_speaker_len)
+    flops = stage_flops(trainer.data_stages[stage][1])
     profile_dir = args.tensorboard_dir or os.path.join(args.run_dir, "profile")
     profiling = False
     bad_in_a_row, last, previous = 0, time.perf_counter(), None
@@ -1320,13 +1378,23 @@ def train(args, on_eval=None):
             if args.profile_range and trainer.process == 0 and step + 1 == args.profile_range[0]:
                 jax.profiler.start_trace(profile_dir)
                 profiling = True
+            if trainer.data_stage(step) != stage:
+                stage = trainer.data_stage(step)
+                config = trainer.data_stages[stage][1]
+                pipeline.close()
+                pipeline = data.Pipeline(config)
+                with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+                    state = start_stage(state)
+                flops = stage_flops(config)
+                metrics.write(event="data_stage", step=step, source=config.source)
+                log.info("step %d: training on %s from here (EMA weights, fresh Adam moments)", step, config.source)
             t0 = time.perf_counter()
             local = next(pipeline)
             data_wait = time.perf_counter() - t0
             with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
                 compile_start = time.perf_counter()
                 state, out = train_step(state, global_batch(local))
-                if step == start_step:
+                if step == start_step or step == trainer.data_stages[stage][0]:
                     jax.block_until_ready(out["loss"])
                     metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - compile_start, 2))
             step += 1

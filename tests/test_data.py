@@ -394,8 +394,8 @@ def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
     assert open(tmp_path / "a" / "shard-00001.tar", "rb").read() == open(tmp_path / "b" / "shard-00001.tar", "rb").read()
     silence = np.load(tmp_path / "a" / "silence_latent.npy")
     assert silence.shape == (750, 128) and silence.dtype == np.float16
-    for corpus, lengths, symbols, median in (("short", (4, 8), 8, 6), ("medium", (4, 12), 16, 8),
-                                             ("words", (10, 40), 30, 20)):
+    for corpus, lengths, symbols, median in (("starter", (2, 6), 8, 4), ("short", (4, 8), 8, 6),
+                                             ("medium", (4, 12), 16, 8), ("words", (10, 40), 30, 20)):
         directory = str(tmp_path / corpus)
         data.make_synthetic(directory, 2, 200, seed=5, corpus=corpus)
         samples = read_corpus(directory)

@@ -64,6 +64,27 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
         assert float(schedule(0)) == 0.0 and float(schedule(max(steps - 1, 1))) >= 0.0
 
 
+def test_a_new_data_stage_warms_up_again_with_fresh_adam_moments():
+    import optax
+    args = optimizer_args(steps=200, data="synthetic", synthetic_corpus="medium")
+    assert train_pretrain.primer_steps(args) == 100  # the demo's primer: the first half
+    assert train_pretrain.primer_steps(optimizer_args(steps=200, data="/shards")) == 0
+    tx, schedule = train_pretrain.make_optimizer(args)
+    assert [float(schedule(s)) for s in (0, 5, 100, 105)] == pytest.approx([0.0, 2e-3, 0.0, 2e-3])
+    assert float(schedule(99)) == pytest.approx(0.0, abs=1e-6) and float(schedule(150)) == pytest.approx(1e-3, rel=0.1)
+    params = {"w": jnp.ones((3,))}
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update({"w": jnp.array([1.0, -2.0, 3.0])}, state, params)
+    fresh = train_pretrain.restart_moments(tx, state, params)
+    leaves = lambda s, kind: [n for n in jax.tree.leaves(s, is_leaf=lambda n: isinstance(n, kind))
+                              if isinstance(n, kind)]
+    adam, = leaves(fresh, optax.ScaleByAdamState)
+    assert int(adam.count) == 0 and not np.any(adam.mu["w"]) and not np.any(adam.nu["w"])
+    assert np.any(leaves(state, optax.ScaleByAdamState)[0].mu["w"])
+    assert [int(s.count) for s in leaves(fresh, optax.ScaleByScheduleState)] == [3]  # the schedule runs on
+
+
 def test_weight_decay_shrinks_kernels_and_embeddings_only():
     config = echo.PRESETS["tiny"]
     params = jax.tree.map(jnp.ones_like, __import__("flax.linen", fromlist=["unbox"]).unbox(
