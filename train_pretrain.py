@@ -914,6 +914,7 @@ class Trainer:
 
         # Data: every host streams its own shards.
         self.source, self.eval_source, silence = args.data, args.eval_data, args.silence_latent
+        primed = primer_steps(args)
         if args.data == "synthetic":
             # Each host writes its own copy (no shared disk needed), and the held-out split beside it.
             corpus = data.SYNTHETIC_CORPORA[args.synthetic_corpus]
@@ -922,7 +923,7 @@ class Trainer:
                 name(args.synthetic_corpus) + "-held-out"
             corpora = [(self.source, args.synthetic_corpus, False, max(corpus.shards, self.processes)),
                        (name(args.synthetic_corpus) + "-held-out", args.synthetic_corpus, True, 1)]
-            if primer_steps(args):
+            if primed:
                 shards = max(data.SYNTHETIC_CORPORA[corpus.primer].shards, self.processes)
                 corpora.append((name(corpus.primer), corpus.primer, False, shards))
             for directory, which, held_out, shards in corpora:
@@ -937,13 +938,12 @@ class Trainer:
             accept_data_change=args.accept_data_change)
         # Data stages, (first step, data config): a synthetic corpus with a primer trains on it first.
         self.data_stages = [(0, self.data_config)]
-        if primer_steps(args):
-            primer = data.SYNTHETIC_CORPORA[args.synthetic_corpus].primer
-            latent_len, text_len, speaker_len = stage_lengths(args, primer)
-            self.data_stages = [(0, dataclasses.replace(self.data_config, source=name(primer),
+        if primed:
+            latent_len, text_len, speaker_len = stage_lengths(args, corpus.primer)
+            self.data_stages = [(0, dataclasses.replace(self.data_config, source=name(corpus.primer),
                                                         max_latent_len=latent_len, max_text_len=text_len,
                                                         max_speaker_len=speaker_len)),
-                                (primer_steps(args), self.data_config)]
+                                (primed, self.data_config)]
         self.eval_split = "all"  # an --eval_data source is read whole
         try:
             sources = data.parse_sources(self.source)
