@@ -791,16 +791,17 @@ class SyntheticCorpus:
 
 
 SYNTHETIC_CORPORA = {
-    # Random 2-6-byte strings over 8 letters: `medium`'s primer, where alignment forms first.
-    "starter": SyntheticCorpus(alphabet="abcdefgh", min_bytes=2, max_bytes=6, frames_per_byte=2, canvas=32,
+    # Random 2-6-byte strings over 8 letters, a frame per byte on a 16-frame canvas: `medium`'s primer,
+    # where alignment forms first.
+    "starter": SyntheticCorpus(alphabet="abcdefgh", min_bytes=2, max_bytes=6, frames_per_byte=1, canvas=16,
                                shards=1),
-    # The embedded demo: random 4-8-byte strings over 8 letters; alignment forms in minutes on a CPU.
+    # Random 4-8-byte strings over 8 letters, 2 frames per byte: easier than the demo; aligns alone.
     "short": SyntheticCorpus(alphabet="abcdefgh", min_bytes=4, max_bytes=8, frames_per_byte=2, canvas=32),
-    # 4-12 bytes over 16 letters (median 8): what the learning issue asks of the demo. Alone it does not
-    # align within 3500 steps; after `starter` for the first half of the steps it does for some seeds
-    # (README, "The demo"). 16 shards keep the median of every text the run writes, its primer's
-    # included, at 8.
-    "medium": SyntheticCorpus(alphabet="abcdefghijklmnop", min_bytes=4, max_bytes=12, frames_per_byte=2, canvas=24,
+    # The embedded demo (the default): 4-12 bytes over 16 letters (median 8), a frame per byte on a
+    # 12-frame canvas. Alone it did not align within 3500 steps; after `starter` for the first half of
+    # the steps it does (README, "The demo"). 16 shards keep the median of every text the run writes,
+    # its primer's included, at 8.
+    "medium": SyntheticCorpus(alphabet="abcdefghijklmnop", min_bytes=4, max_bytes=12, frames_per_byte=1, canvas=12,
                               shards=16, primer="starter", primer_fraction=0.5),
     # Pseudo-sentences of 10-40 bytes over ~40 characters: far harder (`python bench.py learn`).
     "words": SyntheticCorpus(alphabet="", min_bytes=10, max_bytes=40, frames_per_byte=2, canvas=80),

@@ -21,9 +21,9 @@ from conftest import REPO
 import model as echo
 import train_pretrain
 
-FAST = ["--preset", "tiny", "--steps", "12", "--global_batch_size", "8", "--max_latent_len", "80",
-        "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6", "--eval_samples", "4",
-        "--sample_steps", "2", "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
+FAST = ["--preset", "tiny", "--synthetic_corpus", "short", "--steps", "12", "--global_batch_size", "8",
+        "--max_latent_len", "80", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6",
+        "--eval_samples", "4", "--sample_steps", "2", "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
 
 
 def read_metrics(path):
