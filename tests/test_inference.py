@@ -26,8 +26,7 @@ def run(tmp_path_factory):
     """A tiny checkpoint written by train_pretrain.py and codec weights from `dacvae.py init-random`."""
     root = tmp_path_factory.mktemp("inference")
     code = train_pretrain.main(["--preset", "tiny", "--synthetic_corpus", "short", "--run_dir", str(root / "run"),
-                                "--steps", "3",
-                                "--global_batch_size", "8",
+                                "--steps", "3", "--global_batch_size", "8",
                                 "--max_latent_len", str(MAX_LATENT), "--max_text_len", str(MAX_TEXT),
                                 "--max_speaker_len", str(MAX_SPEAKER), "--eval_every", "100",
                                 "--compile_cache_dir", os.path.join(REPO, ".jax_cache")])
