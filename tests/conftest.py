@@ -14,7 +14,13 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# Several fake devices share 2 cores: a device thread descheduled for a while (CI's machine under
+# load) must not abort a collective after XLA:CPU's default 40 s; a true hang still ends at each
+# test's own timeout.
+PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=300 "
+                       "--xla_cpu_collective_timeout_seconds=300")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
+                           + PATIENT_COLLECTIVES).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import PATIENT_COLLECTIVES, REPO
 
 import model as echo
 import train_pretrain
@@ -351,8 +351,8 @@ def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=Non
     port = free_port()
     procs = []
     for i in range(processes):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-               "JAX_PLATFORMS": "cpu"}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} {PATIENT_COLLECTIVES}"}
         if processes > 1:
             env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
                        ECHO_PROCESS_ID=str(i))
