@@ -881,8 +881,10 @@ def params_from_checkpoint(payload, config: EchoConfig, path="checkpoint", key="
     try:
         if any(k.startswith("TransformerBlock_") for k in flat):
             return import_reference_params(flat, config)
-        # Our own layout: check it against the config's shapes.
-        return import_reference_params(export_reference_params(params, config), config)
+        # Our own layout, stacked or unrolled as it was trained (the demo preset unrolls), through the
+        # reference layout into this config's, which checks every shape.
+        trained = dataclasses.replace(config, scan_layers=any(k.startswith("layers/") for k in flat))
+        return import_reference_params(export_reference_params(params, trained), config)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path} does not fit the model config: {e}") from None
 

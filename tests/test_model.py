@@ -12,7 +12,7 @@ import pytest
 from conftest import DATA, REPO
 
 from model import (PRESETS, EchoConfig, EchoDiT, abstract_params, count_params, export_reference_params,
-                   flops_per_sample, import_reference_params, init_params, logical_axis_rules)
+                   flops_per_sample, import_reference_params, init_params, logical_axis_rules, params_from_checkpoint)
 
 VECTORS = os.path.join(DATA, "echo_dit_tiny")
 
@@ -57,6 +57,19 @@ def test_export_import_round_trip_is_lossless(reference):
     for a, b in zip(jax.tree.leaves(import_reference_params(export_reference_params(fresh, config), config)),
                     jax.tree.leaves(fresh)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("trained_scanned", [True, False])
+def test_a_checkpoint_loads_into_either_layout(reference, trained_scanned):
+    """A checkpoint in our layout, trained stacked or unrolled (the demo preset unrolls), loads into a
+    model of either layout (inference stacks) with the same output."""
+    config, flat, args, expected = reference
+    trained = dataclasses.replace(config, scan_layers=trained_scanned)
+    payload = {"params": import_reference_params(flat, trained)}
+    for scanned in (True, False):
+        target = dataclasses.replace(config, scan_layers=scanned)
+        out = run(target, params_from_checkpoint(payload, target), *args)
+        assert np.abs(out - expected).max() < 1e-4
 
 
 def test_import_rejects_layouts_that_do_not_fit(reference):
