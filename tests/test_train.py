@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import PATIENT_COLLECTIVES, REPO
+import full_disk
 
 import model as echo
 import train_pretrain
@@ -241,16 +242,7 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
 
 
 def test_a_full_disk_during_a_save_is_one_sentence(tmp_path, monkeypatch, capsys):
-    import orbax.checkpoint as ocp
-    real, calls = ocp.CheckpointManager.save, []
-
-    def full_disk_on_the_second_save(self, step, *a, **k):
-        calls.append(step)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return real(self, step, *a, **k)
-
-    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk_on_the_second_save)
+    full_disk.fill_at_the_second_save(monkeypatch.setattr)
     run_dir = tmp_path / "full"
     assert train_pretrain.main(["--run_dir", str(run_dir), *FAST, "--steps", "4", "--checkpoint_every", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -347,15 +339,20 @@ def free_port():
         return s.getsockname()[1]
 
 
+def host_env(port, processes, index, devices_per_process=1):
+    """The environment of host `index` of a pod simulated on 127.0.0.1 (a single process joins no pod)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} {PATIENT_COLLECTIVES}"}
+    if processes > 1:
+        env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes), ECHO_PROCESS_ID=str(index))
+    return env
+
+
 def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=None, expect=0):
     port = free_port()
     procs = []
     for i in range(processes):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} {PATIENT_COLLECTIVES}"}
-        if processes > 1:
-            env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes),
-                       ECHO_PROCESS_ID=str(i))
+        env = host_env(port, processes, i, devices_per_process)
         ckpt = checkpoint_dirs[i] if checkpoint_dirs else os.path.join(run_dir, "checkpoints")
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir), *FAST,
@@ -406,29 +403,12 @@ def test_hosts_with_different_checkpoint_directories_are_refused(tmp_path):
     assert not os.path.exists(tmp_path / "pod" / "metrics.jsonl")
 
 
-FULL_DISK_ON_THE_SECOND_SAVE = """
-import runpy, sys
-sys.modules.setdefault("tensorflow", None)
-import orbax.checkpoint as ocp
-real, calls = ocp.CheckpointManager.save, []
-def save(self, step, *a, **k):
-    calls.append(step)
-    if len(calls) == 2:
-        raise OSError(28, "No space left on device")
-    return real(self, step, *a, **k)
-ocp.CheckpointManager.save = save
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def pod_with_one_faulty_host(run_dir, common, host1_flags=(), host1_python=()):
     """A 2-host pod where only host 1 has an extra flag or runs under a wrapper; returns each host's
     output, exit status and the time it ended."""
     port, procs = free_port(), []
     for i in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu",
-               "ECHO_COORDINATOR": f"127.0.0.1:{port}", "ECHO_NUM_PROCESSES": "2", "ECHO_PROCESS_ID": str(i)}
+        env = host_env(port, 2, i)
         wrapper = list(host1_python) if i == 1 else []
         procs.append(subprocess.Popen(
             [sys.executable, *wrapper, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir), *FAST,
@@ -466,7 +446,7 @@ def test_an_error_on_one_host_stops_every_host_at_once(tmp_path):
         assert "Traceback" not in outs[0] + outs[1]
     outs, codes, ended = pod_with_one_faulty_host(
         tmp_path / "full", common + ["--steps", "4", "--checkpoint_every", "2"],
-        host1_python=["-c", FULL_DISK_ON_THE_SECOND_SAVE])
+        host1_python=["-c", full_disk.FULL_DISK_WRAPPER])
     assert codes == [2, 2], outs
     assert abs(ended[0] - ended[1]) < 30, ended  # not the 45 s heartbeat
     assert "No space left on device" in outs[1] and "host 1 stopped the run: " in outs[0], outs

@@ -1,0 +1,28 @@
+"""A disk that fills up at the run's second checkpoint: orbax's CheckpointManager.save raises ENOSPC
+there. In-process tests pass pytest's monkeypatch.setattr; a subprocess runs FULL_DISK_WRAPPER."""
+import os
+
+import orbax.checkpoint as ocp
+
+
+def fill_at_the_second_save(patch=setattr):
+    real, calls = ocp.CheckpointManager.save, []
+
+    def save(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self, step, *args, **kwargs)
+    patch(ocp.CheckpointManager, "save", save)
+
+
+# `python -c FULL_DISK_WRAPPER train_pretrain.py FLAGS...`: the trainer, on that disk.
+FULL_DISK_WRAPPER = f"""
+import runpy, sys
+sys.modules.setdefault("tensorflow", None)  # as train_pretrain.py does, before orbax is imported
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import full_disk
+full_disk.fill_at_the_second_save()
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
