@@ -292,7 +292,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir),
                              *FAST, "--steps", "100000", "--checkpoint_every", "100000"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+                            env=host_env(None, 1, 0))
     for line in proc.stdout:
         if line.startswith("step 3/"):
             proc.send_signal(signal.SIGTERM)
@@ -578,8 +578,7 @@ def test_a_resume_on_changed_shards_stops_unless_accepted(tmp_path, capsys):
 
 def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
     identical_corpus(tmp_path / "corpus")
-    env = {**os.environ, "ECHO_COORDINATOR": f"127.0.0.1:{free_port()}", "ECHO_NUM_PROCESSES": "2",
-           "ECHO_PROCESS_ID": "0", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = host_env(free_port(), 2, 0)  # host 1 never starts
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(tmp_path / "r"),
                           "--data", str(tmp_path / "corpus"), "--distributed_timeout", "5"],
                          capture_output=True, text=True, env=env, timeout=120)
