@@ -257,6 +257,8 @@ def resolve_defaults(args):
                          f"{args.grad_accum} micro-batches")
     if not args.lr > 0 or not 0 <= args.warmup_frac < 1:
         raise TrainError("--lr must be positive and --warmup_frac in [0, 1)")
+    if not args.weight_decay >= 0:
+        raise TrainError(f"--weight_decay must not be negative, got {args.weight_decay}")
     if not 0 <= args.ema_decay < 1:
         raise TrainError(f"--ema_decay must lie in [0, 1) (0 turns EMA off), got {args.ema_decay}")
     if args.sample_every < 0:

@@ -276,7 +276,8 @@ def test_bad_flags_fail_before_anything_compiles(tmp_path):
                            (["--global_batch_size", "10", "--grad_accum", "3"], "--grad_accum"),
                            (["--data", str(tmp_path / "nothing")], "no .tar shards"),
                            (["--init_from", str(tmp_path / "none.pkl")], "--init_from"),
-                           (["--ema_decay", "1"], "--ema_decay"), (["--profile_steps", "5:2"], "--profile_steps"),
+                           (["--ema_decay", "1"], "--ema_decay"), (["--weight_decay", "-1"], "--weight_decay"),
+                           (["--profile_steps", "5:2"], "--profile_steps"),
                            (["--sample_texts", str(tmp_path / "none.txt")], "--sample_texts"),
                            (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
         start = time.perf_counter()
