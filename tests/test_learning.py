@@ -128,7 +128,8 @@ def test_text_and_speaker_each_matter_at_high_noise(demo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed", [0, 1, pytest.param(4, marks=pytest.mark.xfail(
+    reason="seed 4 does not align on the default schedule (README, 'The demo')"))])
 def test_the_default_demo_reaches_nmse_0_3_within_10_minutes(tmp_path, seed):
     start = time.perf_counter()
     train_demo(tmp_path, "--seed", str(seed))
