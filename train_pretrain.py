@@ -400,7 +400,12 @@ def rendezvous(coordinator, processes, index, timeout):
     if index == 0:
         with socket.socket() as server:
             server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            server.bind(address)
+            try:
+                server.bind(address)
+            except OSError as e:
+                raise TrainError(f"cannot listen on {host}:{address[1]}, the port after ECHO_COORDINATOR's, where the "
+                                 f"hosts meet first ({e.strerror}); choose a coordinator port whose next port is free") \
+                    from None
             server.listen(processes)
             server.settimeout(0.5)
             joined = set()
