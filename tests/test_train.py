@@ -7,7 +7,6 @@ import pickle
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -16,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import soundfile
-from conftest import PATIENT_COLLECTIVES, REPO
+from conftest import PATIENT_COLLECTIVES, REPO, coordinator_port
 import full_disk
 
 import model as echo
@@ -334,12 +333,6 @@ def identical_corpus(directory, count=64, seed=0):
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def host_env(port, processes, index, devices_per_process=1):
     """The environment of host `index` of a pod simulated on 127.0.0.1 (a single process joins no pod)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -350,22 +343,23 @@ def host_env(port, processes, index, devices_per_process=1):
 
 
 def one_core(index):
-    """Pins simulated host `index` to one core, as launch.sh does: XLA:CPU with several threads runs
-    independent collectives in an order that differs between hosts, and gloo then fails."""
-    return lambda: os.sched_setaffinity(0, {index % os.cpu_count()})
+    """The command prefix that pins simulated host `index` to one core, as launch.sh does: XLA:CPU
+    with several threads runs independent collectives in an order that differs between hosts, and
+    gloo then fails. (taskset, not a preexec_fn: forking this multithreaded process and running
+    Python in the child before exec can deadlock.)"""
+    return ["taskset", "-c", str(index % os.cpu_count())] if shutil.which("taskset") else []
 
 
 def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=None, expect=0):
-    port = free_port()
+    port = coordinator_port()
     procs = []
     for i in range(processes):
         env = host_env(port, processes, i, devices_per_process)
         ckpt = checkpoint_dirs[i] if checkpoint_dirs else os.path.join(run_dir, "checkpoints")
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir), *FAST,
-             "--checkpoint_dir", str(ckpt), "--distributed_timeout", "60", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-            preexec_fn=one_core(i) if processes > 1 else None))
+            [*(one_core(i) if processes > 1 else []), sys.executable, os.path.join(REPO, "train_pretrain.py"),
+             "--run_dir", str(run_dir), *FAST, "--checkpoint_dir", str(ckpt), "--distributed_timeout", "60", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
     outs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == expect, out[-3000:]
@@ -417,14 +411,14 @@ def test_hosts_with_different_checkpoint_directories_are_refused(tmp_path):
 def pod_with_one_faulty_host(run_dir, common, host1_flags=(), host1_python=()):
     """A 2-host pod where only host 1 has an extra flag or runs under a wrapper; returns each host's
     output, exit status and the time it ended."""
-    port, procs = free_port(), []
+    port, procs = coordinator_port(), []
     for i in range(2):
         env = host_env(port, 2, i)
         wrapper = list(host1_python) if i == 1 else []
         procs.append(subprocess.Popen(
-            [sys.executable, *wrapper, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir), *FAST,
-             "--distributed_timeout", "120", *common, *(host1_flags if i == 1 else ())],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, preexec_fn=one_core(i)))
+            [*one_core(i), sys.executable, *wrapper, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir),
+             *FAST, "--distributed_timeout", "120", *common, *(host1_flags if i == 1 else ())],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
     ended, deadline = [None, None], time.monotonic() + 600
     while None in ended and time.monotonic() < deadline:
         for i, p in enumerate(procs):
@@ -589,11 +583,24 @@ def test_a_resume_on_changed_shards_stops_unless_accepted(tmp_path, capsys):
 
 def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
     identical_corpus(tmp_path / "corpus")
-    env = host_env(free_port(), 2, 0)  # host 1 never starts
+    env = host_env(coordinator_port(), 2, 0)  # host 1 never starts
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(tmp_path / "r"),
                           "--data", str(tmp_path / "corpus"), "--distributed_timeout", "5"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 2 and "only 1 of 2 hosts joined within 5 s" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_taken_rendezvous_port_ends_with_a_clear_message(tmp_path):
+    import socket
+    port = coordinator_port()
+    with socket.socket() as taken:  # another program listens on the port after the coordinator's
+        taken.bind(("127.0.0.1", port + 1))
+        taken.listen(1)
+        out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir",
+                              str(tmp_path / "r"), "--distributed_timeout", "5"],
+                             capture_output=True, text=True, env=host_env(port, 2, 0), timeout=120)
+    assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port + 1}" in out.stderr, out.stderr[-1500:]
     assert "Traceback" not in out.stderr
 
 
