@@ -87,22 +87,8 @@ if [[ -z "$LOCAL_HOSTS" ]]; then
 fi
 
 # ---- a simulated pod: N processes on 127.0.0.1 (gloo collectives), each with its own fake devices.
-# The coordinator's port P and P + 1 (the hosts' rendezvous), both free and below Linux's ephemeral
-# range, where the kernel would hand P + 1 of an ephemeral P to an outgoing connection.
-PORT=$("$PYTHON" - <<'PY'
-import random, socket
-while True:
-    port = random.randrange(20000, 32000, 2)
-    try:
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", port))
-            b.bind(("127.0.0.1", port + 1))
-        print(port)
-        break
-    except OSError:
-        pass
-PY
-)
+# The coordinator's port and the next one (the hosts' rendezvous), both free.
+PORT=$(cd "$HERE" && "$PYTHON" -c 'import train_pretrain; print(train_pretrain.coordinator_port())')
 export JAX_PLATFORMS=cpu
 # One device per simulated host, each host pinned to one core: XLA:CPU runs independent collectives
 # of a program concurrently when it has several threads, in an order that differs between

@@ -391,6 +391,21 @@ def leave_pod(sentence, tell_others=False, with_traceback=False):
     os._exit(2)
 
 
+def coordinator_port():
+    """A port P for a simulated pod's ECHO_COORDINATOR whose rendezvous port P + 1 is free too, below
+    Linux's ephemeral range: the kernel hands P + 1 of an ephemeral P to outgoing connections."""
+    import random
+    while True:
+        port = random.randrange(20000, 32000, 2)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+
+
 def rendezvous(coordinator, processes, index, timeout):
     """Every process checks in with process 0 on the coordinator's port + 1 before `timeout` s."""
     host, port = coordinator.rsplit(":", 1)

@@ -33,23 +33,6 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("DACVAE_WEIGHTS", None)
 
-def coordinator_port():
-    """A port P for ECHO_COORDINATOR with P + 1 (the hosts' rendezvous) free as well, below Linux's
-    ephemeral range: the kernel hands out P + 1 of an ephemeral P to outgoing connections."""
-    import random
-    import socket
-    rng = random.Random()
-    while True:
-        port = rng.randrange(20000, 32000, 2)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-
-
 def _free_port():
     import socket
     with socket.socket() as s:

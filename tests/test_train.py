@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import soundfile
-from conftest import PATIENT_COLLECTIVES, REPO, coordinator_port
+from conftest import PATIENT_COLLECTIVES, REPO
 import full_disk
 
 import model as echo
@@ -351,7 +351,7 @@ def one_core(index):
 
 
 def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=None, expect=0):
-    port = coordinator_port()
+    port = train_pretrain.coordinator_port()
     procs = []
     for i in range(processes):
         env = host_env(port, processes, i, devices_per_process)
@@ -411,7 +411,7 @@ def test_hosts_with_different_checkpoint_directories_are_refused(tmp_path):
 def pod_with_one_faulty_host(run_dir, common, host1_flags=(), host1_python=()):
     """A 2-host pod where only host 1 has an extra flag or runs under a wrapper; returns each host's
     output, exit status and the time it ended."""
-    port, procs = coordinator_port(), []
+    port, procs = train_pretrain.coordinator_port(), []
     for i in range(2):
         env = host_env(port, 2, i)
         wrapper = list(host1_python) if i == 1 else []
@@ -583,7 +583,7 @@ def test_a_resume_on_changed_shards_stops_unless_accepted(tmp_path, capsys):
 
 def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
     identical_corpus(tmp_path / "corpus")
-    env = host_env(coordinator_port(), 2, 0)  # host 1 never starts
+    env = host_env(train_pretrain.coordinator_port(), 2, 0)  # host 1 never starts
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(tmp_path / "r"),
                           "--data", str(tmp_path / "corpus"), "--distributed_timeout", "5"],
                          capture_output=True, text=True, env=env, timeout=120)
@@ -593,7 +593,7 @@ def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
 
 def test_a_taken_rendezvous_port_ends_with_a_clear_message(tmp_path):
     import socket
-    port = coordinator_port()
+    port = train_pretrain.coordinator_port()
     with socket.socket() as taken:  # another program listens on the port after the coordinator's
         taken.bind(("127.0.0.1", port + 1))
         taken.listen(1)
