@@ -86,7 +86,7 @@ def build_parser(suppress_defaults=False):
     a("--data", default="synthetic", help="'synthetic' (generated in the run directory), a shard directory, "
       "glob, list file, or hf://datasets/ORG/REPO[@REV][/GLOB]; several mixed by weight as A:0.7,B:0.3")
     a("--synthetic_corpus", default="medium", help="with --data synthetic: 'medium' (4-12-byte strings over 16 "
-      "letters, after 2-6-byte 'starter' strings for the first half of the steps), 'short' (4-8 bytes over 8 "
+      "letters, after 2-6-byte 'starter' strings for the first 70%% of the steps), 'short' (4-8 bytes over 8 "
       "letters), 'starter' or 'words' (10-40-byte pseudo-sentences)")
     a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); default: the "
       "validation split of --data (val-*.tar, written by data.py build) where it has one; with --data "
@@ -94,7 +94,7 @@ def build_parser(suppress_defaults=False):
     a("--accept_data_change", action="store_true", help="resume even though the shards of --data changed since "
       "the run started (the data order then changes); without it such a resume stops")
     a("--run_dir", default="runs/echo", help="directory for the synthetic corpus and default outputs")
-    a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 3600)")
+    a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 4000)")
     a("--global_batch_size", type=int, default=None, help="samples per step over all hosts (default 256; synthetic 32)")
     a("--grad_accum", type=int, default=1, help="split each step into this many micro-batches (same result)")
     a("--lr", type=float, default=None, help="peak learning rate (default 1e-4; synthetic 2e-3)")
@@ -234,7 +234,7 @@ def resolve_defaults(args):
                     sample_every=20000)
     if synthetic:
         latent_len, text_len, speaker_len = data.synthetic_lengths(args.synthetic_corpus)
-        defaults.update(preset="demo", steps=3600, global_batch_size=32, lr=2e-3, eval_every=250,
+        defaults.update(preset="demo", steps=4000, global_batch_size=32, lr=2e-3, eval_every=250,
                         max_latent_len=latent_len, max_text_len=text_len, max_speaker_len=speaker_len, remat="none",
                         ema_decay=0.99, sample_every=500)
     for k, v in defaults.items():

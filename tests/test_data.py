@@ -421,6 +421,12 @@ def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
     assert not np.array_equal(a, data.synthetic_latent("abcdefghiz", 0, 5))
     assert not np.array_equal(a, data.synthetic_latent("bacdefghij", 0, 5))
     assert not np.array_equal(a, data.synthetic_latent("abcdefghij", 1, 5))
+    # The letters' mean frame says little about a text: byte vectors are centred in blocks of 8 values.
+    for seed in range(3):
+        byte_vectors = data.synthetic_tables(seed)[0]
+        np.testing.assert_allclose(byte_vectors.reshape(32, 8, -1).mean(axis=1), 0, atol=1e-5)
+        letters = byte_vectors[np.frombuffer(data.SYNTHETIC_CORPORA["medium"].alphabet.encode(), np.uint8)]
+        assert np.linalg.norm(letters.mean(axis=0)) < 0.2 * np.linalg.norm(letters, axis=1).mean()
 
 
 # ---------------------------------------------------------------- shuffling, mixing, pinning

@@ -17,8 +17,8 @@ import data
 import model as echo
 import train_pretrain
 
-BOUNDED_STEPS = 2500  # the default run (its schedule) stopped 700 steps after its switch to `medium`: ~6 min
-BOUNDED_NMSE = 0.5  # a model that ignores the text scores ~2 (random bytes); seed 0 reaches ~0.22 here
+BOUNDED_STEPS = 3250  # the default run (its schedule) stopped 450 steps after its switch to `medium`: ~7 min
+BOUNDED_NMSE = 0.5  # a model that ignores the text scores ~2 (random bytes); seed 0 reaches ~0.20 here
 CORPUS = "synthetic-medium-0-0"  # the default corpus, seed 0, host 0
 
 
@@ -128,8 +128,7 @@ def test_text_and_speaker_each_matter_at_high_noise(demo):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [0, 1, pytest.param(4, marks=pytest.mark.xfail(
-    reason="seed 4 does not align on the default schedule (README, 'The demo')"))])
+@pytest.mark.parametrize("seed", [0, 4, 5])  # 4, 5: primers that failed before the centring (README)
 def test_the_default_demo_reaches_nmse_0_3_within_10_minutes(tmp_path, seed):
     start = time.perf_counter()
     train_demo(tmp_path, "--seed", str(seed))

@@ -84,10 +84,10 @@ def test_loss_decreases_and_metrics_parse(tmp_path):
 
 
 def test_lossless_resume_in_one_process_needs_no_flags(tmp_path, capsys):
-    # `medium` trains on its primer for the first half of the steps: the split falls on the switch.
+    # `medium` trains on its primer for the first 70% of the steps (8 of 12): the split falls on the switch.
     straight = run_inprocess(tmp_path, "straight", "--synthetic_corpus", "medium")
-    split = run_inprocess(tmp_path, "split", "--synthetic_corpus", "medium", "--run_steps", "6")
-    assert checkpoint_steps(split / "checkpoints") == [6]
+    split = run_inprocess(tmp_path, "split", "--synthetic_corpus", "medium", "--run_steps", "8")
+    assert checkpoint_steps(split / "checkpoints") == [8]
     capsys.readouterr()
     # A flag that contradicts the run is refused in one sentence.
     assert train_pretrain.main(["--run_dir", str(split), "--lr", "1e-3"]) == 2
@@ -106,24 +106,24 @@ def test_lossless_resume_in_one_process_needs_no_flags(tmp_path, capsys):
     assert losses(ma) == losses(mb) and lr(ma) == lr(mb) and len(losses(mb)) == 12
     assert any(m.get("event") == "resumed" for m in mb)
     switches = lambda m: [(x["step"], os.path.basename(x["source"])) for x in m if x.get("event") == "data_stage"]
-    assert switches(ma) == switches(mb) == [(6, "synthetic-medium-0-0")]
-    assert lr(ma)[6] == 0.0 < lr(ma)[5]  # the second stage warms up again
+    assert switches(ma) == switches(mb) == [(8, "synthetic-medium-0-0")]
+    assert lr(ma)[8] == 0.0 < lr(ma)[7]  # the second stage warms up again
     # A deliberate change needs --override, and is logged.
     assert train_pretrain.main(["--run_dir", str(split), "--steps", "14", "--override", "steps"]) == 0
     changed = [m for m in read_metrics(split / "metrics.jsonl") if m.get("event") == "flag_changed"]
     assert [(c["flag"], c["before"], c["after"], c["step"]) for c in changed] == [("steps", 12, 14, 12)]
     assert max(m["step"] for m in read_metrics(split / "metrics.jsonl") if "loss" in m) == 14
-    # The seed's pickle format is the exchange format: step 5 exported, then --resume FILE.pkl in a new
+    # The seed's pickle format is the exchange format: step 8 exported, then --resume FILE.pkl in a new
     # directory continues bit for bit, and a plain restart there resumes from its own checkpoints.
-    exported = final_params(str(split / "checkpoints"), 6)
-    assert exported["step"] == 6 and exported["samples_seen"] == 48 and "data_states" in exported
+    exported = final_params(str(split / "checkpoints"), 8)
+    assert exported["step"] == 8 and exported["samples_seen"] == 64 and "data_states" in exported
     moved = tmp_path / "moved"
     assert train_pretrain.main(["--run_dir", str(moved), *FAST, "--synthetic_corpus", "medium", "--resume",
-                                str(split / "checkpoints-step6.pkl"), "--run_steps", "3"]) == 0
-    assert checkpoint_steps(moved / "checkpoints") == [9]
+                                str(split / "checkpoints-step8.pkl"), "--run_steps", "3"]) == 0
+    assert checkpoint_steps(moved / "checkpoints") == [11]
     assert train_pretrain.main(["--run_dir", str(moved)]) == 0
     assert_trees_equal(a["params"], final_params(str(moved / "checkpoints"), 12)["params"])
-    assert losses(read_metrics(moved / "metrics.jsonl")) == losses(ma)[6:]
+    assert losses(read_metrics(moved / "metrics.jsonl")) == losses(ma)[8:]
 
 
 def test_checkpoints_on_gs_resume_bit_exactly(tmp_path, gcs):
