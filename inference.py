@@ -70,7 +70,7 @@ def load_model(path, dtype="float32", weights=None):
         hint = f" ({os.path.basename(weights_only)} beside it)" if os.path.exists(weights_only) else ""
         log.info("full checkpoint: the weights-only .params.pkl%s loads faster", hint)
     config = dataclasses.replace(echo.config_from_checkpoint(payload, path), dtype=dtype, remat="none",
-                                 scan_layers=True)
+                                 scan_layers=True, unroll_scan=False)
     params = echo.params_from_checkpoint(payload, config, path, key=key)
     lengths = payload.get("max_lengths") or {}
     train_args = payload.get("train_args") or {}

@@ -61,6 +61,10 @@ class EchoConfig:
     dtype: str = "float32"  # compute dtype: float32 or bfloat16; params stay float32
     remat: str = "none"  # none | full | save_dots
     scan_layers: bool = True  # stack identical layers with nn.scan: compile time independent of depth
+    # Unroll the scanned layers in the compiled program (same stacked parameters). A multi-process
+    # CPU run needs it: XLA:CPU does not order the collectives inside a loop against those outside
+    # it, and the hosts then call gloo in different orders (README, "Training on a TPU pod").
+    unroll_scan: bool = False
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -342,11 +346,16 @@ class EncoderBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
 
 
+def scan_unroll(config: EchoConfig, length: int) -> int:
+    """nn.scan's `unroll`: the whole scan with config.unroll_scan (no loop left in the program), else 1."""
+    return length if config.unroll_scan else 1
+
+
 def remat_block(block_cls, config: EchoConfig):
     policy = REMAT_POLICIES[config.remat]
     if config.remat == "none":
         return block_cls
-    return nn.remat(block_cls, policy=policy, prevent_cse=not config.scan_layers)
+    return nn.remat(block_cls, policy=policy, prevent_cse=not config.scan_layers or config.unroll_scan)
 
 
 def encoder_stack(config: EchoConfig, x, key_mask, width, num_heads, hidden, causal, num_layers, name):
@@ -355,7 +364,7 @@ def encoder_stack(config: EchoConfig, x, key_mask, width, num_heads, hidden, cau
     args = (width, num_heads, hidden, causal, config.norm_eps, config.compute_dtype)
     if config.scan_layers:
         scanned = nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=nn.broadcast, length=num_layers,
+                          in_axes=nn.broadcast, length=num_layers, unroll=scan_unroll(config, num_layers),
                           metadata_params={nn.PARTITION_NAME: "layers"})
         return scanned(*args, name="layers")(x, key_mask)[0]
     for i in range(num_layers):
@@ -518,8 +527,8 @@ class EchoDiT(nn.Module):
                                 speaker_mask[:, ::c.encoder_patch_size].astype(bool)], axis=1)
         if c.scan_layers:
             kv_fn = lambda block, carry, _: (carry, block.condition_kv(text_state, speaker_state))
-            scan = nn.scan(kv_fn, variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            scan = nn.scan(kv_fn, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
+                           unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
             _, (k, v) = scan(self.layers, None, None)
         else:
             kvs = [blk.condition_kv(text_state, speaker_state) for blk in self.blocks]
@@ -538,8 +547,8 @@ class EchoDiT(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         if c.scan_layers:
             body = lambda block, carry, kv: block(carry, kv, cond["mask"], global_mods)
-            scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
-                           length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+            scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
+                           unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
             h, _ = scan(self.layers, h, (cond["k"], cond["v"]))
         else:
             for i, blk in enumerate(self.blocks):

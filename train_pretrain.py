@@ -122,7 +122,8 @@ def build_parser(suppress_defaults=False):
       help="compute dtype (default: bfloat16 on TPU, float32 elsewhere)")
     a("--remat", default=None, choices=("none", "full", "save_dots"),
       help="rematerialisation policy (default: save_dots, which fits 1.3B at batch 256 on a v4-64; synthetic: none)")
-    a("--mesh_data", type=int, default=1, help="size of the 'data' mesh axis; the rest is 'fsdp'")
+    a("--mesh_data", type=int, default=None, help="size of the 'data' mesh axis; the rest is 'fsdp' (default: "
+      "FSDP over the most devices that split every width it shards, all of them at the presets' sizes)")
     a("--run_steps", type=int, default=None, help="stop this invocation after N steps, with a checkpoint (to fit "
       "a time slot); the schedule still follows --steps")
     a("--max_bad_steps", type=int, default=20, help="stop after this many non-finite steps in a row")
@@ -248,7 +249,7 @@ def resolve_defaults(args):
     for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
                  "eval_batches", "eval_samples", "sample_steps", "max_latent_len", "max_text_len", "max_speaker_len",
                  "mesh_data", "max_bad_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_speaker_len % 4:
         raise TrainError(f"--max_speaker_len must be a multiple of 4, got {args.max_speaker_len}")
@@ -391,6 +392,13 @@ def leave_pod(sentence, tell_others=False, with_traceback=False):
     os._exit(2)
 
 
+def cpu_pod():
+    """Whether this run is several processes on XLA:CPU (a simulated pod), whose programs must keep
+    every collective out of loops (model.EchoConfig.unroll_scan)."""
+    import jax
+    return jax.process_count() > 1 and jax.default_backend() == "cpu"
+
+
 def coordinator_port():
     """A port P for a simulated pod's ECHO_COORDINATOR whose rendezvous port P + 1 is free too, below
     Linux's ephemeral range: the kernel hands P + 1 of an ephemeral P to outgoing connections."""
@@ -454,9 +462,22 @@ def peak_flops(device_kind):
     return next((peak for name, peak in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
 
 
-def make_mesh(mesh_data):
+def fsdp_devices(config, devices):
+    """The most devices, dividing `devices`, that split every parameter width FSDP shards ('embed')."""
+    import flax.linen as nn
+    import jax
+
+    import model as echo
+    boxed = jax.tree.leaves(echo.abstract_params(config), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    widths = {size for leaf in boxed for size, name in zip(leaf.value.shape, leaf.names) if name == "embed"}
+    return max(d for d in range(1, devices + 1) if devices % d == 0 and all(w % d == 0 for w in widths))
+
+
+def make_mesh(mesh_data, config):
+    """The (data, fsdp) mesh over every device; --mesh_data None leaves FSDP as many as fsdp_devices()."""
     import jax
     n = jax.device_count()
+    mesh_data = mesh_data or n // fsdp_devices(config, n)
     if n % mesh_data:
         raise TrainError(f"--mesh_data {mesh_data} does not divide the {n} devices")
     auto = (jax.sharding.AxisType.Auto,) * 2
@@ -580,7 +601,8 @@ def build_train_step(model, tx, args):
                 return jax.tree.map(jnp.add, carry, (l, g)), ps
 
             zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-            (loss, grads), per_sample = jax.lax.scan(body, zeros, micro)
+            unroll = accum if model.config.unroll_scan else 1
+            (loss, grads), per_sample = jax.lax.scan(body, zeros, micro, unroll=unroll)
             per_sample = per_sample.reshape(b)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -928,9 +950,15 @@ class Trainer:
             raise TrainError(f"--global_batch_size {args.global_batch_size} must split evenly over "
                              f"{self.processes} hosts")
         dtype = args.dtype or ("bfloat16" if jax.default_backend() == "tpu" else "float32")
-        self.config = dataclasses.replace(echo.PRESETS[args.preset], dtype=dtype, remat=args.remat)
+        # A simulated pod (several CPU processes, gloo) unrolls every loop that holds collectives: see
+        # model.EchoConfig.unroll_scan.
+        self.config = dataclasses.replace(echo.PRESETS[args.preset], dtype=dtype, remat=args.remat,
+                                          unroll_scan=cpu_pod())
+        if self.config.unroll_scan:
+            log.info("simulated pod on CPU: layer scans unrolled, every collective in program order (see README, "
+                     "'Training on a TPU pod')")
         self.model = echo.EchoDiT(self.config)
-        self.mesh = make_mesh(args.mesh_data)
+        self.mesh = make_mesh(args.mesh_data, self.config)
         self.rules = echo.logical_axis_rules()
         self.tx, self.schedule = make_optimizer(args)
 
@@ -1562,11 +1590,12 @@ def aot_compile(args):
         raise TrainError(f"cannot build TPU topology {name} ({type(e).__name__}: {e}); install "
                          "requirements-tpu.txt (libtpu)") from None
     devices = np.asarray(topology.devices)
-    if args.global_batch_size % len(devices) or len(devices) % args.mesh_data:
-        raise TrainError(f"--global_batch_size {args.global_batch_size} must split over the {len(devices)} chips")
-    mesh = jax.sharding.Mesh(devices.reshape(args.mesh_data, -1), ("data", "fsdp"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
     config = dataclasses.replace(echo.PRESETS[args.preset], dtype=args.dtype or "bfloat16", remat=args.remat)
+    mesh_data = args.mesh_data or len(devices) // fsdp_devices(config, len(devices))
+    if args.global_batch_size % len(devices) or len(devices) % mesh_data:
+        raise TrainError(f"--global_batch_size {args.global_batch_size} must split over the {len(devices)} chips")
+    mesh = jax.sharding.Mesh(devices.reshape(mesh_data, -1), ("data", "fsdp"),
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
     model = echo.EchoDiT(config)
     rules = echo.logical_axis_rules()
     tx, _ = make_optimizer(args)
@@ -1710,7 +1739,8 @@ def main(argv=None):
             # others compile theirs, and gloo then meets collectives of different sizes at the same
             # point ("Received data size doesn't match expected size"). TPU pods keep the cache.
             jax.config.update("jax_enable_compilation_cache", False)
-            log.info("simulated pod on CPU: the persistent compilation cache is off (see README, 'A simulated pod')")
+            log.info("simulated pod on CPU: the persistent compilation cache is off (see README, 'Training on a TPU "
+                     "pod')")
         else:
             jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         if args.aot_topology:

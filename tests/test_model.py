@@ -32,10 +32,11 @@ def run(config, params, *args):
     return np.asarray(jax.jit(EchoDiT(config).apply)({"params": params}, *args))
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_parity_with_reference_vectors(reference, scan_layers):
+@pytest.mark.parametrize("scan_layers, unroll_scan", [(True, False), (True, True), (False, False)])
+def test_parity_with_reference_vectors(reference, scan_layers, unroll_scan):
+    """Scanned, scanned but unrolled in the program (a multi-process CPU run), and unrolled layers."""
     config, flat, args, expected = reference
-    config = dataclasses.replace(config, scan_layers=scan_layers)
+    config = dataclasses.replace(config, scan_layers=scan_layers, unroll_scan=unroll_scan)
     out = run(config, import_reference_params(flat, config), *args)
     assert out.dtype == np.float32 and out.shape == expected.shape
     assert np.abs(out - expected).max() < 1e-4

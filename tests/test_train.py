@@ -1,3 +1,4 @@
+import dataclasses
 import glob
 import io
 import json
@@ -615,3 +616,51 @@ def test_aot_compile_for_a_small_tpu_topology(capsys):
     assert result["flops_per_step"] == 8 * echo.flops_per_sample(echo.PRESETS["tiny"], 96, 64, 96)
     assert result["compile_s"] > 0
     assert train_pretrain.main(["--aot_topology", "v5:2x2"]) == 2
+
+
+def collectives_by_computation(hlo_text):
+    """{computation name: number of collectives in it} of a compiled program's HLO text."""
+    counts, computation = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            computation = "ENTRY" if header.group(1) else header.group(2)
+        elif re.search(r"= .*\b(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)(-start)?\(", line):
+            counts[computation] = counts.get(computation, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("unroll_scan", [False, True])
+def test_a_cpu_pod_compiles_its_step_with_every_collective_outside_loops(unroll_scan):
+    """XLA:CPU keeps collectives in program order only among those at the same level of a program;
+    on a multi-process CPU run (gloo) every host must call them in one order, so the train step,
+    scanned layers and micro-batch scan included, compiles with none inside a loop."""
+    import flax.linen as nn
+    import jax
+
+    args = train_pretrain.parse_args(["--preset", "tiny", "--grad_accum", "2", "--global_batch_size", "8"])
+    train_pretrain.resolve_defaults(args)
+    config = dataclasses.replace(echo.PRESETS["tiny"], unroll_scan=unroll_scan)
+    assert config.scan_layers
+    # Two simulated hosts of one device each, as launch.sh --local 2 runs them.
+    mesh = jax.make_mesh((1, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=jax.devices()[:2])
+    rules = echo.logical_axis_rules()
+    tx, _ = train_pretrain.make_optimizer(args)
+    abstract, shardings = train_pretrain.state_layout(config, tx, mesh, rules, ema=False)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding) for k, (shape, dtype) in {
+        "latent": ((8, 16, 128), np.float32), "latent_mask": ((8, 16), np.int32), "text_ids": ((8, 12), np.int32),
+        "text_mask": ((8, 12), np.int32), "speaker_latent": ((8, 16, 128), np.float32),
+        "speaker_mask": ((8, 16), np.int32)}.items()}
+    step_fn = train_pretrain.build_train_step(echo.EchoDiT(config), tx, args)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        hlo = jax.jit(step_fn, in_shardings=(shardings, batch_sharding)).lower(state, batch).compile().as_text()
+    counts = collectives_by_computation(hlo)
+    assert counts.get("ENTRY", 0) > 0
+    in_loops = {name: n for name, n in counts.items() if name != "ENTRY"}
+    if unroll_scan:
+        assert in_loops == {}, in_loops
+    else:  # what a scanned step looks like: the hazard this option removes
+        assert sum(in_loops.values()) > 0
