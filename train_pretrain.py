@@ -24,6 +24,7 @@ sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never 
 
 import argparse  # noqa: E402
 import atexit  # noqa: E402
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -1413,8 +1414,52 @@ def train(args, on_eval=None):
     flops = stage_flops(trainer.data_stages[stage][1])
     profile_dir = args.tensorboard_dir or os.path.join(args.run_dir, "profile")
     profiling = False
-    bad_in_a_row, last, previous = 0, time.perf_counter(), None
+    bad_in_a_row, chrono, pending = 0, Chrono(), None
     step, finished, saving = start_step, False, None
+
+    def finish(record):
+        """A dispatched step's checks and metrics line. Called once the next step is dispatched, so
+        reading its outputs waits for it alone, never for the step in flight (no host sync)."""
+        nonlocal bad_in_a_row
+        done, out, step_time = record["step"], record["out"], chrono.lap()
+        if not bool(out["finite"]):
+            bad_in_a_row += 1
+            metrics.write(event="nan_step", step=done, loss=float(out["loss"]))
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", done, bad_in_a_row)
+            if bad_in_a_row >= args.max_bad_steps:
+                raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {done}: stopping; the last "
+                                 f"checkpoint in {args.checkpoint_dir} is intact (lower --lr or check the data)")
+        else:
+            bad_in_a_row = 0
+        if not record["logged"]:
+            return
+        counts = np.asarray(out["bucket_count"])
+        line = dict(step=done, loss=float(out["loss"]), lr=float(trainer.schedule(done - 1)),
+                    grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4),
+                    data_wait=round(record["data_wait"], 4),
+                    samples_per_sec=round(args.global_batch_size / step_time, 2),
+                    latent_seconds_per_sec=round(record["frames"] * trainer.processes / 25.0 / step_time, 2),
+                    samples_seen=record["samples_seen"], skipped=record["skipped"],
+                    **({"skipped_by_source": record["skipped_by_source"]} if "," in args.data else {}),
+                    loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
+                               for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
+        if peak is not None:
+            line["mfu"] = round(flops * args.global_batch_size / step_time / (peak * jax.device_count()), 4)
+        memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+        if "bytes_in_use" in memory:
+            line["device_bytes_in_use"] = int(memory["bytes_in_use"])
+            line["device_peak_bytes"] = int(memory.get("peak_bytes_in_use", 0))
+        metrics.write(**line)
+        if trainer.process == 0:
+            print(f"step {done}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
+                  f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
+
+    def finish_pending():
+        """Finish the newest step now: before the loop pauses (eval, samples, checkpoint) or ends."""
+        nonlocal pending
+        if pending is not None:
+            finish(pending)
+            pending = None
 
     def note_committed(saving):
         """Log when the background write of the checkpoint (step, start time) is committed."""
@@ -1451,43 +1496,16 @@ def train(args, on_eval=None):
             samples_seen += args.global_batch_size
             if profiling and step == args.profile_range[1]:
                 profiling = stop_profile(out, profile_dir)
-            # The previous step's flag: reading it does not wait for this step (no host sync on the hot path).
-            if previous is not None and not bool(previous["finite"]):
-                bad_in_a_row += 1
-                metrics.write(event="nan_step", step=step - 1, loss=float(previous["loss"]))
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step - 1, bad_in_a_row)
-                if bad_in_a_row >= args.max_bad_steps:
-                    raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {step - 1}: stopping; the last "
-                                     f"checkpoint in {args.checkpoint_dir} is intact (lower --lr or check the data)")
-            elif previous is not None:
-                bad_in_a_row = 0
-            previous = out
-            now = time.perf_counter()
-            step_time, last = now - last, now
-            if step % args.log_every == 0 or step == args.steps:
-                counts = np.asarray(out["bucket_count"])
-                line = dict(step=step, loss=float(out["loss"]), lr=float(trainer.schedule(step - 1)),
-                            grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4),
-                            data_wait=round(data_wait, 4), samples_per_sec=round(args.global_batch_size / step_time, 2),
-                            latent_seconds_per_sec=round(float(local["latent_mask"].sum()) * trainer.processes
-                                                         / 25.0 / step_time, 2),
-                            samples_seen=samples_seen, skipped=pipeline.counters(),
-                            **({"skipped_by_source": pipeline.source_counters()} if "," in args.data else {}),
-                            loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
-                                       for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
-                if peak is not None:
-                    line["mfu"] = round(flops * args.global_batch_size / step_time / (peak * jax.device_count()), 4)
-                memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
-                if "bytes_in_use" in memory:
-                    line["device_bytes_in_use"] = int(memory["bytes_in_use"])
-                    line["device_peak_bytes"] = int(memory.get("peak_bytes_in_use", 0))
-                metrics.write(**line)
-                if trainer.process == 0:
-                    print(f"step {step}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
-                          f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
+            if pending is not None:
+                finish(pending)
+            logged = step % args.log_every == 0 or step == args.steps
+            pending = dict(step=step, out=out, data_wait=data_wait, frames=float(local["latent_mask"].sum()),
+                           samples_seen=samples_seen, logged=logged, skipped=pipeline.counters() if logged else None,
+                           skipped_by_source=pipeline.source_counters() if logged and "," in args.data else None)
             slot_done = False
             if (step % args.eval_every == 0 or step == args.steps) and eval_sets:
-                with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+                finish_pending()
+                with chrono.pause(), jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
                     fields = {"step": step, "event": "eval"}
                     for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
                         if key in state:
@@ -1498,12 +1516,12 @@ def train(args, on_eval=None):
                         if "ema_params" in state:
                             fields["synthetic_nmse_ema"] = synthetic_nmse(trainer.model, state["ema_params"],
                                                                           synthetic_eval, args)
-                metrics.write(**fields)
-                if on_eval is not None and on_eval(step, fields):
-                    slot_done = True
+                    metrics.write(**fields)
+                    slot_done = on_eval is not None and bool(on_eval(step, fields))
             if prompts is not None and step % args.sample_every == 0:
+                finish_pending()
                 weights = "ema_params" if "ema_params" in state else "params"
-                with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+                with chrono.pause(), jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
                     latents = inference.sample_latents(trainer.model, state[weights], **prompts, steps=args.sample_steps,
                                                        cfg_scale=args.sample_cfg, seed=args.seed + 11,
                                                        num_frames=args.max_latent_len, progress=False)
@@ -1519,12 +1537,15 @@ def train(args, on_eval=None):
                 saving = note_committed(saving)
             if step % args.checkpoint_every == 0 or step == args.steps or preempted or slot_done:
                 # A preempted host has about 30 s: only the sharded save, no pickle export.
+                finish_pending()
                 started = time.perf_counter()
-                sharded, exported = save_checkpoint(manager, trainer, state, step, pipeline.state(), samples_seen,
-                                                    export=not preempted)
+                with chrono.pause():
+                    sharded, exported = save_checkpoint(manager, trainer, state, step, pipeline.state(),
+                                                        samples_seen, export=not preempted)
                 metrics.write(event="checkpoint", step=step, path=echo.step_path(args.checkpoint_dir, step),
                               blocking_s=round(sharded, 3), export_s=round(exported, 3))
-                metrics.save_history()
+                with chrono.pause():
+                    metrics.save_history()
                 saving = (step, started)
             if preempted:
                 manager.wait_until_finished()
@@ -1534,6 +1555,7 @@ def train(args, on_eval=None):
                 break
             if slot_done:
                 break
+        finish_pending()
         if profiling:
             stop_profile(out, profile_dir)
         manager.wait_until_finished()
@@ -1549,6 +1571,27 @@ def train(args, on_eval=None):
     metrics.close()
     pipeline.close()
     return state
+
+
+class Chrono:
+    """Seconds per training step, as big_vision's chrono: the time between two finished steps, less
+    what the loop spent in a pause() (evaluation, audio samples, checkpoints)."""
+
+    def __init__(self):
+        self.last, self.paused = time.perf_counter(), 0.0
+
+    def lap(self):
+        now = time.perf_counter()
+        seconds, self.last, self.paused = now - self.last - self.paused, now, 0.0
+        return seconds
+
+    @contextlib.contextmanager
+    def pause(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - started
 
 
 def stop_profile(out, directory):

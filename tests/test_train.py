@@ -664,3 +664,40 @@ def test_a_cpu_pod_compiles_its_step_with_every_collective_outside_loops(unroll_
         assert in_loops == {}, in_loops
     else:  # what a scanned step looks like: the hazard this option removes
         assert sum(in_loops.values()) > 0
+
+
+@pytest.fixture(scope="module")
+def paced_run(tmp_path_factory):
+    """One in-process run of 6 steps, an eval at step 4 that takes 4 s more (on_eval sleeps) and a
+    checkpoint at 6; records how many step lines the metrics file held as each batch was fetched."""
+    import data
+    run_dir = tmp_path_factory.mktemp("paced")
+    args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
+        ["--run_dir", str(run_dir), *FAST, "--steps", "6", "--eval_every", "4", "--checkpoint_every", "6"]))
+    lines_at_fetch, fetch = [], data.Pipeline.__next__
+
+    def counting_fetch(pipeline):
+        path = args.metrics_file
+        lines_at_fetch.append(len(losses(read_metrics(path))) if os.path.exists(path) else 0)
+        return fetch(pipeline)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data.Pipeline, "__next__", counting_fetch)
+        train_pretrain.train(args, on_eval=lambda step, fields: time.sleep(4))
+    return read_metrics(args.metrics_file), lines_at_fetch
+
+
+def test_step_time_leaves_out_the_pauses_for_evaluation(paced_run):
+    """Step 5 follows the 4 s eval of step 4: its step time and samples/s are a step's, not the eval's."""
+    metrics, _ = paced_run
+    steps = {m["step"]: m for m in metrics if "loss" in m and "event" not in m}
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert steps[5]["step_time"] < 2.0, steps[5]
+    assert steps[5]["samples_per_sec"] > 8 / 2.0
+
+
+def test_a_step_is_logged_once_the_next_is_dispatched(paced_run):
+    """With --log_every 1 no host waits for the step in flight: when the batch of step k is fetched,
+    the metrics hold steps 1..k-2 (step k-1 is still running), except after a pause (the eval at 4)."""
+    _, lines_at_fetch = paced_run
+    assert lines_at_fetch[-6:] == [0, 0, 1, 2, 4, 4]  # the training batches come after the held-out ones
