@@ -572,6 +572,7 @@ def build_train_step(model, tx, args):
     import jax.numpy as jnp
     import optax
 
+    import model as echo
     accum = args.grad_accum
 
     def step_fn(state, batch):
@@ -605,8 +606,7 @@ def build_train_step(model, tx, args):
                 return jax.tree.map(jnp.add, carry, (l, g)), ps
 
             zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-            unroll = accum if model.config.unroll_scan else 1
-            (loss, grads), per_sample = jax.lax.scan(body, zeros, micro, unroll=unroll)
+            (loss, grads), per_sample = jax.lax.scan(body, zeros, micro, unroll=echo.scan_unroll(model.config, accum))
             per_sample = per_sample.reshape(b)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -957,11 +957,12 @@ class Trainer:
         config = dataclasses.replace(echo.PRESETS[args.preset], dtype=dtype, remat=args.remat)
         # A simulated pod (several CPU processes, gloo) unrolls every loop that holds collectives
         # (model.EchoConfig.unroll_scan), where that costs little memory.
-        if cpu_pod() and echo.count_params(config) <= UNROLL_MAX_PARAMS:
+        simulated_pod = cpu_pod()
+        if simulated_pod and echo.count_params(config) <= UNROLL_MAX_PARAMS:
             config = dataclasses.replace(config, unroll_scan=True)
             log.info("simulated pod on CPU: layer scans unrolled, every collective in program order (see README, "
                      "'Training on a TPU pod')")
-        elif cpu_pod():
+        elif simulated_pod:
             log.warning("simulated pod on CPU: the %s preset keeps its layer scans (unrolled, its step needs about "
                         "twice the memory), and XLA:CPU may then call collectives in a different order on each "
                         "host (see README, 'Training on a TPU pod')", args.preset)
