@@ -10,7 +10,7 @@ Sections:
           seconds, real-time factors, peak memory, and the chunked-vs-whole gap.
   data    samples per second on ONE core, from local shards to batches, default lengths
           (768 frames / bytes / speaker frames), against what a 1.3B run needs per host.
-  build   data.py build with the full-size codec (random weights): clips per second and seconds of
+  build   corpus.py build with the full-size codec (random weights): clips per second and seconds of
           audio encoded per second, from a manifest of 2-6 s clips to finished shards.
   train   train_pretrain.py's real step (flow matching, CFG dropout, AdamW, clipping) for the tiny
           preset and the small config: step time and MFU; then a simulated 2-host pod of the 840M
@@ -33,13 +33,16 @@ Sections:
 
 import argparse
 import concurrent.futures
+import csv
 import dataclasses
+import glob
 import io
 import json
 import multiprocessing
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
@@ -53,14 +56,21 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+import soundfile  # noqa: E402
+import torch  # noqa: E402
 
-import model as echo  # noqa: E402
+import corpus  # noqa: E402
+import dacvae  # noqa: E402
+import data  # noqa: E402
+import inference  # noqa: E402
+import model  # noqa: E402
+import train_pretrain  # noqa: E402
 
 # The model issue's small config: d 512, 8 layers, 8 heads; encoders 384 / 4 layers / 6 heads.
-SMALL = echo.EchoConfig(model_size=512, num_layers=8, num_heads=8, intermediate_size=1408,
-                        encoder_model_size=384, encoder_num_layers=4, encoder_num_heads=6,
-                        encoder_intermediate_size=1056, text_model_size=384, text_num_layers=4,
-                        text_num_heads=6, text_intermediate_size=1056)
+SMALL = model.EchoConfig(model_size=512, num_layers=8, num_heads=8, intermediate_size=1408,
+                         encoder_model_size=384, encoder_num_layers=4, encoder_num_heads=6,
+                         encoder_intermediate_size=1056, text_model_size=384, text_num_layers=4,
+                         text_num_heads=6, text_intermediate_size=1056)
 SMALL_BATCH = dict(batch=4, latent_len=250, text_len=128, speaker_len=128)
 
 
@@ -102,12 +112,12 @@ def model_inputs(b):
 
 def time_train_step(config, batch):
     """(compile seconds, best step seconds) of forward + backward + AdamW, params donated."""
-    model = echo.EchoDiT(config)
-    params = nn.unbox(echo.init_params(config, jax.random.key(0)))
+    module = model.EchoDiT(config)
+    params = nn.unbox(model.init_params(config, jax.random.key(0)))
     tx = optax.adamw(1e-4, b1=0.9, b2=0.99, weight_decay=0.01)
 
     def train_step(params, opt_state, b):
-        loss_fn = lambda p: jnp.mean((model.apply({"params": p}, *model_inputs(b)) - b["target"]) ** 2)
+        loss_fn = lambda p: jnp.mean((module.apply({"params": p}, *model_inputs(b)) - b["target"]) ** 2)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
@@ -127,8 +137,8 @@ def time_train_step(config, batch):
 def bench_model():
     config, shape = SMALL, SMALL_BATCH
     batch = random_batch(config, **shape)
-    params = nn.unbox(echo.init_params(config, jax.random.key(0)))
-    forward = jax.jit(lambda p, b: echo.EchoDiT(config).apply({"params": p}, *model_inputs(b)))
+    params = nn.unbox(model.init_params(config, jax.random.key(0)))
+    forward = jax.jit(lambda p, b: model.EchoDiT(config).apply({"params": p}, *model_inputs(b)))
     forward_s = best_time(forward, params, batch)
     compile_s, train_s = time_train_step(config, batch)
     unscanned = dataclasses.replace(config, scan_layers=False)
@@ -136,18 +146,18 @@ def bench_model():
 
     # Analytic model FLOPs, checked against XLA's count on an unscanned build (XLA counts a
     # scanned loop body once, so the production program under-reports).
-    train_flops = shape["batch"] * echo.flops_per_sample(config, shape["latent_len"], shape["text_len"],
+    train_flops = shape["batch"] * model.flops_per_sample(config, shape["latent_len"], shape["text_len"],
                                                           shape["speaker_len"], training=True)
     fwd_flops = train_flops / 3
-    xla_fwd = jax.jit(echo.EchoDiT(unscanned).apply).lower(
-        {"params": nn.unbox(echo.abstract_params(unscanned))}, *model_inputs(batch)).compile().cost_analysis()
+    xla_fwd = jax.jit(model.EchoDiT(unscanned).apply).lower(
+        {"params": nn.unbox(model.abstract_params(unscanned))}, *model_inputs(batch)).compile().cost_analysis()
     peak = matmul_peak_gflops()
     gflops = lambda flops, seconds: flops / seconds / 1e9
     return {
         "section": "model",
         "config": dataclasses.asdict(config),
         "shape": shape,
-        "params": echo.count_params(config),
+        "params": model.count_params(config),
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "matmul_peak_gflops_per_s": round(peak, 1),
         "forward_gflops_per_step": round(fwd_flops / 1e9, 2),
@@ -169,24 +179,20 @@ def bench_model():
 
 
 def _dacvae_measurements(seconds, chunk_frames):
-    import torch
-
-    import dacvae
-
-    model = dacvae.init_random(dacvae.RELEASED_KWARGS)
+    codec = dacvae.init_random(dacvae.RELEASED_KWARGS)
     rng = np.random.default_rng(0)
     t = np.arange(int(seconds * 48000)) / 48000
     audio = (0.3 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.normal(size=t.shape)).astype(np.float32)
     audio = torch.from_numpy(audio)[None, None]
     start = time.perf_counter()
-    latent = model.encode(audio)
+    latent = codec.encode(audio)
     encode_s = time.perf_counter() - start
     start = time.perf_counter()
-    decoded = model.decode(latent)
+    decoded = codec.decode(latent)
     decode_s = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    chunked_latent = model.encode(audio, chunk=chunk_frames)
-    chunked_audio = model.decode(latent, chunk=chunk_frames)
+    chunked_latent = codec.encode(audio, chunk=chunk_frames)
+    chunked_audio = codec.decode(latent, chunk=chunk_frames)
     return dict(encode_s=encode_s, decode_s=decode_s, peak_rss_mb=peak_mb,
                 chunk_gap_latent=float((chunked_latent - latent).abs().max()),
                 chunk_gap_audio=float((chunked_audio - decoded).abs().max()))
@@ -196,7 +202,6 @@ def bench_dacvae(seconds=10.0, chunk_frames=100):
     # A fresh process, so that the peak memory is the codec's alone.
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         m = pool.submit(_dacvae_measurements, seconds, chunk_frames).result()
-    import torch
     return {
         "section": "dacvae",
         "config": "released (107.7 M params, random weights), float32",
@@ -215,13 +220,6 @@ def bench_dacvae(seconds=10.0, chunk_frames=100):
 
 
 def bench_build(clips=12, batch_size=4):
-    import csv
-
-    import soundfile
-
-    import dacvae
-    import data
-
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as root:
         weights = os.path.join(root, "codec.pth")
@@ -242,8 +240,8 @@ def bench_build(clips=12, batch_size=4):
             writer.writeheader()
             writer.writerows(rows)
         start = time.perf_counter()
-        report = data.build_corpus(manifest, os.path.join(root, "out"), weights, shard_size=1000,
-                                   batch_size=batch_size, progress=False)
+        report = corpus.build_corpus(manifest, os.path.join(root, "out"), weights, shard_size=1000,
+                                     batch_size=batch_size, progress=False)
         seconds = time.perf_counter() - start
         # A fixed cost of every build, whatever its size: the 30 s silence latent it writes.
         start = time.perf_counter()
@@ -258,7 +256,6 @@ def bench_build(clips=12, batch_size=4):
 
 def _data_measurements(directory, batches, batch_size, open_shards):
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one core
-    import data
 
     pipeline = data.Pipeline(data.DataConfig(source=directory, batch_size=batch_size, process_index=0,
                                              process_count=1, open_shards=open_shards,
@@ -279,8 +276,6 @@ def bench_data(shards=64, per_shard=16, batches=120, batch_size=32, repeats=3):
     """The pipeline at the default lengths (one speaker per shard), reading one shard at a time
     (the pipeline before cross-shard shuffling) and at the default `open_shards`, each in a fresh
     one-core process so that the peak RSS is its own; the median of `repeats` runs each."""
-    import data
-
     rng = np.random.default_rng(0)
     directory = tempfile.mkdtemp(prefix="bench-data-")
     np.save(os.path.join(directory, "silence.npy"), np.zeros((750, 128), np.float16))
@@ -321,24 +316,22 @@ def bench_data(shards=64, per_shard=16, batches=120, batch_size=32, repeats=3):
 
 
 def bench_train():
-    import train_pretrain
-
     results = {"section": "train"}
     peak = matmul_peak_gflops()
     results["matmul_peak_gflops_per_s"] = round(peak, 1)
-    for name, config, batch, lengths in (("tiny", echo.PRESETS["tiny"], 32, (96, 64, 96)),
+    for name, config, batch, lengths in (("tiny", model.PRESETS["tiny"], 32, (96, 64, 96)),
                                          ("small", SMALL, 4, (250, 128, 128))):
         args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
             ["--global_batch_size", str(batch), "--max_latent_len", str(lengths[0]), "--max_text_len",
              str(lengths[1]), "--max_speaker_len", str(lengths[2])]))
-        model = echo.EchoDiT(config)
+        module = model.EchoDiT(config)
         tx, _ = train_pretrain.make_optimizer(args)
-        params = nn.unbox(echo.init_params(config, jax.random.key(0)))
+        params = nn.unbox(model.init_params(config, jax.random.key(0)))
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
         b = random_batch(config, batch, *lengths)
         b = {"latent": b["x"], "latent_mask": np.ones(b["x"].shape[:2], np.int32), "text_ids": b["text_ids"],
              "text_mask": b["text_mask"], "speaker_latent": b["speaker_latent"], "speaker_mask": b["speaker_mask"]}
-        step = jax.jit(train_pretrain.build_train_step(model, tx, args), donate_argnums=(0,))
+        step = jax.jit(train_pretrain.build_train_step(module, tx, args), donate_argnums=(0,))
         start = time.perf_counter()
         compiled = step.lower(state, b).compile()
         compile_s = time.perf_counter() - start
@@ -349,7 +342,7 @@ def bench_train():
             return metrics["loss"]
 
         seconds = best_time(one, b)
-        flops = batch * echo.flops_per_sample(config, *lengths)
+        flops = batch * model.flops_per_sample(config, *lengths)
         results[name] = {"batch": batch, "lengths": lengths, "compile_s": round(compile_s, 2),
                          "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 1),
                          "mfu": round(flops / seconds / 1e9 / peak, 3)}
@@ -362,12 +355,9 @@ def checkpointed_pod(preset, hosts):
     `preset` with a checkpoint, then a restart restores it and trains a second: each host's peak RSS
     (from wait4) in both runs against the size of the full train state, and the checkpoint's
     blocking and total save seconds. Needs about 12 GB per host at 840M."""
-    import socket
-
-    import data
-    state_bytes = 12 * echo.count_params(echo.PRESETS[preset])  # params + two Adam moments, float32
+    state_bytes = 12 * model.count_params(model.PRESETS[preset])  # params + two Adam moments, float32
     with tempfile.TemporaryDirectory() as tmp:
-        data.make_synthetic(os.path.join(tmp, "data"), shards=hosts * 2, samples_per_shard=8, seed=1)
+        corpus.make_synthetic(os.path.join(tmp, "data"), shards=hosts * 2, samples_per_shard=8, seed=1)
         flags = ["--preset", preset, "--data", os.path.join(tmp, "data"), "--steps", "2", "--global_batch_size",
                  str(hosts), "--max_latent_len", "96", "--max_text_len", "64", "--max_speaker_len", "96",
                  "--checkpoint_every", "1", "--eval_every", "1000", "--ema_decay", "0", "--checkpoint_dir",
@@ -405,7 +395,7 @@ import jax
 jax.config.update("jax_compilation_cache_dir", sys.argv[2])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 import bench, inference
-config = bench.SMALL if sys.argv[1] == "small" else bench.echo.PRESETS["tiny"]
+config = bench.SMALL if sys.argv[1] == "small" else bench.model.PRESETS["tiny"]
 module, params, inputs = bench.inference_inputs(config)
 timings = {}
 inference.sample_latents(module, params, *inputs, steps=1, num_frames=375, timings=timings, progress=False)
@@ -416,19 +406,15 @@ print(json.dumps(timings["compile"]))
 def inference_inputs(config, text_len=768, speaker_len=768):
     """(module, params, (text_ids, text_mask, speaker_latent, speaker_mask)) for one utterance."""
     b = random_batch(config, 1, 375, text_len, speaker_len)
-    params = nn.unbox(echo.init_params(config, jax.random.key(0)))
-    return echo.EchoDiT(config), params, (b["text_ids"], b["text_mask"], b["speaker_latent"], b["speaker_mask"])
+    params = nn.unbox(model.init_params(config, jax.random.key(0)))
+    return model.EchoDiT(config), params, (b["text_ids"], b["text_mask"], b["speaker_latent"], b["speaker_mask"])
 
 
 def bench_inference(frames=375, steps=32):
-    import subprocess
-
-    import inference
-
     results = {"section": "inference", "frames": frames, "steps": steps}
-    for name, config in (("tiny", echo.PRESETS["tiny"]), ("small", SMALL)):
+    for name, config in (("tiny", model.PRESETS["tiny"]), ("small", SMALL)):
         module, params, inputs = inference_inputs(config)
-        decode = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c, method=echo.EchoDiT.decode))
+        decode = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c, method=model.EchoDiT.decode))
         row = {}
         for mode, passes in (("joint", 2), ("independent", 3)):
             _, step = inference._compiled(module, mode, params, tuple(jnp.asarray(a) for a in inputs), frames)
@@ -468,8 +454,6 @@ def bench_inference(frames=375, steps=32):
 
 
 def bench_tpu_aot():
-    import train_pretrain
-
     runs = []
     for batch in (256, 448):
         args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
@@ -481,8 +465,6 @@ def bench_tpu_aot():
 def bench_learn(corpus="words", minutes=60.0, eval_every=250, threshold=0.5):
     """The demo preset trained on a synthetic corpus (default: today's 10-40-byte `words`) for up
     to `minutes`: the synthetic_nmse curve, and the step and minute it first falls below `threshold`."""
-    import train_pretrain
-
     run_dir = tempfile.mkdtemp(prefix="bench-learn-")
     try:
         steps = int(minutes * 60 / 0.15)  # the demo's step takes ~0.1-0.2 s here: the clock stops the run
@@ -509,8 +491,6 @@ def bench_learn(corpus="words", minutes=60.0, eval_every=250, threshold=0.5):
 
 def demo_run_dir():
     """A finished default demo run directory: $ECHO_DEMO_RUN, else one trained now (~9 minutes on 2 cores)."""
-    import train_pretrain
-
     run_dir = os.environ.get("ECHO_DEMO_RUN")
     if not run_dir:
         run_dir = tempfile.mkdtemp(prefix="bench-demo-")
@@ -521,12 +501,6 @@ def demo_run_dir():
 def bench_sampler(samples=64, seed=0):
     """The demo model's held-out texts sampled on its trained canvas vs a shorter one (synthetic_nmse
     and trimming accuracy), and at 8/16/32 steps on the uniform grid vs F5-TTS's sway (-1)."""
-    import glob
-
-    import data
-    import inference
-    import train_pretrain
-
     run_dir = demo_run_dir()
     loaded = inference.load_model(sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.params.pkl")))[-1])
     corpus = glob.glob(os.path.join(run_dir, "synthetic-*-0-held-out"))[0][:-len("-held-out")]

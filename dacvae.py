@@ -23,8 +23,13 @@ import soundfile
 import soxr
 import torch
 import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.utils import logging as hf_logging
 from torch import nn
 from tqdm import tqdm
+
+import storage
 
 DEFAULT_WEIGHTS = "facebook/dacvae-watermarked"
 SAMPLE_RATE = 48000
@@ -39,6 +44,9 @@ RELEASED_KWARGS = dict(encoder_dim=64, encoder_rates=[2, 8, 10, 12], latent_dim=
                        decoder_rates=[12, 10, 8, 2], n_codebooks=16, codebook_size=1024, codebook_dim=128,
                        quantizer_dropout=False, sample_rate=48000)
 TINY_KWARGS = dict(RELEASED_KWARGS, encoder_dim=2, latent_dim=16, decoder_dim=96)
+
+
+SILENT_PEAK = 1e-4  # a clip whose peak stays below this (-80 dBFS) is digital silence
 
 
 class DACVAEError(Exception):
@@ -378,9 +386,8 @@ class DACVAE(nn.Module):
 
     def save(self, path):
         """The official file layout: {'state_dict': ..., 'metadata': {'kwargs': ...}}, written atomically."""
-        def write(tmp):
-            torch.save({"state_dict": self.state_dict(), "metadata": {"kwargs": self.kwargs}}, tmp)
-        atomic_write(path, write)
+        write_atomically(path, lambda f: torch.save({"state_dict": self.state_dict(),
+                                                     "metadata": {"kwargs": self.kwargs}}, f))
 
     @torch.inference_mode()
     def encode(self, audio, chunk=CHUNK_FRAMES):
@@ -426,9 +433,6 @@ def message_tensor(message, batch):
 
 
 def _download_weights(repo_id, flag):
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
     if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
         raise DACVAEError(f"DACVAE weights {repo_id!r} are neither an existing file nor a Hub repo id (ORG/NAME)")
     try:
@@ -507,14 +511,13 @@ def load_audio(path, sample_rate=SAMPLE_RATE):
     return audio
 
 
-def atomic_write(path, write):
-    """data.atomic_write (a temporary file beside `path`, renamed into place), failing as one DACVAEError."""
-    import data
+def write_atomically(path, write):
+    """storage.write_atomically(path, write), failing as one DACVAEError."""
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
+    if "://" not in path and not os.path.isdir(directory):
         raise DACVAEError(f"cannot write {path}: directory {directory} does not exist")
     try:
-        data.atomic_write(path, write)
+        storage.write_atomically(path, write)
     except OSError as e:
         raise DACVAEError(f"cannot write {path} ({e.strerror or e})") from None
 
@@ -527,12 +530,12 @@ def save_audio(path, audio, sample_rate=SAMPLE_RATE):
     if fmt not in soundfile.available_formats():
         raise DACVAEError(f"cannot write {path}: unknown audio format {fmt!r}")
     subtype = "PCM_16" if fmt in ("WAV", "FLAC", "AIFF") else None
-    atomic_write(path, lambda tmp: soundfile.write(tmp, np.clip(audio, -1, 1), sample_rate, format=fmt,
-                                                   subtype=subtype))
+    write_atomically(path, lambda f: soundfile.write(f, np.clip(audio, -1, 1), sample_rate, format=fmt,
+                                                     subtype=subtype))
 
 
 def save_npy(path, array):
-    atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), array, allow_pickle=False))
+    write_atomically(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def load_latent_npy(path, latent_size):
@@ -584,7 +587,6 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args(argv)
     # The Hub client retries with backoff on its own; its per-try warnings would bury our one line.
-    from huggingface_hub.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
 
     try:

@@ -221,7 +221,7 @@ class Watchdog:
                     self.delete(path, f"checkpoint beyond the newest {self.keep}")
 
     def clean_hub_cache(self, cache, enough):
-        from huggingface_hub import scan_cache_dir
+        from huggingface_hub import scan_cache_dir  # only on a machine that has a Hub cache to clean
 
         info = scan_cache_dir(cache)
         for repo in sorted(info.repos, key=lambda r: r.last_accessed):

@@ -23,7 +23,16 @@ import os  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import checkpoint  # noqa: E402
+import data  # noqa: E402
+import model  # noqa: E402
+import storage  # noqa: E402
 
 log = logging.getLogger("inference")
 
@@ -59,9 +68,7 @@ class LoadedModel:
 def load_model(path, dtype="float32", weights=None):
     """A checkpoint (full or weights-only, ours or the reference layout) -> LoadedModel, with its
     EMA weights (weights="ema", or None where it has them) or its raw ones ("raw")."""
-    import model as echo
-
-    payload = echo.load_checkpoint(path)
+    payload = checkpoint.load_checkpoint(path)
     if weights == "ema" and "ema_params" not in payload:
         raise InferenceError(f"{path} holds no EMA weights (trained with --ema_decay 0); use --weights raw")
     key = "ema_params" if weights != "raw" and "ema_params" in payload else "params"
@@ -69,9 +76,9 @@ def load_model(path, dtype="float32", weights=None):
         weights_only = re.sub(r"\.pkl$", ".params.pkl", path)
         hint = f" ({os.path.basename(weights_only)} beside it)" if os.path.exists(weights_only) else ""
         log.info("full checkpoint: the weights-only .params.pkl%s loads faster", hint)
-    config = dataclasses.replace(echo.config_from_checkpoint(payload, path), dtype=dtype, remat="none",
+    config = dataclasses.replace(checkpoint.config_from_checkpoint(payload, path), dtype=dtype, remat="none",
                                  scan_layers=True, unroll_scan=False)
-    params = echo.params_from_checkpoint(payload, config, path, key=key)
+    params = checkpoint.params_from_checkpoint(payload, config, path, key=key)
     lengths = payload.get("max_lengths") or {}
     train_args = payload.get("train_args") or {}
     length = lambda name: int(lengths.get(name) or train_args.get(name) or DEFAULT_MAX_LEN)
@@ -79,7 +86,7 @@ def load_model(path, dtype="float32", weights=None):
     silence_frame = None
     if isinstance(silence, np.ndarray) and silence.ndim == 2 and silence.shape[1] == config.latent_size:
         silence_frame = np.median(silence.astype(np.float32), axis=0)
-    return LoadedModel(echo.EchoDiT(config), params, config, length("max_latent_len"), length("max_text_len"),
+    return LoadedModel(model.EchoDiT(config), params, config, length("max_latent_len"), length("max_text_len"),
                        length("max_speaker_len"), silence_frame, int(payload.get("step") or 0))
 
 
@@ -95,8 +102,6 @@ def prepare_text(text, max_text_len=DEFAULT_MAX_LEN):
     Text whose bytes do not fit is split at sentence boundaries (then clauses, then words),
     never cut: every word of the input is spoken.
     """
-    import data
-
     if not isinstance(text, str) or not text.strip():
         raise InferenceError("the text is empty: pass the words to speak with --text")
     fits = lambda s: data.encode_text(s, max_text_len) is not None
@@ -137,10 +142,9 @@ def encode_reference(path, codec, max_speaker_len=DEFAULT_MAX_LEN):
     A missing or unreadable file is an error (the user asked for that voice); one that is
     shorter than 0.5 s or digitally silent is warned about and gives None (no speaker).
     """
-    import torch
+    import torch  # the codec's, imported where audio is: the trainer uses the sampler alone
 
-    import dacvae
-    import data
+    import dacvae  # with torch, where audio is: the trainer uses the sampler alone
 
     try:
         audio = dacvae.load_audio(path)
@@ -150,7 +154,7 @@ def encode_reference(path, codec, max_speaker_len=DEFAULT_MAX_LEN):
         log.warning("speaker reference %s is %.2f s long, under %.1f s: continuing without a reference voice",
                     path, len(audio) / SAMPLE_RATE, MIN_REFERENCE_SECONDS)
         return None
-    if float(np.max(np.abs(audio))) < data.SILENT_PEAK:
+    if float(np.max(np.abs(audio))) < dacvae.SILENT_PEAK:
         log.warning("speaker reference %s is digital silence: continuing without a reference voice", path)
         return None
     audio = audio[:max_speaker_len * codec.hop]  # the model reads at most max_speaker_len frames
@@ -267,7 +271,6 @@ def _guidance(cfg_scale, cfg_text, cfg_speaker):
 
 def _replicated(params):
     """A replicated sharding on the mesh that sharded params live on (the trainer's eval), else None."""
-    import jax
     sharding = next((getattr(a, "sharding", None) for a in jax.tree.leaves(params)), None)
     if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
         return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -277,14 +280,10 @@ def _replicated(params):
 def _build(module, mode, replicated=None):
     """(encode, step) for one guidance mode: encode runs once per utterance, step once per Euler step.
     With `replicated`, the latents and conditions are pinned to it (params sharded over a mesh)."""
-    import jax
-    import jax.numpy as jnp
-
-    from model import EchoDiT
 
     def encode(params, text_ids, text_mask, speaker_latent, speaker_mask):
         cond = module.apply({"params": params}, text_ids, text_mask, speaker_latent, speaker_mask,
-                            method=EchoDiT.encode_conditions)
+                            method=model.EchoDiT.encode_conditions)
         # Zeroing part of the key mask is exactly CFG dropout of that condition, so every
         # guidance pass shares the keys and values computed here.
         is_speaker = jnp.arange(cond["mask"].shape[1]) >= text_ids.shape[1]
@@ -302,12 +301,12 @@ def _build(module, mode, replicated=None):
 
         def guided_velocity():
             v = module.apply({"params": params}, jnp.concatenate([x] * passes), jnp.full((passes * b,), t), cond,
-                             method=EchoDiT.decode).reshape((passes,) + x.shape)
+                             method=model.EchoDiT.decode).reshape((passes,) + x.shape)
             return v[0] + sum(scales[i] * (v[0] - v[i + 1]) for i in range(passes - 1))
 
         def conditional_velocity():
             first = {"k": cond["k"][:, :b], "v": cond["v"][:, :b], "mask": cond["mask"][:b]}
-            return module.apply({"params": params}, x, jnp.full((b,), t), first, method=EchoDiT.decode)
+            return module.apply({"params": params}, x, jnp.full((b,), t), first, method=model.EchoDiT.decode)
 
         v = jax.lax.cond(guided, guided_velocity, conditional_velocity)
         # Off (the default), v passes through untouched: the output is bit-identical to no rescaling.
@@ -317,10 +316,9 @@ def _build(module, mode, replicated=None):
     return jax.jit(encode, out_shardings=replicated), jax.jit(step, out_shardings=replicated, donate_argnums=(1,))
 
 
-@functools.partial(__import__("jax").jit, static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def scale_speaker_kv(cond, scale, max_layers, text_len):
     """Echo's speaker "force": the speaker keys and values of the first max_layers layers times scale."""
-    import jax.numpy as jnp
     layers, _, length = cond["k"].shape[:3]
     hit = (jnp.arange(layers) < max_layers)[:, None, None, None, None] & \
         (jnp.arange(length) >= text_len)[None, None, :, None, None]
@@ -330,9 +328,6 @@ def scale_speaker_kv(cond, scale, max_layers, text_len):
 
 def _compiled(module, mode, params, inputs, num_frames):
     """AOT-compiled (encode, step) for these shapes, built once per process."""
-    import jax
-    import jax.numpy as jnp
-
     shapes = tuple(a.shape for a in inputs)
     replicated = _replicated(params)
     key = (module, mode, shapes, num_frames, replicated)
@@ -362,10 +357,6 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
     `rescale_sigma`); speaker keys/values of the first `speaker_kv_max_layers` layers (default all)
     times `speaker_kv_scale` while t >= `speaker_kv_min_t`; the grid times `t_scale`; `sway`.
     """
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
     timings = {} if timings is None else timings
     mode, scales = _guidance(cfg_scale, cfg_text, cfg_speaker)
     inputs = tuple(jnp.asarray(a) for a in (np.asarray(text_ids, np.int32), np.asarray(text_mask, np.int32),
@@ -398,7 +389,6 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
         step_cond = forced if forced is not None and ts[k] >= speaker_kv_min_t else cond
         x = step(params, x, step_cond, ts[k], ts[k + 1], scales_arr, np.bool_(guided), rescale, np.bool_(rescale_on))
     if not x.is_fully_addressable:  # params sharded over several hosts (the trainer's eval)
-        from jax.experimental import multihost_utils
         x = multihost_utils.process_allgather(x, tiled=True)
     x = np.array(x)  # a writable copy on the host
     timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t1
@@ -434,7 +424,7 @@ def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, seed=42
     canvas "trained" samples the model's trained number of frames (what it always saw, padded
     with silence) and cuts the result to `duration`; "duration" samples only `duration` frames.
     `sampler` takes any knob of SAMPLER_DEFAULTS (steps, cfg_scale, ..., sway)."""
-    import torch
+    import torch  # the codec's, imported where audio is: the trainer uses the sampler alone
 
     unknown = set(sampler) - set(SAMPLER_DEFAULTS)
     if unknown:
@@ -471,7 +461,7 @@ def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, seed=42
 @functools.lru_cache(maxsize=4)
 def codec_silence_frame(codec):
     """The codec's own silence latent frame (median over 2 s of digital silence)."""
-    import dacvae
+    import dacvae  # with torch, where audio is: the trainer uses the sampler alone
     return np.median(dacvae.silence_latent(codec, 2.0).astype(np.float32), axis=0)
 
 
@@ -667,12 +657,10 @@ def latent_path(args, output):
 
 def save_latent(path, latent):
     """(frames, 128) float16, written atomically: the shards' target format."""
-    import dacvae
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, latent.astype(np.float16), allow_pickle=False)
-    dacvae.atomic_write(path, write)
+    try:
+        storage.write_atomically(path, lambda f: np.save(f, latent.astype(np.float16), allow_pickle=False))
+    except OSError as e:
+        raise InferenceError(f"cannot write {path} ({e.strerror or e})") from None
 
 
 def list_presets(args):
@@ -681,12 +669,10 @@ def list_presets(args):
 
 
 def run(args):
-    import dacvae
-    import model as echo
+    import dacvae  # with torch, where audio is: the trainer uses the sampler alone
 
     sampler = validate(args)
     if args.compile_cache_dir:
-        import jax
         jax.config.update("jax_compilation_cache_dir", args.compile_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jobs = read_jobs(args)
@@ -694,7 +680,7 @@ def run(args):
     try:
         loaded = load_model(args.checkpoint, args.dtype, args.weights)
         codec = dacvae.DACVAE.load(args.dacvae_weights, flag="--dacvae_weights")
-    except (echo.CheckpointError, dacvae.DACVAEError) as e:
+    except (checkpoint.CheckpointError, dacvae.DACVAEError) as e:
         raise InferenceError(str(e)) from None
     if codec.codebook_dim != loaded.config.latent_size:
         raise InferenceError(f"the codec's {codec.codebook_dim}-dim latents do not fit the model's "
@@ -740,18 +726,12 @@ def run(args):
           f"{audio_seconds:.2f}s of audio, real-time factor {rtf:.3f}", flush=True)
     if len(jobs) > 1 or args.text is None:
         ok = sum(e["ok"] for e in summary)
-        dacvae.atomic_write(os.path.join(args.output, "summary.json"), lambda tmp: _write_text(tmp, json.dumps(
-            summary, indent=1) + "\n"))
+        storage.write_json(os.path.join(args.output, "summary.json"), summary)
         print(f"{ok} of {len(summary)} utterances written to {args.output} (summary.json)", flush=True)
         if ok < len(summary):
             raise InferenceError(f"{len(summary) - ok} of {len(summary)} utterances failed; see "
                                  f"{os.path.join(args.output, 'summary.json')}")
     return summary
-
-
-def _write_text(path, text):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def main(argv=None):

@@ -90,7 +90,7 @@ fi
 
 # ---- a simulated pod: N processes on 127.0.0.1 (gloo collectives), each with its own fake devices.
 # The coordinator's port and the next one (the hosts' rendezvous), both free.
-PORT=$(cd "$HERE" && "$PYTHON" -c 'import train_pretrain; print(train_pretrain.coordinator_port())')
+PORT=$(cd "$HERE" && "$PYTHON" -c 'import pod; print(pod.coordinator_port())')
 export JAX_PLATFORMS=cpu
 # One device per simulated host, each host pinned to a core of its own where there are enough, so
 # that the hosts do not slow each other down. Correctness does not depend on timing: the trainer
@@ -200,11 +200,6 @@ fi
 
 # ---- the run is complete: speak with the newest checkpoint.
 CHECKPOINT_DIR=$(flag_value checkpoint_dir "$RUN_DIR/checkpoints" "$@")
-CHECKPOINT=$(ls -1 "$CHECKPOINT_DIR"/step_*.params.pkl 2>/dev/null | sort | tail -n 1 || true)
-if [[ -z "$CHECKPOINT" ]]; then
-  echo "launch.sh: no checkpoint in $CHECKPOINT_DIR: skipping the inference example"
-  exit 0
-fi
 CODEC=()
 if [[ -z "${DACVAE_WEIGHTS:-}" ]] && ! "$PYTHON" - <<'EOF' 2>/dev/null
 from huggingface_hub import HfApi
@@ -216,7 +211,7 @@ then
   [[ -f "$RUN_DIR/dacvae-random.pth" ]] || "$PYTHON" "$HERE/dacvae.py" init-random "$RUN_DIR/dacvae-random.pth" --size tiny
   CODEC=(--dacvae_weights "$RUN_DIR/dacvae-random.pth")
 fi
-echo "launch.sh: inference example with $CHECKPOINT"
-"$PYTHON" "$HERE/inference.py" --checkpoint "$CHECKPOINT" --text "Hello from a pod." \
+echo "launch.sh: inference example with the newest checkpoint in $CHECKPOINT_DIR"
+"$PYTHON" "$HERE/inference.py" --checkpoint "$CHECKPOINT_DIR" --text "Hello from a pod." \
   --output "$RUN_DIR/demo.wav" --compile_cache_dir "$ECHO_DISK/jax_cache" "${CODEC[@]}"
 echo "launch.sh: wrote $RUN_DIR/demo.wav"

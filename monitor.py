@@ -246,7 +246,7 @@ def stat_file(path):
     if "://" not in path:
         st = os.stat(path)
         return st.st_size, st.st_ino, st.st_mtime
-    from etils import epath
+    from etils import epath  # gs:// only: a local dashboard starts without it
     try:
         st = epath.Path(path).stat()
     except Exception as e:  # gcsfs raises its own errors for a missing object or a refused request
@@ -261,7 +261,7 @@ def read_range(path, offset, count):
         with open(path, "rb") as f:
             f.seek(offset)
             return f.read(count)
-    from etils import epath
+    from etils import epath  # gs:// only: a local dashboard starts without it
     try:
         with epath.Path(path).open("rb") as f:
             f.seek(offset)

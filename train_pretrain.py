@@ -8,14 +8,16 @@ in under 10 minutes on a 2-core CPU, and scores what it generates on held-out te
     python train_pretrain.py --preset 1.3B --data hf://datasets/ORG/REPO --silence_latent silence.npy \\
         --checkpoint_dir /mnt/disk/ckpt --metrics_file /mnt/disk/ckpt/metrics.jsonl
 
-Checkpoints are orbax step directories in --checkpoint_dir (gs://BUCKET/PATH, or a directory every
-host sees): every host writes its own shards of params, Adam moments and EMA weights in the
-background, with every host's data position, the config and the flags; a weights-only
-`step_XXXXXXX.params.pkl` beside each is what inference.py loads. `--resume auto` (the default)
-continues bit-identically from the newest readable one, taking the run's own flags. SIGTERM makes
-every host checkpoint at the same step and exit 0.
+Checkpoints (checkpoint.py) are orbax step directories in --checkpoint_dir (gs://BUCKET/PATH, or a
+directory every host sees), with a weights-only `step_XXXXXXX.params.pkl` beside each for
+inference.py. `--resume auto` (the default) continues bit-identically from the newest readable
+one, taking the run's own flags. SIGTERM makes every host checkpoint at the same step and exit 0.
 
     python train_pretrain.py export CHECKPOINT_DIR OUT.pkl    # the seed's full pickle format
+
+The file reads top-down: flags, the objective, setup (model, mesh, optimizer, state layout: one
+bundle the loop and the AOT compile share), data, the starting state, metrics, evaluation, the
+loop, the AOT compile, main.
 """
 
 import sys
@@ -23,7 +25,6 @@ import sys
 sys.modules.setdefault("tensorflow", None)  # Hugging Face libraries must never pull TF in next to JAX
 
 import argparse  # noqa: E402
-import atexit  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
@@ -31,7 +32,6 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
-import pickle  # noqa: E402
 import queue  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
@@ -39,11 +39,25 @@ import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
+import flax.serialization  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from etils import epath  # noqa: E402
+from flax.traverse_util import path_aware_map  # noqa: E402
+from jax.experimental import multihost_utils, topologies  # noqa: E402
+from jax.scipy.special import ndtri  # noqa: E402
 
+import checkpoint  # noqa: E402
+import corpus  # noqa: E402
 import data  # noqa: E402
+import inference  # noqa: E402
+import model  # noqa: E402
+import pod  # noqa: E402
+import storage  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -52,7 +66,6 @@ PEAK_FLOPS = (("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), 
               ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("H100 PCIe", 756e12),
               ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 TIMESTEP_BUCKETS = 5
-DISTRIBUTED_TIMEOUT_S = 300  # default seconds for every host to join
 # The largest model a simulated pod compiles with unrolled scans: the demo sizes. Unrolled, the 840M
 # step's temporaries grow from 4.0 to 8.8 GB per host, more than two hosts of a 24 GB machine hold.
 UNROLL_MAX_PARAMS = 100_000_000
@@ -93,7 +106,7 @@ def build_parser(suppress_defaults=False):
       "letters, after 2-6-byte 'starter' strings for the first 70%% of the steps), 'short' (4-8 bytes over 8 "
       "letters), 'starter' or 'words' (10-40-byte pseudo-sentences)")
     a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); default: the "
-      "validation split of --data (val-*.tar, written by data.py build) where it has one; with --data "
+      "validation split of --data (val-*.tar, written by corpus.py build) where it has one; with --data "
       "synthetic, the corpus's held-out split")
     a("--accept_data_change", action="store_true", help="resume even though the shards of --data changed since "
       "the run started (the data order then changes); without it such a resume stops")
@@ -152,7 +165,8 @@ def build_parser(suppress_defaults=False):
       "is logged as an event")
     a("--aot_topology", default=None, help="compile for a TPU topology (e.g. v4-64, v4:2x2x1) and report memory")
     a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache")
-    a("--distributed_timeout", type=int, default=DISTRIBUTED_TIMEOUT_S, help="seconds to wait for all hosts to join")
+    a("--distributed_timeout", type=int, default=pod.DISTRIBUTED_TIMEOUT_S,
+      help="seconds to wait for all hosts to join")
     return p
 
 
@@ -165,7 +179,7 @@ FREE_FLAGS = frozenset({"log_every", "eval_every", "checkpoint_every", "keep_che
                         "sample_steps", "sample_cfg", "max_bad_steps"})
 PER_INVOCATION_FLAGS = frozenset({"run_steps", "resume", "init_from", "aot_topology", "profile_steps",
                                   "accept_data_change", "override"})
-RUN_FLAGS_FILE = "run_flags.json"  # beside the checkpoints: the flags the run started with
+checkpoint.RUN_FLAGS_FILE = "run_flags.json"  # beside the checkpoints: the flags the run started with
 METRICS_HISTORY_FILE = "metrics.jsonl"  # beside the checkpoints: a copy of the metrics at the last one
 
 
@@ -179,7 +193,7 @@ def check_same_flags(args):
     """Every host must train the same run: a host started with other flags, or one that read another
     run_flags.json, stops the pod with one sentence (on every host at once)."""
     pinned = {k: v for k, v in run_flags(args).items() if k not in FREE_FLAGS}
-    every = gather_json(hashlib.sha256(json.dumps(pinned, sort_keys=True, default=str).encode()).hexdigest())
+    every = pod.gather_json(hashlib.sha256(json.dumps(pinned, sort_keys=True, default=str).encode()).hexdigest())
     differ = [str(i) for i, digest in enumerate(every) if digest != every[0]]
     if differ:
         raise TrainError(f"host(s) {', '.join(differ)} run with other flags than process 0 (started with another "
@@ -195,12 +209,11 @@ def restore_flags(args):
     args.flag_changes = []
     if args.resume != "auto" or args.aot_topology:
         return args
-    from etils import epath
-    path = os.path.join(args.checkpoint_dir or os.path.join(args.run_dir, "checkpoints"), RUN_FLAGS_FILE)
+    path = os.path.join(args.checkpoint_dir or os.path.join(args.run_dir, "checkpoints"), checkpoint.RUN_FLAGS_FILE)
     if not epath.Path(path).exists():
         return args  # a new run
     try:
-        saved = read_json(path)
+        saved = storage.read_json(path)
         if not isinstance(saved, dict):
             raise ValueError
     except (OSError, ValueError):
@@ -231,14 +244,14 @@ def restore_flags(args):
 def resolve_defaults(args):
     """Fill defaults that depend on --data synthetic; validate every flag before anything compiles."""
     synthetic = args.data == "synthetic" and not args.aot_topology  # AOT sizes the real run
-    if args.synthetic_corpus not in data.SYNTHETIC_CORPORA:
-        raise TrainError(f"--synthetic_corpus must be one of {', '.join(data.SYNTHETIC_CORPORA)}, "
+    if args.synthetic_corpus not in corpus.SYNTHETIC_CORPORA:
+        raise TrainError(f"--synthetic_corpus must be one of {', '.join(corpus.SYNTHETIC_CORPORA)}, "
                          f"got {args.synthetic_corpus!r}")
     defaults = dict(preset="tiny", steps=1_000_000, global_batch_size=256, lr=1e-4, eval_every=1000,
                     max_latent_len=768, max_text_len=768, max_speaker_len=768, remat="save_dots", ema_decay=0.9999,
                     sample_every=20000)
     if synthetic:
-        latent_len, text_len, speaker_len = data.synthetic_lengths(args.synthetic_corpus)
+        latent_len, text_len, speaker_len = corpus.synthetic_lengths(args.synthetic_corpus)
         defaults.update(preset="demo", steps=4000, global_batch_size=32, lr=2e-3, eval_every=250,
                         max_latent_len=latent_len, max_text_len=text_len, max_speaker_len=speaker_len, remat="none",
                         ema_decay=0.99, sample_every=500)
@@ -247,7 +260,6 @@ def resolve_defaults(args):
             setattr(args, k, v)
     args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.run_dir, "checkpoints")
     args.metrics_file = args.metrics_file or os.path.join(args.run_dir, "metrics.jsonl")
-    import model
     if args.preset not in model.PRESETS:
         raise TrainError(f"--preset must be one of {', '.join(model.PRESETS)}, got {args.preset!r}")
     for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
@@ -283,12 +295,12 @@ def resolve_defaults(args):
             args.profile_range = (0, 0)
         if not 1 <= args.profile_range[0] <= args.profile_range[1]:
             raise TrainError(f"--profile_steps takes A:B with 1 <= A <= B (steps to trace), got {args.profile_steps!r}")
-    if args.resume not in ("auto", "none") and not model.checkpoint_file_exists(args.resume):
+    if args.resume not in ("auto", "none") and not checkpoint.checkpoint_file_exists(args.resume):
         raise TrainError(f"--resume {args.resume}: no such checkpoint file (a pickle of the seed's format; to "
                          "continue a run, give its --checkpoint_dir and --resume auto)")
     if args.keep_checkpoints < 0 or args.keep_period < 0:
         raise TrainError("--keep_checkpoints and --keep_period must not be negative (0: keep all, no period)")
-    if args.init_from and not model.checkpoint_file_exists(args.init_from):
+    if args.init_from and not checkpoint.checkpoint_file_exists(args.init_from):
         raise TrainError(f"--init_from {args.init_from}: no such checkpoint file")
     if args.silence_latent and not os.path.isfile(args.silence_latent):
         raise TrainError(f"--silence_latent {args.silence_latent}: no such file")
@@ -296,206 +308,10 @@ def resolve_defaults(args):
 
 
 # ----------------------------------------------------------------------------
-# Distributed setup
-
-HEARTBEAT_TIMEOUT_S = 45  # a host silent this long is lost: JAX stops the others (within 90 s in all)
-
-
-def init_distributed(timeout):
-    """Join the other hosts: a local simulated pod (ECHO_COORDINATOR, ECHO_NUM_PROCESSES,
-    ECHO_PROCESS_ID), or a TPU pod, which JAX's cluster detection finds (launch.sh sets ECHO_TPU_POD
-    on every worker; GKE sets TPU_WORKER_HOSTNAMES), then watch the others for errors (watch_peers).
-    Single-host runs skip this. Returns whether this host joined a pod."""
-    import jax
-    coordinator = os.environ.get("ECHO_COORDINATOR")
-    tpu_pod = os.environ.get("ECHO_TPU_POD") == "1" or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    if not coordinator and not tpu_pod:
-        return False
-    if coordinator:
-        # JAX aborts the process when a peer never shows up; meet on the next port first, with a
-        # deadline, so that a missing host is one clear sentence.
-        rendezvous(coordinator, int(os.environ["ECHO_NUM_PROCESSES"]), int(os.environ["ECHO_PROCESS_ID"]), timeout)
-    try:
-        if coordinator:
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-            jax.distributed.initialize(coordinator, int(os.environ["ECHO_NUM_PROCESSES"]),
-                                       int(os.environ["ECHO_PROCESS_ID"]), initialization_timeout=timeout,
-                                       heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-        else:
-            jax.distributed.initialize(initialization_timeout=timeout, heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
-    except Exception as e:
-        raise TrainError(f"could not join the other hosts within {timeout} s ({type(e).__name__}); check that "
-                         "every worker started and can reach the coordinator") from None
-    watch_peers()
-    return True
-
-
-PEER_FAILURE_KEY = "echo/failed"  # key-value store entry: the sentence of the first host that met an error
-PEER_SEEN_KEY = "echo/failure_seen/"  # + process index: that host has printed the sentence and is stopping
-# What a collective raises when a peer's connection drops (gloo on the simulated pod): a lost host,
-# not a defect of this one.
-PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer")
-leaving_pod = threading.Lock()  # held by the thread (main or watch_peers) that ends this host after an error
-
-
-def watch_peers():
-    """On a pod, end this host the moment another one reports an error (leave_pod), instead of leaving
-    it in a collective until the heartbeat timeout: a bad flag, a full disk or a damaged shard on one
-    host stops every host within seconds, each with the same sentence."""
-    from orbax.checkpoint import multihost
-    client, done = multihost.get_jax_distributed_client(), threading.Event()
-
-    def watch():
-        while not done.is_set():
-            try:
-                sentence = client.blocking_key_value_get(PEER_FAILURE_KEY, 1000)
-            except Exception as e:  # the 1 s wait ran out (look again), or the client is shutting down
-                if "DEADLINE_EXCEEDED" in str(e):
-                    continue
-                return
-            leave_pod(sentence)
-
-    thread = threading.Thread(target=watch, name="watch-peers", daemon=True)
-    thread.start()
-    # Stop the watcher before JAX shuts the client down at exit (registered later, so it runs first):
-    # a thread left waiting in the client then aborts the process.
-    atexit.register(lambda: (done.set(), thread.join()))
-
-
-def leave_pod(sentence, tell_others=False, with_traceback=False):
-    """End this host of a pod after an error: print the sentence, tell the other hosts (tell_others:
-    this host met it), wait (10 s at most) until every host has printed it, and exit without JAX's
-    shutdown barrier, which would wait for hosts that are gone. Never returns. Process 0 leaves
-    last: the coordination service lives in it, and the others' JAX clients abort them the moment
-    it goes."""
-    import jax
-    from orbax.checkpoint import multihost
-    if not leaving_pod.acquire(blocking=False):
-        time.sleep(60)  # this host's other thread is ending the process already (os._exit)
-    process = jax.process_index()
-    if with_traceback:
-        traceback.print_exc()
-    print(f"train_pretrain.py: error: {sentence}", file=sys.stderr, flush=True)
-    client = multihost.get_jax_distributed_client()
-    for key, value in (((PEER_FAILURE_KEY, f"host {process} stopped the run: {sentence}"),) if tell_others else ()) \
-            + ((PEER_SEEN_KEY + str(process), "1"),):
-        try:
-            client.key_value_set(key, value)
-        except Exception:  # another host reported first: its sentence reaches the others
-            pass
-    deadline = time.monotonic() + 10
-    for other in range(jax.process_count()):
-        try:
-            client.blocking_key_value_get(PEER_SEEN_KEY + str(other),
-                                          max(1, int((deadline - time.monotonic()) * 1000)))
-        except Exception:  # that host is gone already
-            pass
-    sys.stdout.flush()
-    if process == 0:
-        time.sleep(2)
-    os._exit(2)
-
-
-def cpu_pod():
-    """Whether this run is several processes on XLA:CPU (a simulated pod), whose programs must keep
-    every collective out of loops (model.EchoConfig.unroll_scan)."""
-    import jax
-    return jax.process_count() > 1 and jax.default_backend() == "cpu"
-
-
-def coordinator_port():
-    """A port P for a simulated pod's ECHO_COORDINATOR whose rendezvous port P + 1 is free too, below
-    Linux's ephemeral range: the kernel hands P + 1 of an ephemeral P to outgoing connections."""
-    import random
-    while True:
-        port = random.randrange(20000, 32000, 2)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
-
-
-def rendezvous(coordinator, processes, index, timeout):
-    """Every process checks in with process 0 on the coordinator's port + 1 before `timeout` s."""
-    host, port = coordinator.rsplit(":", 1)
-    address, deadline = (host, int(port) + 1), time.monotonic() + timeout
-    missing = lambda joined: f"only {joined} of {processes} hosts joined within {timeout} s; check that every " \
-                             "worker started and can reach the coordinator"
-    if index == 0:
-        with socket.socket() as server:
-            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                server.bind(address)
-            except OSError as e:
-                raise TrainError(f"cannot listen on {host}:{address[1]}, the port after ECHO_COORDINATOR's, where the "
-                                 f"hosts meet first ({e.strerror}); choose a coordinator port whose next port is free") \
-                    from None
-            server.listen(processes)
-            server.settimeout(0.5)
-            joined = set()
-            while len(joined) < processes - 1:
-                if time.monotonic() > deadline:
-                    raise TrainError(missing(len(joined) + 1))
-                try:
-                    conn, _ = server.accept()
-                except socket.timeout:
-                    continue
-                with conn:
-                    joined.add(conn.recv(16))
-                    conn.sendall(b"ok")
-        return
-    while True:
-        try:
-            with socket.create_connection(address, timeout=2) as conn:
-                conn.sendall(str(index).encode())
-                if conn.recv(2) == b"ok":
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TrainError(missing("fewer than all"))
-        time.sleep(0.5)
-
-
-def peak_flops(device_kind):
-    """Peak FLOP/s of one chip of this kind, or None for a kind not in PEAK_FLOPS (then no MFU is
-    reported rather than a wrong one)."""
-    return next((peak for name, peak in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
-
-
-def fsdp_devices(config, devices):
-    """The most devices, dividing `devices`, that split every parameter width FSDP shards ('embed')."""
-    import flax.linen as nn
-    import jax
-
-    import model as echo
-    boxed = jax.tree.leaves(echo.abstract_params(config), is_leaf=lambda x: isinstance(x, nn.Partitioned))
-    widths = {size for leaf in boxed for size, name in zip(leaf.value.shape, leaf.names) if name == "embed"}
-    return max(d for d in range(1, devices + 1) if devices % d == 0 and all(w % d == 0 for w in widths))
-
-
-def make_mesh(mesh_data, config):
-    """The (data, fsdp) mesh over every device; --mesh_data None leaves FSDP as many as fsdp_devices()."""
-    import jax
-    n = jax.device_count()
-    mesh_data = mesh_data or n // fsdp_devices(config, n)
-    if n % mesh_data:
-        raise TrainError(f"--mesh_data {mesh_data} does not divide the {n} devices")
-    auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((mesh_data, n // mesh_data), ("data", "fsdp"), axis_types=auto)
-
-
-# ----------------------------------------------------------------------------
 # The objective
 
 def stratified_timesteps(rng, batch):
     """Stratified logit-normal t over the GLOBAL batch: one uniform u and one shift m."""
-    import jax
-    import jax.numpy as jnp
-    from jax.scipy.special import ndtri
     ru, rm = jax.random.split(rng)
     u = jax.random.uniform(ru, ())
     m = jax.random.randint(rm, (), 0, batch)
@@ -507,21 +323,20 @@ def primer_steps(args):
     """How many first steps of a synthetic run train on its corpus's primer (0: none, or real data)."""
     if getattr(args, "data", None) != "synthetic" or getattr(args, "aot_topology", None):
         return 0
-    corpus = data.SYNTHETIC_CORPORA[args.synthetic_corpus]
-    return int(corpus.primer_fraction * args.steps) if corpus.primer else 0
+    chosen = corpus.SYNTHETIC_CORPORA[args.synthetic_corpus]
+    return int(chosen.primer_fraction * args.steps) if chosen.primer else 0
 
 
-def stage_lengths(args, corpus):
-    """(max_latent_len, max_text_len, max_speaker_len) of a synthetic stage: its corpus's own where the
-    run keeps its corpus's lengths, else the run's for every stage."""
+def stage_lengths(args, which):
+    """(max_latent_len, max_text_len, max_speaker_len) of the synthetic stage on corpus `which`: its
+    own where the run keeps its corpus's lengths, else the run's for every stage."""
     run = (args.max_latent_len, args.max_text_len, args.max_speaker_len)
-    return data.synthetic_lengths(corpus) if run == data.synthetic_lengths(args.synthetic_corpus) else run
+    return corpus.synthetic_lengths(which) if run == corpus.synthetic_lengths(args.synthetic_corpus) else run
 
 
 def make_optimizer(args):
     """AdamW with warm-up and cosine decay; a run with a primer (data stages) restarts both at the
     switch, and restart_moments gives Adam fresh moments there."""
-    import optax
 
     def warmup_cosine(steps):
         warmup = max(int(args.warmup_frac * steps), 1)
@@ -531,7 +346,6 @@ def make_optimizer(args):
                 if primed else warmup_cosine(args.steps))
 
     def decay_mask(params):
-        from flax.traverse_util import path_aware_map
         no_decay = re.compile(r"(bias|norm|adaln|cond_dense_global|wgate)")
         return path_aware_map(lambda path, _: not no_decay.search("/".join(path)), params)
 
@@ -543,8 +357,6 @@ def make_optimizer(args):
 def restart_moments(tx, opt_state, params):
     """The optimizer state of a new data stage: Adam's moments and step count as at the start (its
     bias correction starts over), while the schedule's count runs on into the stage's own warm-up."""
-    import jax
-    import optax
     kept = lambda node: isinstance(node, optax.ScaleByScheduleState)
     return jax.tree.map(lambda fresh, old: old if kept(fresh) else fresh, tx.init(params), opt_state, is_leaf=kept)
 
@@ -557,22 +369,15 @@ def flow_matching_pair(x0, noise, t):
 
 def cfg_dropout(rng, batch):
     """Which samples keep their text and their speaker: each dropped with probability 0.1, independently."""
-    import jax
-    import jax.numpy as jnp
     r_text, r_spk = jax.random.split(rng)
     keep_text = (jax.random.uniform(r_text, (batch,)) >= 0.1).astype(jnp.int32)
     keep_spk = (jax.random.uniform(r_spk, (batch,)) >= 0.1).astype(jnp.int32)
     return keep_text, keep_spk
 
 
-def build_train_step(model, tx, args):
+def build_train_step(module, tx, args):
     """(state, batch) -> (state, metrics). state = {params, opt_state, step}; all randomness from
     fold_in(seed, step). Non-finite steps leave params and moments untouched."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    import model as echo
     accum = args.grad_accum
 
     def step_fn(state, batch):
@@ -590,8 +395,8 @@ def build_train_step(model, tx, args):
         norm = x0.size * valid_fraction
 
         def micro_loss(params, micro):
-            pred = model.apply({"params": params}, micro["x"], micro["t"], micro["text_ids"], micro["text_mask"],
-                               micro["speaker_latent"], micro["speaker_mask"])
+            pred = module.apply({"params": params}, micro["x"], micro["t"], micro["text_ids"], micro["text_mask"],
+                                micro["speaker_latent"], micro["speaker_mask"])
             per_sample = jnp.sum((pred - micro["target"]) ** 2, axis=(1, 2))
             return jnp.sum(per_sample) / norm, per_sample
 
@@ -606,7 +411,7 @@ def build_train_step(model, tx, args):
                 return jax.tree.map(jnp.add, carry, (l, g)), ps
 
             zeros = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state["params"]))
-            (loss, grads), per_sample = jax.lax.scan(body, zeros, micro, unroll=echo.scan_unroll(model.config, accum))
+            (loss, grads), per_sample = jax.lax.scan(body, zeros, micro, unroll=model.scan_unroll(module.config, accum))
             per_sample = per_sample.reshape(b)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -632,11 +437,9 @@ def build_train_step(model, tx, args):
     return step_fn
 
 
-def build_eval_loss(model, args):
+def build_eval_loss(module, args):
     """Loss on held-out batch `index` of --eval_batches, with fixed t (evenly spaced over all of
     them) and fixed noise: the same number for the same params, a meaningful curve."""
-    import jax
-    import jax.numpy as jnp
 
     def eval_fn(params, batch, index):
         x0 = batch["latent"]
@@ -645,50 +448,62 @@ def build_eval_loss(model, args):
         noise_key = jax.random.fold_in(jax.random.key(args.seed + 12345), index)
         noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
         x_t, target = flow_matching_pair(x0, noise, t)
-        pred = model.apply({"params": params}, x_t, t, batch["text_ids"], batch["text_mask"],
-                           batch["speaker_latent"], batch["speaker_mask"])
+        pred = module.apply({"params": params}, x_t, t, batch["text_ids"], batch["text_mask"],
+                            batch["speaker_latent"], batch["speaker_mask"])
         valid_fraction = jnp.maximum(jnp.mean(batch["latent_mask"].astype(jnp.float32)), 1e-6)
         return jnp.mean((pred - target) ** 2) / valid_fraction
 
     return eval_fn
 
 
-def fixed_batches(trainer, args, source, split, count, flag, open_shards=None):
-    """The first `count` global batches of a source, read alike on every host (validation sets,
-    audio-sample references)."""
-    config = dataclasses.replace(trainer.data_config, source=source, batch_size=args.global_batch_size,
-                                 process_index=0, process_count=1, split=split,
-                                 open_shards=open_shards or trainer.data_config.open_shards)
-    try:
-        pipeline = data.Pipeline(config)
-    except data.DataError as e:
-        raise TrainError(f"{flag}: {e}") from None
-    try:
-        batches = [next(pipeline) for _ in range(count)]
-        return [{k: v for k, v in b.items() if isinstance(v, np.ndarray)} for b in batches]
-    finally:
-        pipeline.close()
-
-
 # ----------------------------------------------------------------------------
-# Checkpoints. Under --checkpoint_dir (gs://BUCKET/PATH, or a directory every host sees):
-#   step_XXXXXXX/            orbax: `state` (every host writes its own shards, in the background)
-#                            and `meta` (JSON: every host's data position, samples seen, config, flags)
-#   step_XXXXXXX.params.pkl  the weights in the seed's pickle format, for inference.py
-#   run_flags.json           the flags the run started with (restore_flags)
+# Setup: the model, mesh, optimizer and state layout, one bundle shared by training and AOT compiles
 
-CHECKPOINT_BUFFER_GB = 2  # orbax's bound on the host memory a save or restore holds at once
+def peak_flops(device_kind):
+    """Peak FLOP/s of one chip of this kind, or None for a kind not in PEAK_FLOPS (then no MFU is
+    reported rather than a wrong one)."""
+    return next((peak for name, peak in PEAK_FLOPS if name.lower() in device_kind.lower()), None)
+
+
+def model_config(args, backend):
+    """The preset with the run's dtype (default bfloat16 on TPU) and remat. A simulated pod (several
+    CPU processes, gloo) unrolls every loop that holds collectives (model.EchoConfig.unroll_scan),
+    where that costs little memory."""
+    dtype = args.dtype or ("bfloat16" if backend == "tpu" else "float32")
+    config = dataclasses.replace(model.PRESETS[args.preset], dtype=dtype, remat=args.remat)
+    if not pod.cpu_pod() or backend != "cpu":
+        return config
+    if model.count_params(config) <= UNROLL_MAX_PARAMS:
+        log.info("simulated pod on CPU: layer scans unrolled, every collective in program order (see README, "
+                 "'Training on a TPU pod')")
+        return dataclasses.replace(config, unroll_scan=True)
+    log.warning("simulated pod on CPU: the %s preset keeps its layer scans (unrolled, its step needs about twice the "
+                "memory), and XLA:CPU may then call collectives in a different order on each host (see README, "
+                "'Training on a TPU pod')", args.preset)
+    return config
+
+
+def fsdp_devices(config, devices):
+    """The most devices, dividing `devices`, that split every parameter width FSDP shards ('embed')."""
+    boxed = jax.tree.leaves(model.abstract_params(config), is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    widths = {size for leaf in boxed for size, name in zip(leaf.value.shape, leaf.names) if name == "embed"}
+    return max(d for d in range(1, devices + 1) if devices % d == 0 and all(w % d == 0 for w in widths))
+
+
+def make_mesh(mesh_data, config, devices):
+    """The (data, fsdp) mesh over `devices`; --mesh_data None leaves FSDP as many as fsdp_devices()."""
+    n = len(devices)
+    mesh_data = mesh_data or n // fsdp_devices(config, n)
+    if n % mesh_data:
+        raise TrainError(f"--mesh_data {mesh_data} does not divide the {n} devices")
+    return jax.make_mesh((mesh_data, n // mesh_data), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                         devices=devices)
 
 
 def state_layout(config, tx, mesh, rules, ema):
     """(abstract train state, its shardings): params (and the float32 EMA weights) sharded by the
     model's logical axes, Adam moments like their params, counters replicated."""
-    import flax.linen as nn
-    import jax
-    import optax
-
-    import model as echo
-    abstract = echo.abstract_params(config)
+    abstract = model.abstract_params(config)
     params = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_state = jax.eval_shape(tx.init, nn.unbox(abstract))
@@ -702,397 +517,248 @@ def state_layout(config, tx, mesh, rules, ema):
     return state, shardings
 
 
-def checkpoint_manager(directory, keep=0, keep_period=0):
-    """The orbax manager of a checkpoint directory. It removes the temporary directories of
-    interrupted saves when it opens, and keeps the newest `keep` checkpoints (0: all) plus every
-    `keep_period`-th step."""
-    import orbax.checkpoint as ocp
-    # One zarr array per leaf (no OCDBT): every host writes its own chunk objects and nothing is
-    # updated in place, so any store that can write an object serves (OCDBT's shared manifest needs
-    # conditional writes, which the Cloud Storage emulator of the tests lacks). A few hundred leaves
-    # make a few thousand objects per checkpoint on a v4-64.
-    handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=CHECKPOINT_BUFFER_GB,
-                                                       restore_concurrent_gb=CHECKPOINT_BUFFER_GB, use_ocdbt=False),
-                "meta": ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, keep_period=keep_period or None,
-                                           step_prefix="step", step_format_fixed_length=7,
-                                           cleanup_tmp_directories=True, enable_async_checkpointing=True)
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+def batch_specs(args, sharding):
+    """The global batch the step takes, as ShapeDtypeStructs (what the pipeline's arrays become)."""
+    b, latent, text, speaker = args.global_batch_size, args.max_latent_len, args.max_text_len, args.max_speaker_len
+    shapes = {"latent": ((b, latent, data.LATENT_SIZE), np.float32), "latent_mask": ((b, latent), np.int32),
+              "text_ids": ((b, text), np.int32), "text_mask": ((b, text), np.int32),
+              "speaker_latent": ((b, speaker, data.LATENT_SIZE), np.float32), "speaker_mask": ((b, speaker), np.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
-def write_atomically(path, write):
-    """write(binary file) for a local path through a temporary file and a rename; on gs:// an object
-    only appears once its upload completes, so it is written in place."""
-    from etils import epath
-    if "://" in path:
-        with epath.Path(path).open("wb") as f:
-            write(f)
-        return
+@dataclasses.dataclass
+class Setup:
+    """What a run compiles: the model and its mesh, the optimizer, the train state's layout
+    (`abstract_state`: ShapeDtypeStructs carrying their shardings) and the jitted step. Training
+    calls `train_step`; the AOT compile lowers the same one for a TPU topology."""
+    config: model.EchoConfig
+    module: model.EchoDiT
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    schedule: object
+    abstract_state: dict
+    state_shardings: dict
+    batch_sharding: jax.sharding.NamedSharding
+    train_step: object
 
-    def to_file(tmp):
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    data.atomic_write(path, to_file)
+    @property
+    def replicated(self):
+        return self.state_shardings["step"]
 
-
-def write_json(path, payload):
-    """A small JSON file, never half written."""
-    text = json.dumps(payload, indent=1, sort_keys=True).encode()
-    write_atomically(path, lambda f: f.write(text))
-
-
-def read_json(path):
-    from etils import epath
-    return json.loads(epath.Path(path).read_text())
-
-
-def dict_leaves(tree):
-    """The leaves of nested dicts in insertion order: the order pickle writes them in."""
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from dict_leaves(value)
-    else:
-        yield tree
+    @contextlib.contextmanager
+    def sharding(self):
+        """The mesh and the logical axis rules every traced function of the run sees."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
 
 
-class StreamingPickler(pickle.Pickler):
-    """Pickles a tree whose array leaves are fetched as numpy one at a time, when pickle reaches
-    them (`fetch(leaf)`: the numpy array, or None for an ordinary object), so that only one whole
-    array is ever on the host. Fast mode keeps no memo, which would hold every array until the end."""
-
-    def __init__(self, file, fetch):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.fast = True
-        self.fetch = fetch
-
-    def reducer_override(self, obj):
-        array = self.fetch(obj)
-        return NotImplemented if array is None else np.asarray(array).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+def setup_training(args, devices, backend):
+    config = model_config(args, backend)
+    mesh = make_mesh(args.mesh_data, config, devices)
+    module, rules = model.EchoDiT(config), model.logical_axis_rules()
+    tx, schedule = make_optimizer(args)
+    abstract, shardings = state_layout(config, tx, mesh, rules, args.ema_decay > 0)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    train_step = jax.jit(build_train_step(module, tx, args), in_shardings=(shardings, batch_sharding),
+                         out_shardings=(shardings, shardings["step"]), donate_argnums=(0,))
+    return Setup(config, module, mesh, rules, tx, schedule, abstract, shardings, batch_sharding, train_step)
 
 
-def gathered(obj):
-    """A sharded jax array as a whole numpy array (a collective: every process must join)."""
-    import jax
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(obj, tiled=True) if isinstance(obj, jax.Array) else None
+# ----------------------------------------------------------------------------
+# Data: every host streams its own shards, in stages
+
+@dataclasses.dataclass
+class DataPlan:
+    """The run's data: `stages` [(first step, data.DataConfig)] (a synthetic corpus with a primer
+    trains on it first), the held-out source for val_loss (None: none) and the silence frames
+    targets are padded with."""
+    stages: list
+    eval_source: str
+    eval_split: str
+    silence_latent: np.ndarray
+    listings: dict  # source -> data.Listing: every source's shards, listed once, handed to every pipeline
+
+    def stage(self, step):
+        """The index of the stage that the batch of `step` (0-based) comes from."""
+        return max(i for i, (first, _) in enumerate(self.stages) if first <= step)
+
+    @property
+    def config(self):
+        """The main stage's data config (the last)."""
+        return self.stages[-1][1]
 
 
-def export_weights(path, state, about, process):
-    """The weights-only pickle of the seed's format ({"params", "step", ...} with the EMA weights and
-    what inference needs), gathered one array at a time. Every process must call it."""
-    import flax.serialization
-    from jax.experimental import multihost_utils
-    trees = {key: flax.serialization.to_state_dict(state[key]) for key in ("params", "ema_params") if key in state}
-    if process != 0:  # join process 0's gathers, in the order its pickler reaches the arrays
-        for leaf in dict_leaves(trees):
-            multihost_utils.process_allgather(leaf, tiled=True)
-        return
-    write_atomically(path, lambda f: StreamingPickler(f, gathered).dump({**trees, **about}))
+def write_synthetic_corpora(args, process, processes):
+    """The synthetic corpus of --data synthetic, its held-out split and its primer, written for this
+    host under --run_dir (no shared disk needed) unless there already: (source, held-out, primer)."""
+    chosen = corpus.SYNTHETIC_CORPORA[args.synthetic_corpus]
+    name = lambda which: os.path.join(args.run_dir, f"synthetic-{which}-{args.seed}-{process}")
+    source, held_out, primer = name(args.synthetic_corpus), name(args.synthetic_corpus) + "-held-out", None
+    corpora = [(source, args.synthetic_corpus, False, max(chosen.shards, processes)),
+               (held_out, args.synthetic_corpus, True, 1)]
+    if primer_steps(args):
+        primer = name(chosen.primer)
+        corpora.append((primer, chosen.primer, False, max(corpus.SYNTHETIC_CORPORA[chosen.primer].shards,
+                                                          processes)))
+    for directory, which, is_held_out, shards in corpora:
+        if not os.path.exists(os.path.join(directory, "silence_latent.npy")):
+            corpus.make_synthetic(directory, shards=shards, samples_per_shard=512, seed=args.seed, corpus=which,
+                                  held_out=is_held_out)
+    return source, held_out, primer
 
 
-def gather_json(value):
-    """A small JSON-able value from every process, as a list (one collective)."""
-    from jax.experimental import multihost_utils
-    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(encoded)], np.int64))).reshape(-1)
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:len(encoded)] = encoded
-    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
-    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]
+def plan_data(args, process, processes):
+    source, eval_source, eval_split, silence, primer = args.data, args.eval_data, "all", args.silence_latent, None
+    if args.data == "synthetic":
+        source, held_out, primer = write_synthetic_corpora(args, process, processes)
+        eval_source, silence = eval_source or held_out, os.path.join(source, "silence_latent.npy")
+    config = data.DataConfig(
+        source=source, batch_size=args.global_batch_size // processes, seed=args.seed,
+        max_latent_len=args.max_latent_len, max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len,
+        silence_latent=silence, process_index=process, process_count=processes,
+        accept_data_change=args.accept_data_change)
+    stages = [(0, config)]
+    if primer:
+        latent_len, text_len, speaker_len = stage_lengths(args, corpus.SYNTHETIC_CORPORA[
+            args.synthetic_corpus].primer)
+        stages = [(0, dataclasses.replace(config, source=primer, max_latent_len=latent_len, max_text_len=text_len,
+                                          max_speaker_len=speaker_len)), (primer_steps(args), config)]
+    try:
+        sources = data.parse_sources(source)
+        listings = {each: data.list_source(each) for _, config in stages for each, _ in data.parse_sources(
+            config.source)}
+        for each, _ in sources:
+            listings[each].split("train")
+        if eval_source is None and args.data != "synthetic":
+            with_val = [(s, w) for s, w in sources if listings[s].has("val")]
+            if with_val:
+                eval_source, eval_split = ",".join(f"{s}:{w}" for s, w in with_val), "val"
+                log.info("val_loss on the validation split of %s", ", ".join(s for s, _ in with_val))
+        silence_latent = data.load_silence(silence, min(args.max_latent_len, 250)).astype(np.float16)
+    except data.DataError as e:
+        raise TrainError(str(e)) from None
+    return DataPlan(stages, eval_source, eval_split, silence_latent, listings)
 
 
-def agree(ok, processes):
-    """The indices of the processes whose `ok` is False (one collective; [] on a single host)."""
-    if processes == 1:
-        return [] if ok else [0]
-    from jax.experimental import multihost_utils
-    every = np.asarray(multihost_utils.process_allgather(np.asarray([ok]))).reshape(-1)
-    return [int(i) for i in np.flatnonzero(~every)]
+def fixed_batches(plan, args, source, split, count, flag, listings, open_shards=None):
+    """The first `count` global batches of a source, read alike on every host (validation sets,
+    audio-sample references), from the shards `listings` pinned where they name the source."""
+    config = dataclasses.replace(plan.config, source=source, batch_size=args.global_batch_size, process_index=0,
+                                 process_count=1, split=split, open_shards=open_shards or plan.config.open_shards)
+    try:
+        pipeline = data.Pipeline(config, listings=listings)
+    except data.DataError as e:
+        raise TrainError(f"{flag}: {e}") from None
+    try:
+        batches = [next(pipeline) for _ in range(count)]
+        return [{k: v for k, v in b.items() if isinstance(v, np.ndarray)} for b in batches]
+    finally:
+        pipeline.close()
 
 
-def check_shared_directory(directory, process, processes):
-    """Every host must see the same checkpoint directory (gs://, or a shared mount): process 0 writes
-    a token into it and every host looks for it, before anything compiles."""
-    from etils import epath
-    from jax.experimental import multihost_utils
-    token = np.frombuffer(os.urandom(8), np.uint8) if process == 0 else np.zeros(8, np.uint8)
-    token = bytes(np.asarray(multihost_utils.broadcast_one_to_all(token)).astype(np.uint8)).hex()
-    marker = epath.Path(directory) / f".hosts-{token}"
-    if process == 0:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(token)
-    multihost_utils.sync_global_devices("checkpoint directory written")
-    blind = agree(marker.exists(), processes)
-    multihost_utils.sync_global_devices("checkpoint directory checked")
-    if process == 0:
-        marker.unlink()
-    if blind:
-        raise TrainError(f"host(s) {', '.join(map(str, blind))} do not see process 0's --checkpoint_dir {directory}: "
-                         "every host must write to the same place; use gs://BUCKET/PATH or a directory on a "
-                         "shared mount (NFS, Filestore)")
+def global_batch(setup, args, local):
+    """This host's rows -> the global batch, sharded over the mesh (no host sees the others' rows)."""
+    return {k: jax.make_array_from_process_local_data(setup.batch_sharding, v, (args.global_batch_size,) + v.shape[1:])
+            for k, v in local.items() if isinstance(v, np.ndarray)}  # not the keys/sources lists
 
 
-def save_checkpoint(manager, trainer, state, step, data_state, samples_seen, export=True):
-    """Every process joins. Orbax copies this host's shards off the devices and writes them in the
-    background; with `export`, the weights-only pickle follows (synchronously). Returns the seconds
-    training waited for the sharded save and for the export."""
-    import orbax.checkpoint as ocp
-
-    import model as echo
-    args = trainer.args
-    started = time.perf_counter()
-    meta = {"step": step, "samples_seen": samples_seen, "data_states": gather_json(data_state),
-            "flags": run_flags(args), **trainer.about(json_safe=True)}
-    try:  # also raises what the background write of the previous checkpoint met (a full disk, say)
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)), force=True)
-    except Exception as e:
-        raise TrainError(f"writing a checkpoint to {args.checkpoint_dir} failed ({type(e).__name__}: "
-                         f"{str(e)[:200]}); free space there or fix its permissions, then rerun to resume "
-                         "from the last complete checkpoint") from None
-    sharded = time.perf_counter() - started
-    if export:
-        export_weights(echo.export_path(args.checkpoint_dir, step), state, {"step": step, **trainer.about()},
-                       trainer.process)
-    if trainer.process == 0:
-        write_json(os.path.join(args.checkpoint_dir, RUN_FLAGS_FILE), run_flags(args))
-        prune_exports(args.checkpoint_dir, manager.all_steps())
-    return sharded, time.perf_counter() - started - sharded
-
-
-def prune_exports(directory, kept_steps):
-    """Remove the weights-only exports of checkpoints orbax has pruned."""
-    from etils import epath
-    for path in epath.Path(directory).glob("step_*.params.pkl"):
-        m = re.fullmatch(r"step_(\d{7})\.params\.pkl", path.name)
-        if m and int(m.group(1)) not in kept_steps:
-            path.unlink(missing_ok=True)
-
-
-def restore_checkpoint(manager, trainer):
-    """The newest readable checkpoint, each host reading only its own shards straight onto its
-    devices: (state, meta), or None when the directory holds none. An unreadable newest one gives a
-    warning and the one before it is tried; every host takes the same decision."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    import model as echo
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            trainer.abstract_state, trainer.state_shardings)
-    steps = sorted(manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-        error = None
-        try:
-            saved = manager.item_metadata(step)["state"]
-            target = dict(abstract)
-            if "ema_params" in target and "ema_params" not in saved:
-                del target["ema_params"]
-                log.warning("checkpoint %d holds no EMA weights: they start from its params", step)
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                     meta=ocp.args.JsonRestore()))
-        except Exception as e:  # a damaged checkpoint raises whatever its reader meets
-            error = f"{type(e).__name__}: {str(e)[:200]}"
-        failed = agree(error is None, trainer.processes)
-        if not failed:
-            state = dict(restored["state"])
-            if "ema_params" in abstract and "ema_params" not in state:
-                state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
-            return state, restored["meta"]
-        path = echo.step_path(str(manager.directory), step)
-        where = error or f"unreadable on host(s) {', '.join(map(str, failed))}"
-        if i + 1 == len(steps):
-            raise TrainError(f"no checkpoint in {manager.directory} is readable (the oldest, {path}: {where}); "
-                             "restore them, or start a new run in another --checkpoint_dir")
-        log.warning("checkpoint %s is unreadable (%s): resuming from step %d instead", path, where, steps[i + 1])
-        set_aside(manager, step, trainer.process, trainer.processes)
+def data_position(data_states, seed):
+    """This host's data position among those a checkpoint holds (one per host that wrote it)."""
+    if data_states and len(data_states) == jax.process_count():
+        return data_states[jax.process_index()]
+    log.warning("the checkpoint holds the data positions of %d host(s), this run has %d: every host's data stream "
+                "starts again from the beginning of its epoch order (seed %d), so some samples repeat",
+                len(data_states or []), jax.process_count(), seed)
     return None
 
 
-def set_aside(manager, step, process, processes):
-    """Rename an unreadable checkpoint (and its export) to STEP_DIR.unreadable-TIME, out of the way of
-    the step that will be saved again under its name (and of pruning, which would count it); nothing
-    is deleted."""
-    from etils import epath
-    from jax.experimental import multihost_utils
+# ----------------------------------------------------------------------------
+# The state a run starts from
 
-    import model as echo
-    path, export = echo.step_path(str(manager.directory), step), echo.export_path(str(manager.directory), step)
-    aside = f"{path}.unreadable-{int(time.time())}"
-    error = None
-    if process == 0:
-        try:
-            epath.Path(path).rename(aside)
-            if epath.Path(export).exists():
-                epath.Path(export).rename(aside + ".params.pkl")
-            log.warning("moved the unreadable checkpoint to %s", aside)
-        except OSError as e:
-            error = str(e)
-    if processes > 1:
-        multihost_utils.sync_global_devices("unreadable checkpoint set aside")
-    if agree(error is None, processes):
-        raise TrainError(f"cannot move the unreadable checkpoint {path} aside ({error or 'on process 0'}); move or "
-                         "remove it, then restart")
-    manager.reload()
+def about(setup, plan, args, json_safe=False):
+    """What inference needs besides the weights: the config, the trained lengths, and the silence
+    the model learned to end speech with (trailing-silence trimming)."""
+    silence = plan.silence_latent.tolist() if json_safe else plan.silence_latent
+    return {"config": dataclasses.asdict(setup.config), "silence_latent": silence,
+            "max_lengths": {k: getattr(args, k) for k in ("max_latent_len", "max_text_len", "max_speaker_len")}}
 
 
-class Trainer:
-    """What one host knows about the run: model, mesh, optimizer, data sources, state layout."""
-
-    def __init__(self, args):
-        import jax
-
-        import model as echo
-
-        self.args = args
-        self.process = jax.process_index()
-        self.processes = jax.process_count()
-        log.info("host %s is process %d of %d (%d local / %d global devices)", socket.gethostname(),
-                 self.process, self.processes, jax.local_device_count(), jax.device_count())
-        if args.global_batch_size % self.processes:
-            raise TrainError(f"--global_batch_size {args.global_batch_size} must split evenly over "
-                             f"{self.processes} hosts")
-        dtype = args.dtype or ("bfloat16" if jax.default_backend() == "tpu" else "float32")
-        config = dataclasses.replace(echo.PRESETS[args.preset], dtype=dtype, remat=args.remat)
-        # A simulated pod (several CPU processes, gloo) unrolls every loop that holds collectives
-        # (model.EchoConfig.unroll_scan), where that costs little memory.
-        simulated_pod = cpu_pod()
-        if simulated_pod and echo.count_params(config) <= UNROLL_MAX_PARAMS:
-            config = dataclasses.replace(config, unroll_scan=True)
-            log.info("simulated pod on CPU: layer scans unrolled, every collective in program order (see README, "
-                     "'Training on a TPU pod')")
-        elif simulated_pod:
-            log.warning("simulated pod on CPU: the %s preset keeps its layer scans (unrolled, its step needs about "
-                        "twice the memory), and XLA:CPU may then call collectives in a different order on each "
-                        "host (see README, 'Training on a TPU pod')", args.preset)
-        self.config = config
-        self.model = echo.EchoDiT(self.config)
-        self.mesh = make_mesh(args.mesh_data, self.config)
-        self.rules = echo.logical_axis_rules()
-        self.tx, self.schedule = make_optimizer(args)
-
-        # Data: every host streams its own shards.
-        self.source, self.eval_source, silence = args.data, args.eval_data, args.silence_latent
-        primed = primer_steps(args)
-        if args.data == "synthetic":
-            # Each host writes its own copy (no shared disk needed), and the held-out split beside it.
-            corpus = data.SYNTHETIC_CORPORA[args.synthetic_corpus]
-            name = lambda which: os.path.join(args.run_dir, f"synthetic-{which}-{args.seed}-{self.process}")
-            self.source, self.eval_source = name(args.synthetic_corpus), self.eval_source or \
-                name(args.synthetic_corpus) + "-held-out"
-            corpora = [(self.source, args.synthetic_corpus, False, max(corpus.shards, self.processes)),
-                       (name(args.synthetic_corpus) + "-held-out", args.synthetic_corpus, True, 1)]
-            if primed:
-                shards = max(data.SYNTHETIC_CORPORA[corpus.primer].shards, self.processes)
-                corpora.append((name(corpus.primer), corpus.primer, False, shards))
-            for directory, which, held_out, shards in corpora:
-                if not os.path.exists(os.path.join(directory, "silence_latent.npy")):
-                    data.make_synthetic(directory, shards=shards, samples_per_shard=512, seed=args.seed,
-                                        corpus=which, held_out=held_out)
-            silence = os.path.join(self.source, "silence_latent.npy")
-        self.data_config = data.DataConfig(
-            source=self.source, batch_size=args.global_batch_size // self.processes, seed=args.seed,
-            max_latent_len=args.max_latent_len, max_text_len=args.max_text_len, max_speaker_len=args.max_speaker_len,
-            silence_latent=silence, process_index=self.process, process_count=self.processes,
-            accept_data_change=args.accept_data_change)
-        # Data stages, (first step, data config): a synthetic corpus with a primer trains on it first.
-        self.data_stages = [(0, self.data_config)]
-        if primed:
-            latent_len, text_len, speaker_len = stage_lengths(args, corpus.primer)
-            self.data_stages = [(0, dataclasses.replace(self.data_config, source=name(corpus.primer),
-                                                        max_latent_len=latent_len, max_text_len=text_len,
-                                                        max_speaker_len=speaker_len)),
-                                (primed, self.data_config)]
-        self.eval_split = "all"  # an --eval_data source is read whole
-        try:
-            sources = data.parse_sources(self.source)
-            for source, _ in sources:
-                data.list_shards(source, "train")
-            if self.eval_source is None and args.data != "synthetic":
-                with_val = [(s, w) for s, w in sources if data.has_split(s, "val")]
-                if with_val:
-                    self.eval_source = ",".join(f"{s}:{w}" for s, w in with_val)
-                    self.eval_split = "val"
-                    log.info("val_loss on the validation split of %s", ", ".join(s for s, _ in with_val))
-            self.silence_latent = data.load_silence(silence, min(args.max_latent_len, 250)).astype(np.float16)
-        except data.DataError as e:
-            raise TrainError(str(e)) from None
-
-        self.abstract_state, self.state_shardings = state_layout(self.config, self.tx, self.mesh, self.rules,
-                                                                 args.ema_decay > 0)
-        self.param_shardings = self.state_shardings["params"]
-        self.replicated = self.state_shardings["step"]
-        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-
-    def about(self, json_safe=False):
-        """What inference needs besides the weights: the config, the trained lengths, and the silence
-        the model learned to end speech with (trailing-silence trimming)."""
-        silence = self.silence_latent.tolist() if json_safe else self.silence_latent
-        return {"config": dataclasses.asdict(self.config), "silence_latent": silence,
-                "max_lengths": {k: getattr(self.args, k) for k in ("max_latent_len", "max_text_len", "max_speaker_len")}}
-
-    def init_state(self):
-        import flax.linen as nn
-        import jax
-        import jax.numpy as jnp
-
-        import model as echo
-
-        def init():
-            params = nn.unbox(echo.init_params(self.config, jax.random.key(self.args.seed)))
-            state = {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
-            if self.args.ema_decay > 0:
-                state["ema_params"] = params
-            return state
-
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return jax.jit(init, out_shardings=self.state_shardings)()
-
-    def state_from_numpy(self, params, opt_state, step, ema_params=None):
-        """Host numpy trees -> the sharded train state, one array at a time: each device receives only
-        its shards. A fresh optimizer where opt_state is None; EMA weights start from the params
-        where none are given."""
-        import flax.serialization
-        import jax
-        opt_template = jax.eval_shape(self.tx.init, params)
-        opt_state = flax.serialization.from_state_dict(opt_template, opt_state) if opt_state is not None \
-            else self.tx.init(params)
-        put = lambda tree, shardings: jax.tree.map(
-            lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]), tree, shardings)
-        state = {"params": put(params, self.param_shardings),
-                 "opt_state": put(opt_state, self.state_shardings["opt_state"]),
-                 "step": put(np.asarray(step, np.int32), self.replicated)}
-        if self.args.ema_decay > 0:
-            state["ema_params"] = put(params if ema_params is None else ema_params, self.param_shardings)
+def init_state(setup, seed):
+    def init():
+        params = nn.unbox(model.init_params(setup.config, jax.random.key(seed)))
+        state = {"params": params, "opt_state": setup.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        if "ema_params" in setup.abstract_state:
+            state["ema_params"] = params
         return state
 
-    def data_stage(self, step):
-        """The index of the data stage that the batch of `step` (0-based) comes from."""
-        return max(i for i, (first, _) in enumerate(self.data_stages) if first <= step)
+    return jax.jit(init, out_shardings=setup.state_shardings)()
 
-    def data_position(self, data_states):
-        """This host's data position among those a checkpoint holds (one per host that wrote it)."""
-        if data_states and len(data_states) == self.processes:
-            return data_states[self.process]
-        log.warning("the checkpoint holds the data positions of %d host(s), this run has %d: every host's data "
-                    "stream starts again from the beginning of its epoch order (seed %d), so some samples repeat",
-                    len(data_states or []), self.processes, self.args.seed)
-        return None
 
-    def read_pickle(self, path):
-        """A checkpoint pickle of the seed's format, read by every host (each keeps it in RAM only
-        until its own shards are on its devices); any host that cannot read it stops them all."""
-        import model as echo
-        try:
-            payload, error = echo.load_checkpoint_file(path), None
-        except echo.CheckpointError as e:
-            payload, error = None, str(e)
-        failed = agree(error is None, self.processes)
-        if failed:
-            raise TrainError(error or f"{path} is unreadable on host(s) {', '.join(map(str, failed))}: put it "
-                             "where every host can read it")
-        return payload
+def state_from_numpy(setup, params, opt_state, step, ema_params=None):
+    """Host numpy trees -> the sharded train state, one array at a time: each device receives only
+    its shards. A fresh optimizer where opt_state is None; EMA weights start from the params where
+    none are given."""
+    opt_template = jax.eval_shape(setup.tx.init, params)
+    opt_state = flax.serialization.from_state_dict(opt_template, opt_state) if opt_state is not None \
+        else setup.tx.init(params)
+    put = lambda tree, shardings: jax.tree.map(
+        lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]), tree, shardings)
+    state = {"params": put(params, setup.state_shardings["params"]),
+             "opt_state": put(opt_state, setup.state_shardings["opt_state"]),
+             "step": put(np.asarray(step, np.int32), setup.replicated)}
+    if "ema_params" in setup.abstract_state:
+        state["ema_params"] = put(params if ema_params is None else ema_params, setup.state_shardings["params"])
+    return state
+
+
+def read_pickle(path):
+    """A checkpoint pickle of the seed's format, read by every host (each keeps it in RAM only until
+    its own shards are on its devices); any host that cannot read it stops them all."""
+    try:
+        payload, error = checkpoint.load_checkpoint_file(path), None
+    except checkpoint.CheckpointError as e:
+        payload, error = None, str(e)
+    failed = pod.failed_hosts(error is None)
+    if failed:
+        raise TrainError(error or f"{path} is unreadable on host(s) {', '.join(map(str, failed))}: put it where "
+                         "every host can read it")
+    return payload
+
+
+def start_state(args, setup, manager, metrics):
+    """The train state a run starts from: the newest checkpoint in --checkpoint_dir (--resume auto),
+    a pickle of the seed's format (--resume PATH), the weights of --init_from with a fresh optimizer,
+    or a fresh init. Returns (state, the data positions of the hosts that wrote the checkpoint (None:
+    a new stream), samples seen)."""
+    if args.resume == "auto":
+        restored = checkpoint.restore_newest(manager, setup.abstract_state)
+        if restored is not None:
+            state, meta = restored
+            log.info("resumed from step %d in %s", meta["step"], args.checkpoint_dir)
+            metrics.write(event="resumed", step=meta["step"])
+            for change in args.flag_changes:
+                metrics.write(event="flag_changed", step=meta["step"], **change)
+            return state, meta.get("data_states") or [], meta["samples_seen"]
+    elif args.resume != "none":
+        payload = read_pickle(args.resume)
+        params = checkpoint.params_from_checkpoint(payload, setup.config, args.resume)
+        ema = checkpoint.params_from_checkpoint(payload, setup.config, args.resume, key="ema_params") \
+            if "ema_params" in payload and args.ema_decay > 0 else None
+        state = state_from_numpy(setup, params, payload.get("opt_state"), payload["step"], ema)
+        log.info("resumed from step %d of %s; checkpoints go to %s", int(payload["step"]), args.resume,
+                 args.checkpoint_dir)
+        metrics.write(event="resumed", step=int(payload["step"]), path=args.resume)
+        return state, payload.get("data_states") or [], payload.get("samples_seen", 0)
+    if args.init_from:
+        payload = read_pickle(args.init_from)
+        key = "ema_params" if "ema_params" in payload else "params"
+        params = checkpoint.params_from_checkpoint(payload, setup.config, args.init_from, key=key)
+        log.info("starting from the %s weights of %s", "EMA" if key == "ema_params" else "raw", args.init_from)
+        metrics.write(event="init_from", path=args.init_from, step=0)
+        return state_from_numpy(setup, params, None, 0), None, 0
+    return init_state(setup, args.seed), None, 0
 
 
 # ----------------------------------------------------------------------------
@@ -1115,6 +781,7 @@ class Metrics:
                 self.restore_history()
             self.file = open(path, "a", buffering=1)
             if tensorboard_dir:
+                # torch's writer (torch comes with the codec), only for runs that ask for TensorBoard
                 from torch.utils.tensorboard import SummaryWriter
                 self.tensorboard = SummaryWriter(tensorboard_dir)
 
@@ -1132,21 +799,21 @@ class Metrics:
                     self.tensorboard.add_scalar(prefix + tag, value, fields["step"], walltime=fields["time"])
 
     def restore_history(self):
-        from etils import epath
         saved = epath.Path(self.history)
         if not saved.exists():
             return
         local = os.path.getsize(self.path) if os.path.exists(self.path) else 0
         if saved.stat().length > local:
             log.info("metrics history restored from %s", self.history)
-            data.atomic_write(self.path, lambda tmp: saved.copy(tmp, overwrite=True))
+            with saved.open("rb") as history:
+                storage.write_atomically(self.path, lambda f: shutil.copyfileobj(history, f, 1 << 20))
 
     def save_history(self):
         """Copy the metrics file next to the checkpoints (process 0, after each checkpoint)."""
         if not (self.file and self.history):
             return
         with self.lock, open(self.path, "rb") as f:
-            write_atomically(self.history, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+            storage.write_atomically(self.history, lambda out: shutil.copyfileobj(f, out, 1 << 20))
 
     def audio(self, tag, audio, step, sample_rate):
         if self.tensorboard:
@@ -1193,7 +860,7 @@ def sample_prompts(args, reference):
         if not texts or too_long:
             raise TrainError(f"--sample_texts {args.sample_texts}: " + (f"{len(too_long)} line(s) do not fit "
                              f"--max_text_len {args.max_text_len} bytes, e.g. {too_long[0][:40]!r}" if too_long
-                             else "holds no text"))
+                                                                        else "holds no text"))
     else:
         texts = [t for t in DEFAULT_SAMPLE_TEXTS if data.encode_text(t, args.max_text_len) is not None]
         texts = texts or batch_texts(reference)[:3]
@@ -1205,7 +872,7 @@ def sample_prompts(args, reference):
 
 def write_spectrogram(path, audio, sample_rate):
     """A PNG of the audio's log-power spectrogram: 0-12 kHz, an 80 dB range, dark to bright."""
-    from PIL import Image
+    from PIL import Image  # only where audio samples are written
     n_fft, hop = 1024, 256
     audio = np.pad(np.asarray(audio, np.float32), (0, max(0, n_fft - len(audio))))
     frames = np.lib.stride_tricks.sliding_window_view(audio, n_fft)[::hop] * np.hanning(n_fft)
@@ -1216,22 +883,27 @@ def write_spectrogram(path, audio, sample_rate):
     colors = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], np.float32)
     rgb = np.stack([np.interp(level, anchors, colors[:, c]) for c in range(3)], axis=-1).astype(np.uint8)
     image = Image.fromarray(rgb).resize((min(max(rgb.shape[1], 200), 800), 160))
-    import dacvae
-    dacvae.atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    storage.write_atomically(path, lambda f: image.save(f, format="PNG"))
+
+
+def samples_dir(run_dir, step):
+    return os.path.join(run_dir, "samples", f"{step:07d}")
 
 
 class AudioSamples:
     """Process 0's decoder of audio samples: a background thread turns generated latents into 48 kHz
-    wavs, spectrogram PNGs and an index.json under RUN_DIR/samples/step_XXXXXXX, then appends a
-    {"event": "samples"} line naming the index (and the audio to TensorBoard)."""
+    wavs, spectrogram PNGs and an index.json under RUN_DIR/samples/XXXXXXX (the step: a name no
+    checkpoint has), then appends a {"event": "samples"} line naming the index (and the audio to
+    TensorBoard)."""
 
     def __init__(self, args, metrics, texts, truth, silence_frame):
-        import dacvae
+        import dacvae  # with torch: only process 0 of a run that writes audio samples needs the codec
         try:
             self.codec = dacvae.DACVAE.load(args.dacvae_weights, flag="--dacvae_weights")
         except dacvae.DACVAEError as e:
             raise TrainError(str(e)) from None
-        self.root = os.path.join(args.run_dir, "samples")
+        self.save_audio = dacvae.save_audio
+        self.run_dir = args.run_dir
         self.metrics, self.texts, self.truth, self.silence_frame = metrics, texts, truth, silence_frame
         self.truth_audio = None
         self.jobs = queue.Queue()
@@ -1258,9 +930,7 @@ class AudioSamples:
         return np.clip(audio, -1, 1)  # as the wav holds it
 
     def _write(self, step, latents, weights):
-        import dacvae
-        import inference
-        directory = os.path.join(self.root, f"step_{step:07d}")
+        directory = samples_dir(self.run_dir, step)
         os.makedirs(directory, exist_ok=True)
         if self.truth_audio is None:
             self.truth_audio = self._decode(self.truth[1])
@@ -1269,16 +939,20 @@ class AudioSamples:
         entries = []
         for i, (text, audio, kind) in enumerate(clips):
             name = f"{i:02d}-{'truth' if kind == 'ground truth' else 'generated'}"
-            dacvae.save_audio(os.path.join(directory, name + ".wav"), audio)
+            self.save_audio(os.path.join(directory, name + ".wav"), audio)
             write_spectrogram(os.path.join(directory, name + ".png"), audio, self.codec.sample_rate)
             entries.append({"text": text, "kind": kind, "wav": name + ".wav", "spectrogram": name + ".png",
                             "seconds": round(len(audio) / self.codec.sample_rate, 3)})
             self.metrics.audio(f"samples/{name}", audio, step, self.codec.sample_rate)
         index = os.path.join(directory, "index.json")
-        write_json(index, {"step": step, "weights": weights, "samples": entries})
+        storage.write_json(index, {"step": step, "weights": weights, "samples": entries})
         self.metrics.write(event="samples", step=step, index=os.path.abspath(index), weights=weights,
                            count=len(entries))
 
+
+# ----------------------------------------------------------------------------
+# Evaluation: val_loss on fixed held-out batches; for a synthetic corpus, what the sampler makes of
+# held-out texts; audio samples of fixed prompts
 
 def nmse(generated, truth, frames):
     """MSE of generated vs true latents over the valid frames, over that of the per-channel mean."""
@@ -1289,298 +963,85 @@ def nmse(generated, truth, frames):
     return float(err / max(base, 1e-12))
 
 
-def synthetic_nmse(module, params, held_out, args):
-    """Generate the held-out texts with inference.py's sampler (every host joins) and score them."""
-    import inference
-    generated = inference.sample_latents(
-        module, params, held_out["text_ids"], held_out["text_mask"], held_out["speaker_latent"],
-        held_out["speaker_mask"], steps=args.sample_steps, cfg_scale=args.sample_cfg, seed=args.seed + 7,
-        num_frames=args.max_latent_len, progress=False)
-    return nmse(generated, held_out["latent"], held_out["frames"])
+class Evaluation:
+    """The run's periodic looks at the model. Every host joins each (the weights are sharded over all
+    of them); process 0 writes what they find."""
+
+    def __init__(self, args, setup, plan, metrics, listings):
+        self.args, self.setup, self.metrics = args, setup, metrics
+        self.batches, self.held_out, self.prompts, self.audio = [], None, None, None
+        eval_sets = []
+        if plan.eval_source:
+            eval_sets = fixed_batches(plan, args, plan.eval_source, plan.eval_split, args.eval_batches, "--eval_data",
+                                      listings)
+            rows = slice(jax.process_index() * plan.config.batch_size, (jax.process_index() + 1) *
+                         plan.config.batch_size)
+            self.batches = [global_batch(setup, args, {k: v[rows] for k, v in b.items()}) for b in eval_sets]
+            self.loss = jax.jit(build_eval_loss(setup.module, args), in_shardings=(
+                setup.state_shardings["params"], setup.batch_sharding, setup.replicated))
+        else:
+            log.warning("no held-out data (--eval_data, or a synthetic corpus): no val_loss is reported")
+        if args.data == "synthetic":
+            held_out = {k: np.concatenate([b[k] for b in eval_sets])[:args.eval_samples] for k in eval_sets[0]}
+            self.held_out = dict(held_out, frames=held_out["latent_mask"].sum(axis=1))
+        if args.sample_every and not args.dacvae_weights:
+            log.warning("no --dacvae_weights (or $DACVAE_WEIGHTS): no audio samples are written")
+        elif args.sample_every:
+            if eval_sets:
+                reference = eval_sets[0]
+            else:
+                log.warning("no held-out data: the audio samples take their speakers from training samples")
+                reference = fixed_batches(plan, args, plan.config.source, "train", 1, "--data", listings,
+                                          open_shards=1)[0]
+            texts, self.prompts = sample_prompts(args, reference)
+            if jax.process_index() == 0:
+                frames = int(reference["latent_mask"][0].sum())
+                truth = (batch_texts(reference)[0], reference["latent"][0, :frames])
+                self.audio = AudioSamples(args, metrics, texts, truth,
+                                          np.median(plan.silence_latent.astype(np.float32), axis=0))
+
+    def evaluate(self, step, state):
+        """val_loss (and val_loss_ema) on the held-out batches, synthetic_nmse where the corpus is
+        synthetic: one eval event. Returns its fields."""
+        fields = {"step": step, "event": "eval"}
+        for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
+            if key in state:
+                losses = [self.loss(state[key], b, np.int32(i)) for i, b in enumerate(self.batches)]
+                fields[name] = float(np.mean([float(v) for v in losses]))
+        if self.held_out is not None:
+            fields["synthetic_nmse"] = self.synthetic_nmse(state["params"])
+            if "ema_params" in state:
+                fields["synthetic_nmse_ema"] = self.synthetic_nmse(state["ema_params"])
+        self.metrics.write(**fields)
+        return fields
+
+    def synthetic_nmse(self, params):
+        """Generate the held-out texts with inference.py's sampler and score them."""
+        held_out, args = self.held_out, self.args
+        generated = inference.sample_latents(
+            self.setup.module, params, held_out["text_ids"], held_out["text_mask"], held_out["speaker_latent"],
+            held_out["speaker_mask"], steps=args.sample_steps, cfg_scale=args.sample_cfg, seed=args.seed + 7,
+            num_frames=args.max_latent_len, progress=False)
+        return nmse(generated, held_out["latent"], held_out["frames"])
+
+    def sample_audio(self, step, state):
+        """Generate the fixed prompts (EMA weights where there are some); process 0 decodes them in
+        the background."""
+        weights = "ema_params" if "ema_params" in state else "params"
+        latents = inference.sample_latents(self.setup.module, state[weights], **self.prompts,
+                                           steps=self.args.sample_steps, cfg_scale=self.args.sample_cfg,
+                                           seed=self.args.seed + 11, num_frames=self.args.max_latent_len,
+                                           progress=False)
+        if self.audio is not None:
+            self.audio.submit(step, latents, "ema" if weights == "ema_params" else "raw")
+
+    def close(self):
+        if self.audio is not None:
+            self.audio.close()
 
 
 # ----------------------------------------------------------------------------
-
-def train(args, on_eval=None):
-    """The training loop. on_eval(step, fields), if given, sees every eval; returning True ends the
-    run there (with a checkpoint), as --run_steps would."""
-    import flax.linen as nn
-    import jax
-
-    import inference
-    import model as echo
-
-    if jax.process_count() > 1:
-        check_shared_directory(args.checkpoint_dir, jax.process_index(), jax.process_count())
-        check_same_flags(args)
-    trainer = Trainer(args)
-    metrics = Metrics(args.metrics_file, trainer.process == 0, args.tensorboard_dir,
-                      history=os.path.join(args.checkpoint_dir, METRICS_HISTORY_FILE))
-    stop = {"signal": None}
-    if trainer.processes == 1:  # a pod learns of SIGTERM (or a preemption notice) through JAX's coordinator
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal="SIGTERM"))
-
-    manager = checkpoint_manager(args.checkpoint_dir, args.keep_checkpoints, args.keep_period)
-    data_state, samples_seen, state = None, 0, None
-    if args.resume == "auto":
-        restored = restore_checkpoint(manager, trainer)
-        if restored is not None:
-            state, meta = restored
-            data_state, samples_seen = trainer.data_position(meta.get("data_states")), meta["samples_seen"]
-            log.info("resumed from step %d in %s", meta["step"], args.checkpoint_dir)
-            metrics.write(event="resumed", step=meta["step"])
-            for change in args.flag_changes:
-                metrics.write(event="flag_changed", step=meta["step"], **change)
-    elif args.resume != "none":  # a pickle of the seed's full format
-        payload = trainer.read_pickle(args.resume)
-        try:
-            params = echo.params_from_checkpoint(payload, trainer.config, args.resume)
-            ema = echo.params_from_checkpoint(payload, trainer.config, args.resume, key="ema_params") \
-                if "ema_params" in payload and args.ema_decay > 0 else None
-        except echo.CheckpointError as e:
-            raise TrainError(str(e)) from None
-        state = trainer.state_from_numpy(params, payload.get("opt_state"), payload["step"], ema)
-        data_state, samples_seen = trainer.data_position(payload.get("data_states")), payload.get("samples_seen", 0)
-        del payload, params, ema
-        log.info("resumed from step %d of %s; checkpoints go to %s", int(state["step"]), args.resume,
-                 args.checkpoint_dir)
-        metrics.write(event="resumed", step=int(state["step"]), path=args.resume)
-    if state is None and args.init_from:
-        payload = trainer.read_pickle(args.init_from)
-        try:
-            key = "ema_params" if "ema_params" in payload else "params"
-            params = echo.params_from_checkpoint(payload, trainer.config, args.init_from, key=key)
-            log.info("starting from the %s weights of %s", "EMA" if key == "ema_params" else "raw", args.init_from)
-        except echo.CheckpointError as e:
-            raise TrainError(str(e)) from None
-        state = trainer.state_from_numpy(params, None, 0)
-        metrics.write(event="init_from", path=args.init_from, step=0)
-    if state is None:
-        state = trainer.init_state()
-    # Finish building the state before the first step is dispatched: on CPU (gloo) two programs with
-    # collectives in flight at once can interleave differently on each host and deadlock.
-    jax.block_until_ready(state)
-
-    # A checkpoint's data position belongs to the stage of the last batch it trained.
-    stage = trainer.data_stage(max(int(state["step"]) - 1, 0))
-    pipeline = data.Pipeline(trainer.data_stages[stage][1], state=data_state)
-    step_fn = build_train_step(trainer.model, trainer.tx, args)
-    with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-        train_step = jax.jit(step_fn, in_shardings=(trainer.state_shardings, trainer.batch_sharding),
-                             out_shardings=(trainer.state_shardings, trainer.replicated), donate_argnums=(0,))
-        # A new data stage starts from the EMA weights with fresh Adam moments, as a new run would.
-        start_stage = jax.jit(lambda s: {**s, "params": s.get("ema_params", s["params"]),
-                                         "opt_state": restart_moments(trainer.tx, s["opt_state"], s["params"])},
-                              out_shardings=trainer.state_shardings, donate_argnums=(0,))
-        eval_loss = jax.jit(build_eval_loss(trainer.model, args), in_shardings=(
-            trainer.param_shardings, trainer.batch_sharding, trainer.replicated))
-
-    def global_batch(local):
-        global_shape = lambda a: (args.global_batch_size,) + a.shape[1:]
-        return {k: jax.make_array_from_process_local_data(trainer.batch_sharding, v, global_shape(v))
-                for k, v in local.items() if isinstance(v, np.ndarray)}  # not the keys/sources lists
-
-    # Validation only ever sees held-out samples: fixed batches of the held-out source.
-    eval_sets, synthetic_eval = [], None
-    if trainer.eval_source:
-        eval_sets = fixed_batches(trainer, args, trainer.eval_source, trainer.eval_split, args.eval_batches,
-                                  "--eval_data")
-        rows = slice(trainer.process * trainer.data_config.batch_size,
-                     (trainer.process + 1) * trainer.data_config.batch_size)
-        eval_batches = [global_batch({k: v[rows] for k, v in b.items()}) for b in eval_sets]
-    else:
-        log.warning("no held-out data (--eval_data, or a synthetic corpus): no val_loss is reported")
-    if args.data == "synthetic":
-        held_out = {k: np.concatenate([b[k] for b in eval_sets])[:args.eval_samples] for k in eval_sets[0]}
-        synthetic_eval = dict(held_out, frames=held_out["latent_mask"].sum(axis=1))
-
-    # Audio samples: every host generates the fixed prompts (the weights are sharded over all of
-    # them); process 0 decodes them in the background.
-    prompts, audio = None, None
-    if args.sample_every and not args.dacvae_weights:
-        log.warning("no --dacvae_weights (or $DACVAE_WEIGHTS): no audio samples are written")
-    elif args.sample_every:
-        if eval_sets:
-            reference = eval_sets[0]
-        else:
-            log.warning("no held-out data: the audio samples take their speakers from training samples")
-            reference = fixed_batches(trainer, args, trainer.source, "train", 1, "--data", open_shards=1)[0]
-        texts, prompts = sample_prompts(args, reference)
-        if trainer.process == 0:
-            frames = int(reference["latent_mask"][0].sum())
-            truth = (batch_texts(reference)[0], reference["latent"][0, :frames])
-            audio = AudioSamples(args, metrics, texts, truth,
-                                 np.median(trainer.silence_latent.astype(np.float32), axis=0))
-
-    start_step = int(state["step"])
-    device_kind = jax.devices()[0].device_kind
-    peak = peak_flops(device_kind)
-    metrics.write(event="start", step=start_step, total_steps=args.steps, run=os.path.basename(
-        os.path.abspath(args.run_dir)), preset=args.preset, global_batch_size=args.global_batch_size,
-        processes=trainer.processes, devices=jax.device_count(), device_kind=device_kind, peak_flops_per_chip=peak)
-    stage_flops = lambda config: echo.flops_per_sample(trainer.config, config.max_latent_len, config.max_text_len,
-                                                       config.max_speaker_len)
-    flops = stage_flops(trainer.data_stages[stage][1])
-    profile_dir = args.tensorboard_dir or os.path.join(args.run_dir, "profile")
-    profiling = False
-    bad_in_a_row, chrono, pending = 0, Chrono(), None
-    step, finished, saving = start_step, False, None
-
-    def finish(record):
-        """A dispatched step's checks and metrics line. Called once the next step is dispatched, so
-        reading its outputs waits for it alone, never for the step in flight (no host sync)."""
-        nonlocal bad_in_a_row
-        done, out, step_time = record["step"], record["out"], chrono.lap()
-        if not bool(out["finite"]):
-            bad_in_a_row += 1
-            metrics.write(event="nan_step", step=done, loss=float(out["loss"]))
-            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", done, bad_in_a_row)
-            if bad_in_a_row >= args.max_bad_steps:
-                raise TrainError(f"{bad_in_a_row} non-finite steps in a row at step {done}: stopping; the last "
-                                 f"checkpoint in {args.checkpoint_dir} is intact (lower --lr or check the data)")
-        else:
-            bad_in_a_row = 0
-        if not record["logged"]:
-            return
-        counts = np.asarray(out["bucket_count"])
-        line = dict(step=done, loss=float(out["loss"]), lr=float(trainer.schedule(done - 1)),
-                    grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4),
-                    data_wait=round(record["data_wait"], 4),
-                    samples_per_sec=round(args.global_batch_size / step_time, 2),
-                    latent_seconds_per_sec=round(record["frames"] * trainer.processes / 25.0 / step_time, 2),
-                    samples_seen=record["samples_seen"], skipped=record["skipped"],
-                    **({"skipped_by_source": record["skipped_by_source"]} if "," in args.data else {}),
-                    loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
-                               for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
-        if peak is not None:
-            line["mfu"] = round(flops * args.global_batch_size / step_time / (peak * jax.device_count()), 4)
-        memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
-        if "bytes_in_use" in memory:
-            line["device_bytes_in_use"] = int(memory["bytes_in_use"])
-            line["device_peak_bytes"] = int(memory.get("peak_bytes_in_use", 0))
-        metrics.write(**line)
-        if trainer.process == 0:
-            print(f"step {done}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
-                  f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
-
-    def finish_pending():
-        """Finish the newest step now: before the loop pauses (eval, samples, checkpoint) or ends."""
-        nonlocal pending
-        if pending is not None:
-            finish(pending)
-            pending = None
-
-    def note_committed(saving):
-        """Log when the background write of the checkpoint (step, start time) is committed."""
-        if saving:
-            metrics.write(event="checkpoint_committed", step=saving[0],
-                          save_s=round(time.perf_counter() - saving[1], 3))
-        return None
-
-    try:
-        while step < args.steps:
-            if args.profile_range and trainer.process == 0 and step + 1 == args.profile_range[0]:
-                jax.profiler.start_trace(profile_dir)
-                profiling = True
-            if trainer.data_stage(step) != stage:
-                stage = trainer.data_stage(step)
-                config = trainer.data_stages[stage][1]
-                pipeline.close()
-                pipeline = data.Pipeline(config)
-                with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                    state = start_stage(state)
-                flops = stage_flops(config)
-                metrics.write(event="data_stage", step=step, source=config.source)
-                log.info("step %d: training on %s from here (EMA weights, fresh Adam moments)", step, config.source)
-            t0 = time.perf_counter()
-            local = next(pipeline)
-            data_wait = time.perf_counter() - t0
-            with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                compile_start = time.perf_counter()
-                state, out = train_step(state, global_batch(local))
-                if step == start_step or step == trainer.data_stages[stage][0]:
-                    jax.block_until_ready(out["loss"])
-                    metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - compile_start, 2))
-            step += 1
-            samples_seen += args.global_batch_size
-            if profiling and step == args.profile_range[1]:
-                profiling = stop_profile(out, profile_dir)
-            if pending is not None:
-                finish(pending)
-            logged = step % args.log_every == 0 or step == args.steps
-            pending = dict(step=step, out=out, data_wait=data_wait, frames=float(local["latent_mask"].sum()),
-                           samples_seen=samples_seen, logged=logged, skipped=pipeline.counters() if logged else None,
-                           skipped_by_source=pipeline.source_counters() if logged and "," in args.data else None)
-            slot_done = False
-            if (step % args.eval_every == 0 or step == args.steps) and eval_sets:
-                finish_pending()
-                with chrono.pause(), jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                    fields = {"step": step, "event": "eval"}
-                    for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
-                        if key in state:
-                            losses = [eval_loss(state[key], b, np.int32(i)) for i, b in enumerate(eval_batches)]
-                            fields[name] = float(np.mean([float(v) for v in losses]))
-                    if synthetic_eval is not None:
-                        fields["synthetic_nmse"] = synthetic_nmse(trainer.model, state["params"], synthetic_eval, args)
-                        if "ema_params" in state:
-                            fields["synthetic_nmse_ema"] = synthetic_nmse(trainer.model, state["ema_params"],
-                                                                          synthetic_eval, args)
-                    metrics.write(**fields)
-                    slot_done = on_eval is not None and bool(on_eval(step, fields))
-            if prompts is not None and step % args.sample_every == 0:
-                finish_pending()
-                weights = "ema_params" if "ema_params" in state else "params"
-                with chrono.pause(), jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-                    latents = inference.sample_latents(trainer.model, state[weights], **prompts, steps=args.sample_steps,
-                                                       cfg_scale=args.sample_cfg, seed=args.seed + 11,
-                                                       num_frames=args.max_latent_len, progress=False)
-                if audio is not None:
-                    audio.submit(step, latents, "ema" if weights == "ema_params" else "raw")
-            if trainer.processes > 1:  # every host reaches the agreed step, then all checkpoint there
-                from jax.experimental import multihost_utils
-                preempted = multihost_utils.reached_preemption_sync_point(step)
-            else:
-                preempted = stop["signal"] is not None
-            slot_done = slot_done or (args.run_steps is not None and step - start_step >= args.run_steps)
-            if saving and not manager.is_saving_in_progress():
-                saving = note_committed(saving)
-            if step % args.checkpoint_every == 0 or step == args.steps or preempted or slot_done:
-                # A preempted host has about 30 s: only the sharded save, no pickle export.
-                finish_pending()
-                started = time.perf_counter()
-                with chrono.pause():
-                    sharded, exported = save_checkpoint(manager, trainer, state, step, pipeline.state(),
-                                                        samples_seen, export=not preempted)
-                metrics.write(event="checkpoint", step=step, path=echo.step_path(args.checkpoint_dir, step),
-                              blocking_s=round(sharded, 3), export_s=round(exported, 3))
-                with chrono.pause():
-                    metrics.save_history()
-                saving = (step, started)
-            if preempted:
-                manager.wait_until_finished()
-                saving = note_committed(saving)
-                metrics.write(event="preempted", step=step)
-                log.info("preempted: checkpoint written at step %d, exiting", step)
-                break
-            if slot_done:
-                break
-        finish_pending()
-        if profiling:
-            stop_profile(out, profile_dir)
-        manager.wait_until_finished()
-        note_committed(saving)
-        finished = True
-    finally:
-        # A save under way still commits when the loop fails; on a pod only when every host got this
-        # far (orbax's commit waits for all of them).
-        if finished or trainer.processes == 1:
-            manager.close()
-    if audio is not None:
-        audio.close()
-    metrics.close()
-    pipeline.close()
-    return state
-
+# Step time and step metrics
 
 class Chrono:
     """Seconds per training step, as big_vision's chrono: the time between two finished steps, less
@@ -1603,13 +1064,248 @@ class Chrono:
             self.paused += time.perf_counter() - started
 
 
-def stop_profile(out, directory):
-    """End the jax.profiler trace once the traced steps have run; returns False (not profiling)."""
-    import jax
-    jax.block_until_ready(out["loss"])
-    jax.profiler.stop_trace()
-    log.info("profile written to %s (tensorboard --logdir %s, Profile tab; or xprof)", directory, directory)
-    return False
+class StepLog:
+    """The metrics of each step, written one step late, as MaxText buffers them: a step's outputs
+    are read once the next step is dispatched, so reading them waits for that step alone and never
+    for the one in flight (no host waits on the hot path). Also stops the run after
+    --max_bad_steps non-finite steps in a row."""
+
+    def __init__(self, args, setup, metrics, flops_per_sample):
+        self.args, self.setup, self.metrics = args, setup, metrics
+        self.flops_per_sample = flops_per_sample
+        self.peak = peak_flops(jax.devices()[0].device_kind)
+        self.chrono, self.pending, self.bad_in_a_row = Chrono(), None, 0
+
+    def start(self, step):
+        """The run's start event: where it starts, on what."""
+        args = self.args
+        self.metrics.write(event="start", step=step, total_steps=args.steps, run=os.path.basename(os.path.abspath(
+            args.run_dir)), preset=args.preset, global_batch_size=args.global_batch_size,
+            processes=jax.process_count(), devices=jax.device_count(), device_kind=jax.devices()[0].device_kind,
+            peak_flops_per_chip=self.peak)
+
+    def dispatched(self, step, out, data_wait, local, pipeline, samples_seen):
+        """Step `step` is in flight: finish the one before it, and keep this one's record."""
+        self.flush()
+        logged = step % self.args.log_every == 0 or step == self.args.steps
+        several = "," in self.args.data
+        self.pending = dict(step=step, out=out, data_wait=data_wait, frames=float(local["latent_mask"].sum()),
+                            samples_seen=samples_seen, logged=logged,
+                            skipped=pipeline.counters() if logged else None,
+                            skipped_by_source=pipeline.source_counters() if logged and several else None)
+
+    @contextlib.contextmanager
+    def pause(self):
+        """Finish the newest step now, then leave what follows out of step time."""
+        self.flush()
+        with self.chrono.pause():
+            yield
+
+    def flush(self):
+        if self.pending is not None:
+            self.finish(**self.pending)
+            self.pending = None
+
+    def finish(self, step, out, data_wait, frames, samples_seen, logged, skipped, skipped_by_source):
+        args, step_time = self.args, self.chrono.lap()
+        if not bool(out["finite"]):
+            self.bad_in_a_row += 1
+            self.metrics.write(event="nan_step", step=step, loss=float(out["loss"]))
+            log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, self.bad_in_a_row)
+            if self.bad_in_a_row >= args.max_bad_steps:
+                raise TrainError(f"{self.bad_in_a_row} non-finite steps in a row at step {step}: stopping; the last "
+                                 f"checkpoint in {args.checkpoint_dir} is intact (lower --lr or check the data)")
+        else:
+            self.bad_in_a_row = 0
+        if not logged:
+            return
+        counts = np.asarray(out["bucket_count"])
+        line = dict(step=step, loss=float(out["loss"]), lr=float(self.setup.schedule(step - 1)),
+                    grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4), data_wait=round(data_wait, 4),
+                    samples_per_sec=round(args.global_batch_size / step_time, 2),
+                    latent_seconds_per_sec=round(frames * jax.process_count() / 25.0 / step_time, 2),
+                    samples_seen=samples_seen,
+                    skipped=skipped, **({"skipped_by_source": skipped_by_source} if "," in args.data else {}),
+                    loss_by_t={f"{i / TIMESTEP_BUCKETS:.1f}-{(i + 1) / TIMESTEP_BUCKETS:.1f}": float(v)
+                               for i, v in enumerate(np.asarray(out["bucket_loss"])) if counts[i]})
+        if self.peak is not None:
+            line["mfu"] = round(self.flops_per_sample * args.global_batch_size / step_time /
+                                (self.peak * jax.device_count()), 4)
+        memory = jax.local_devices()[0].memory_stats() or {}  # None on CPU
+        if "bytes_in_use" in memory:
+            line["device_bytes_in_use"] = int(memory["bytes_in_use"])
+            line["device_peak_bytes"] = int(memory.get("peak_bytes_in_use", 0))
+        self.metrics.write(**line)
+        if jax.process_index() == 0:
+            print(f"step {step}/{args.steps} loss {line['loss']:.4f} lr {line['lr']:.2e} "
+                  f"gnorm {line['grad_norm']:.3f} {line['samples_per_sec']:.1f} samples/s", flush=True)
+
+
+# ----------------------------------------------------------------------------
+# The training loop
+
+def itstime(step, every, last=None):
+    """Whether a periodic action (every `every` steps, 0: never) falls on `step`; always on `last`."""
+    return bool(every) and step % every == 0 or step == last
+
+
+def check_hosts(args):
+    """Before anything compiles: the batch splits over the hosts, and on a pod every host sees the
+    same checkpoint directory and runs the same flags."""
+    log.info("host %s is process %d of %d (%d local / %d global devices)", socket.gethostname(), jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    if jax.process_count() > 1:
+        pod.check_shared_directory(args.checkpoint_dir)
+        check_same_flags(args)
+    if args.global_batch_size % jax.process_count():
+        raise TrainError(f"--global_batch_size {args.global_batch_size} must split evenly over {jax.process_count()} "
+                         "hosts")
+
+
+def stage_flops(setup, config):
+    """Training FLOPs per sample at a data stage's lengths."""
+    return model.flops_per_sample(setup.config, config.max_latent_len, config.max_text_len, config.max_speaker_len)
+
+
+def train(args, on_eval=None):
+    """The training loop. on_eval(step, fields), if given, sees every eval; returning True ends the
+    run there (with a checkpoint), as --run_steps would."""
+    check_hosts(args)
+    setup = setup_training(args, jax.devices(), jax.default_backend())
+    plan = plan_data(args, jax.process_index(), jax.process_count())
+    metrics = Metrics(args.metrics_file, jax.process_index() == 0, args.tensorboard_dir,
+                      history=os.path.join(args.checkpoint_dir, checkpoint.METRICS_HISTORY_FILE))
+    sigterm = threading.Event()
+    if jax.process_count() == 1:  # a pod learns of SIGTERM (or a preemption notice) through JAX's coordinator
+        signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.set())
+    manager = checkpoint.manager(args.checkpoint_dir, args.keep_checkpoints, args.keep_period)
+    with setup.sharding():
+        state, data_states, samples_seen = start_state(args, setup, manager, metrics)
+        # Finish building the state before the first step is dispatched: on CPU (gloo) two programs with
+        # collectives in flight at once can interleave differently on each host and deadlock.
+        jax.block_until_ready(state)
+        step = start_step = int(state["step"])
+        # A checkpoint's data position belongs to the stage of the last batch it trained.
+        stage = plan.stage(max(step - 1, 0))
+        pipeline = data.Pipeline(plan.stages[stage][1], state=None if data_states is None else
+                                 data_position(data_states, args.seed), listings=plan.listings)
+        evaluation = Evaluation(args, setup, plan, metrics, {**plan.listings, **pipeline.listings})  # its pins
+        steps_log = StepLog(args, setup, metrics, stage_flops(setup, plan.stages[stage][1]))
+        steps_log.start(start_step)
+        profile = Profile(args)
+        saving, finished, out = None, False, None
+        try:
+            while step < args.steps:
+                profile.before(step)
+                if plan.stage(step) != stage:
+                    stage, pipeline, state = next_stage(setup, plan, step, pipeline, state, metrics)
+                    steps_log.flops_per_sample = stage_flops(setup, plan.stages[stage][1])
+                started = time.perf_counter()
+                local = next(pipeline)
+                data_wait, started = time.perf_counter() - started, time.perf_counter()
+                state, out = setup.train_step(state, global_batch(setup, args, local))
+                if step in (start_step, plan.stages[stage][0]):
+                    jax.block_until_ready(out["loss"])
+                    metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - started, 2))
+                step, samples_seen = step + 1, samples_seen + args.global_batch_size
+                profile.after(step, out)
+                steps_log.dispatched(step, out, data_wait, local, pipeline, samples_seen)
+                slot_done = args.run_steps is not None and step - start_step >= args.run_steps
+                if itstime(step, args.eval_every, args.steps) and evaluation.batches:
+                    with steps_log.pause():
+                        fields = evaluation.evaluate(step, state)
+                        slot_done = slot_done or (on_eval is not None and bool(on_eval(step, fields)))
+                if evaluation.prompts is not None and itstime(step, args.sample_every):
+                    with steps_log.pause():
+                        evaluation.sample_audio(step, state)
+                # On a pod every host reaches the agreed step, then all checkpoint there.
+                preempted = multihost_utils.reached_preemption_sync_point(step) if jax.process_count() > 1 \
+                    else sigterm.is_set()
+                saving = note_committed(manager, metrics, saving)
+                if itstime(step, args.checkpoint_every, args.steps) or preempted or slot_done:
+                    with steps_log.pause():
+                        saving = save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics,
+                                      export=not preempted)  # a preempted host has ~30 s: no pickle export
+                if preempted:
+                    manager.wait_until_finished()
+                    saving = note_committed(manager, metrics, saving)
+                    metrics.write(event="preempted", step=step)
+                    log.info("preempted: checkpoint written at step %d, exiting", step)
+                if preempted or slot_done:
+                    break
+            steps_log.flush()
+            profile.after(None, out)
+            manager.wait_until_finished()
+            note_committed(manager, metrics, saving)
+            finished = True
+        finally:
+            # A save under way still commits when the loop fails; on a pod only when every host got this
+            # far (orbax's commit waits for all of them).
+            if finished or jax.process_count() == 1:
+                manager.close()
+    evaluation.close()
+    metrics.close()
+    pipeline.close()
+    return state
+
+
+def next_stage(setup, plan, step, pipeline, state, metrics):
+    """Switch to the data stage that starts at `step`: its pipeline, and the EMA weights with fresh
+    Adam moments, as a new run would start. Returns (stage, pipeline, state)."""
+    stage = plan.stage(step)
+    config = plan.stages[stage][1]
+    pipeline.close()
+    restart = jax.jit(lambda s: {**s, "params": s.get("ema_params", s["params"]),
+                                 "opt_state": restart_moments(setup.tx, s["opt_state"], s["params"])},
+                      out_shardings=setup.state_shardings, donate_argnums=(0,))
+    metrics.write(event="data_stage", step=step, source=config.source)
+    log.info("step %d: training on %s from here (EMA weights, fresh Adam moments)", step, config.source)
+    return stage, data.Pipeline(config, listings=plan.listings), restart(state)
+
+
+def save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics, export=True):
+    """A checkpoint at `step` (every host joins), its event, and the metrics history beside it.
+    Returns (step, start time) of the save now writing in the background."""
+    started = time.perf_counter()
+    meta = {"samples_seen": samples_seen, "flags": run_flags(args), **about(setup, plan, args, json_safe=True)}
+    sharded, exported = checkpoint.save(manager, state, step, pipeline.state(), meta, about(setup, plan, args),
+                                        export=export)
+    metrics.write(event="checkpoint", step=step, path=checkpoint.step_path(args.checkpoint_dir, step),
+                  blocking_s=round(sharded, 3), export_s=round(exported, 3))
+    metrics.save_history()
+    return step, started
+
+
+def note_committed(manager, metrics, saving):
+    """Log when the background write of the checkpoint `saving` (step, start time) has committed;
+    returns what is still being written (None when nothing)."""
+    if saving and not manager.is_saving_in_progress():
+        metrics.write(event="checkpoint_committed", step=saving[0], save_s=round(time.perf_counter() - saving[1], 3))
+        return None
+    return saving
+
+
+class Profile:
+    """--profile_steps A:B: a jax.profiler trace of steps A to B on process 0."""
+
+    def __init__(self, args):
+        self.range = args.profile_range if jax.process_index() == 0 else None
+        self.directory = args.tensorboard_dir or os.path.join(args.run_dir, "profile")
+        self.tracing = False
+
+    def before(self, step):
+        if self.range and step + 1 == self.range[0]:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+
+    def after(self, step, out):
+        """After `step` was dispatched (None: the loop ended), stop a trace whose last step it is."""
+        if self.tracing and (step is None or step == self.range[1]):
+            jax.block_until_ready(out["loss"])
+            jax.profiler.stop_trace()
+            self.tracing = False
+            log.info("profile written to %s (tensorboard --logdir %s, Profile tab; or xprof)", self.directory,
+                     self.directory)
 
 
 # ----------------------------------------------------------------------------
@@ -1621,14 +1317,8 @@ V4_HBM_BYTES = 32 * 2 ** 30
 
 
 def aot_compile(args):
-    """Compile the real train step for a TPU topology with libtpu; report per-chip memory."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import topologies
-
-    import model as echo
-
+    """Compile the run's own train step (setup_training's) for a TPU topology with libtpu; report
+    per-chip memory."""
     # Compile-only use: several processes may hold libtpu at once (no chip is touched).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     name = TPU_TOPOLOGIES.get(args.aot_topology, args.aot_topology)
@@ -1641,35 +1331,18 @@ def aot_compile(args):
     except Exception as e:
         raise TrainError(f"cannot build TPU topology {name} ({type(e).__name__}: {e}); install "
                          "requirements-tpu.txt (libtpu)") from None
-    devices = np.asarray(topology.devices)
-    config = dataclasses.replace(echo.PRESETS[args.preset], dtype=args.dtype or "bfloat16", remat=args.remat)
-    mesh_data = args.mesh_data or len(devices) // fsdp_devices(config, len(devices))
-    if args.global_batch_size % len(devices) or len(devices) % mesh_data:
-        raise TrainError(f"--global_batch_size {args.global_batch_size} must split over the {len(devices)} chips")
-    mesh = jax.sharding.Mesh(devices.reshape(mesh_data, -1), ("data", "fsdp"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    model = echo.EchoDiT(config)
-    rules = echo.logical_axis_rules()
-    tx, _ = make_optimizer(args)
-    abstract, shardings = state_layout(config, tx, mesh, rules, args.ema_decay > 0)  # EMA weights count too
-    replicated = shardings["step"]
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    chips = len(topology.devices)
+    if args.global_batch_size % chips:
+        raise TrainError(f"--global_batch_size {args.global_batch_size} must split over the {chips} chips")
+    setup = setup_training(args, topology.devices, "tpu")
     b = args.global_batch_size
-    shapes = {"latent": ((b, args.max_latent_len, 128), jnp.float32), "latent_mask": ((b, args.max_latent_len), jnp.int32),
-              "text_ids": ((b, args.max_text_len), jnp.int32), "text_mask": ((b, args.max_text_len), jnp.int32),
-              "speaker_latent": ((b, args.max_speaker_len, 128), jnp.float32),
-              "speaker_mask": ((b, args.max_speaker_len), jnp.int32)}
-    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding) for k, (s, d) in shapes.items()}
-    step_fn = build_train_step(model, tx, args)
+    result = {"topology": name, "chips": chips, "preset": args.preset, "global_batch_size": b, "remat": args.remat,
+              "dtype": setup.config.dtype, "hbm_bytes": V4_HBM_BYTES,
+              "flops_per_step": model.flops_per_sample(setup.config, args.max_latent_len, args.max_text_len,
+                                                       args.max_speaker_len) * b}
     start = time.perf_counter()
-    result = {"topology": name, "chips": len(devices), "preset": args.preset, "global_batch_size": b,
-              "remat": args.remat, "dtype": config.dtype, "hbm_bytes": V4_HBM_BYTES,
-              "flops_per_step": echo.flops_per_sample(config, args.max_latent_len, args.max_text_len,
-                                                      args.max_speaker_len) * b}
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        lowered = jax.jit(step_fn, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                          donate_argnums=(0,)).lower(state, batch)
+    with setup.sharding():
+        lowered = setup.train_step.lower(setup.abstract_state, batch_specs(args, setup.batch_sharding))
         try:
             memory = lowered.compile().memory_analysis()
             per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -1701,60 +1374,20 @@ def print_aot(result):
     print(json.dumps(result))
 
 
-class StoredArray:
-    """One array of a checkpoint on disk (a zarr directory), read only when it is pickled."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def read(self):
-        import tensorstore
-        kvstore = self.path if "://" in self.path else {"driver": "file", "path": self.path}  # gs:// as a URL
-        return tensorstore.open({"driver": "zarr", "kvstore": kvstore}).result().read().result()
-
+# ----------------------------------------------------------------------------
+# Commands
 
 def export_checkpoint(source, out):
-    """`python train_pretrain.py export CHECKPOINT OUT.pkl`: a training checkpoint (its directory, or
-    one step of it) as one pickle of the seed's full format (params, opt_state, step, samples_seen,
-    EMA weights, config, data positions, flags), which --resume and --init_from read. Each array is
-    read from the checkpoint when the pickle reaches it: the host holds one array at a time."""
-    import flax.serialization
-    import jax
-    import orbax.checkpoint as ocp
-
-    import model as echo
-    try:
-        directory, step = echo.find_checkpoint_step(source)
-        step_dir = echo.step_path(directory, step)
-        meta = read_json(os.path.join(step_dir, "meta", "metadata"))
-        stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
-        config = echo.EchoConfig(**meta["config"])
+    """`python train_pretrain.py export CHECKPOINT OUT.pkl`: a training checkpoint as one pickle of
+    the seed's full format (checkpoint.export_full), which --resume and --init_from read."""
+    def abstract_state(meta, ema):
+        config = model.EchoConfig(**meta["config"])
         mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                              devices=jax.devices()[:1])
-        abstract, _ = state_layout(config, make_optimizer(argparse.Namespace(**meta["flags"]))[0], mesh,
-                                   echo.logical_axis_rules(), "ema_params" in stored)
-    except (echo.CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
-        raise TrainError(f"{source} is not a readable training checkpoint ({type(e).__name__}: {str(e)[:200]})") \
-            from None
+        tx = make_optimizer(argparse.Namespace(**meta["flags"]))[0]
+        return state_layout(config, tx, mesh, model.logical_axis_rules(), ema)[0]
 
-    def leaf(path, _):
-        node = stored
-        for key in path:  # dict keys, namedtuple fields, list indices: orbax's tree mirrors the state's
-            node = node[getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))]
-        return StoredArray(os.path.join(step_dir, "state", node.name))
-
-    lazy = jax.tree_util.tree_map_with_path(leaf, {k: v for k, v in abstract.items() if k != "step"})
-    payload = {key: flax.serialization.to_state_dict(value) for key, value in lazy.items()}
-    payload.update(step=step, samples_seen=meta["samples_seen"], config=meta["config"],
-                   max_lengths=meta["max_lengths"], silence_latent=np.asarray(meta["silence_latent"], np.float16),
-                   data_states=meta["data_states"], train_args=meta["flags"])
-    fetch = lambda obj: obj.read() if isinstance(obj, StoredArray) else None
-    try:
-        write_atomically(out, lambda f: StreamingPickler(f, fetch).dump(payload))
-    except OSError as e:
-        raise TrainError(f"cannot write {out} ({e.strerror or e})") from None
-    except Exception as e:  # a damaged array raises whatever tensorstore meets
-        raise TrainError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    directory, step = checkpoint.export_full(source, out, abstract_state)
     print(f"wrote step {step} of {directory} to {out}")
 
 
@@ -1768,7 +1401,7 @@ def main(argv=None):
             return 2
         try:
             export_checkpoint(argv[1], argv[2])
-        except TrainError as e:
+        except checkpoint.CheckpointError as e:
             print(f"train_pretrain.py: error: {e}", file=sys.stderr)
             return 2
         return 0
@@ -1781,10 +1414,9 @@ def main(argv=None):
         if args is None or not args.aot_topology:
             # A host with a bad flag still joins the pod, so that its sentence stops the others at once
             # instead of leaving them waiting for it until --distributed_timeout.
-            joined = init_distributed(args.distributed_timeout if args else DISTRIBUTED_TIMEOUT_S)
+            joined = pod.init_distributed(args.distributed_timeout if args else pod.DISTRIBUTED_TIMEOUT_S)
         if refused is not None:
             raise refused
-        import jax
         if os.environ.get("ECHO_COORDINATOR"):
             # The simulated pod (XLA:CPU, gloo): JAX keys cache entries per process and writes only
             # process 0's, so after a restart process 0 would run its cached step function while the
@@ -1799,18 +1431,18 @@ def main(argv=None):
             print_aot(aot_compile(args))
             return 0
         train(args)
-    except (TrainError, data.DataError) as e:
+    except (TrainError, data.DataError, pod.PodError, checkpoint.CheckpointError) as e:
         if joined:
-            leave_pod(str(e), tell_others=True)
+            pod.leave_pod(str(e), tell_others=True)
         print(f"train_pretrain.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:
-        if joined and any(sign in str(e) for sign in PEER_LOST_SIGNS):
-            leave_pod("lost contact with another host in the middle of a collective (it stopped or died: see its "
-                      "log); rerun the same command to resume from the last checkpoint", tell_others=True)
+        if joined and any(sign in str(e) for sign in pod.PEER_LOST_SIGNS):
+            pod.leave_pod("lost contact with another host in the middle of a collective (it stopped or died: see its "
+                          "log); rerun the same command to resume from the last checkpoint", tell_others=True)
         if joined:  # a defect: its traceback here, one sentence everywhere
-            leave_pod(f"{type(e).__name__}: {str(e)[:300]} (the traceback is in that host's log)",
-                      tell_others=True, with_traceback=True)
+            pod.leave_pod(f"{type(e).__name__}: {str(e)[:300]} (the traceback is in that host's log)",
+                          tell_others=True, with_traceback=True)
         raise
     return 0
 

@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+import corpus
 import data
 from data import DataConfig, DataError, Pipeline
+from shards import npy, write_shard
 
 SMALL = dict(max_latent_len=64, max_text_len=64, max_speaker_len=32)
-
-
-def npy(array):
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=True)
-    return buffer.getvalue()
-
-
-def add(tar, name, payload):
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def good_members(key, text, frames=10, ref_frames=12):
@@ -41,11 +31,8 @@ def write_corpus(directory, shards, per_shard, prefix="s"):
     paths = []
     for s in range(shards):
         path = os.path.join(directory, f"{prefix}-{s:03d}.tar")
-        with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                for name, payload in good_members(f"k{s:03d}_{i:04d}", f"utterance {s}-{i}", frames=5 + (i % 7)):
-                    add(tar, name, payload)
-        paths.append(path)
+        paths.append(write_shard(path, [member for i in range(per_shard) for member in good_members(
+            f"k{s:03d}_{i:04d}", f"utterance {s}-{i}", frames=5 + (i % 7))]))
     return paths
 
 
@@ -118,12 +105,8 @@ def test_batches_have_fixed_shapes_and_padding(tmp_path):
 
 
 def test_speaker_reference_is_cropped_reproducibly_and_missing_reference_is_masked(tmp_path):
-    path = tmp_path / "one.tar"
-    with tarfile.open(path, "w") as tar:
-        for name, payload in good_members("a", "long reference", ref_frames=50):
-            add(tar, name, payload)
-        for name, payload in good_members("b", "no reference")[::2]:  # .npy and .json only
-            add(tar, name, payload)
+    path = write_shard(tmp_path / "one.tar", good_members("a", "long reference", ref_frames=50)
+                       + good_members("b", "no reference")[::2])  # .npy and .json only
     batches = []
     for _ in range(2):
         p = Pipeline(config(str(path), batch_size=2))
@@ -202,55 +185,39 @@ def dirty_corpus(directory):
     os.makedirs(directory, exist_ok=True)
     good = []
 
-    def good_sample(tar, key):
+    def good_sample(key):
         text = f"good {key}"
-        for name, payload in good_members(key, text):
-            add(tar, name, payload)
         good.append("[S1] " + text)
+        return good_members(key, text)
 
-    with tarfile.open(os.path.join(directory, "dirty.tar"), "w") as tar:
-        good_sample(tar, "g1")
-        add(tar, "nolatent.json", b'{"text": "x"}')  # missing_latent
-        add(tar, "nojson.npy", npy(np.zeros((4, 128), np.float16)))  # missing_json
-        add(tar, "shape.npy", npy(np.zeros((4, 64), np.float16)))
-        add(tar, "shape.json", b'{"text": "wrong shape"}')
-        add(tar, "dtype.npy", npy(np.zeros((4, 128), np.int16)))
-        add(tar, "dtype.json", b'{"text": "wrong dtype"}')
-        nan = np.zeros((4, 128), np.float16)
-        nan[1, 2] = np.nan
-        add(tar, "nan.npy", npy(nan))
-        add(tar, "nan.json", b'{"text": "nan"}')
-        inf = np.zeros((4, 128), np.float32)
-        inf[0, 0] = np.inf
-        add(tar, "inf.npy", npy(inf))
-        add(tar, "inf.json", b'{"text": "inf"}')
-        add(tar, "pickle.npy", npy(np.array([{"evil": 1}], dtype=object)))
-        add(tar, "pickle.json", b'{"text": "pickled"}')
-        add(tar, "empty.npy", npy(np.zeros((4, 128), np.float16)))
-        add(tar, "empty.json", b'{"text": "   "}')
-        add(tar, "utf.npy", npy(np.zeros((4, 128), np.float16)))
-        add(tar, "utf.json", b'{"text": "caf\xe9"}')
-        add(tar, "long.npy", npy(np.zeros((4, 128), np.float16)))
-        add(tar, "long.json", json.dumps({"text": "y" * 100}).encode())
-        add(tar, "badjson.npy", npy(np.zeros((4, 128), np.float16)))
-        add(tar, "badjson.json", b'{"text": ')
-        add(tar, "notext.npy", npy(np.zeros((4, 128), np.float16)))
-        add(tar, "notext.json", b'{"caption": "no text field"}')
-        add(tar, "toolong.npy", npy(np.zeros((65, 128), np.float16)))
-        add(tar, "toolong.json", b'{"text": "latent too long"}')
-        add(tar, "garbage.npy", b"\x93NUMPY garbage")
-        add(tar, "garbage.json", b'{"text": "garbage npy"}')
-        for name, payload in good_members("badref", "bad reference"):
-            add(tar, name, npy(np.zeros((3, 7), np.float16)) if name.endswith(".ref.npy") else payload)
-        good.append("[S1] bad reference")
-        good_sample(tar, "g2")
+    zeros = npy(np.zeros((4, 128), np.float16))
+    nan = np.zeros((4, 128), np.float16)
+    nan[1, 2] = np.nan
+    inf = np.zeros((4, 128), np.float32)
+    inf[0, 0] = np.inf
+    members = good_sample("g1") + [
+        ("nolatent.json", b'{"text": "x"}'),  # missing_latent
+        ("nojson.npy", zeros),  # missing_json
+        ("shape.npy", npy(np.zeros((4, 64), np.float16))), ("shape.json", b'{"text": "wrong shape"}'),
+        ("dtype.npy", npy(np.zeros((4, 128), np.int16))), ("dtype.json", b'{"text": "wrong dtype"}'),
+        ("nan.npy", npy(nan)), ("nan.json", b'{"text": "nan"}'),
+        ("inf.npy", npy(inf)), ("inf.json", b'{"text": "inf"}'),
+        ("pickle.npy", npy(np.array([{"evil": 1}], dtype=object), allow_pickle=True)),
+        ("pickle.json", b'{"text": "pickled"}'),
+        ("empty.npy", zeros), ("empty.json", b'{"text": "   "}'),
+        ("utf.npy", zeros), ("utf.json", b'{"text": "caf\xe9"}'),
+        ("long.npy", zeros), ("long.json", json.dumps({"text": "y" * 100}).encode()),
+        ("badjson.npy", zeros), ("badjson.json", b'{"text": '),
+        ("notext.npy", zeros), ("notext.json", b'{"caption": "no text field"}'),
+        ("toolong.npy", npy(np.zeros((65, 128), np.float16))), ("toolong.json", b'{"text": "latent too long"}'),
+        ("garbage.npy", b"\x93NUMPY garbage"), ("garbage.json", b'{"text": "garbage npy"}')]
+    members += [(name, npy(np.zeros((3, 7), np.float16)) if name.endswith(".ref.npy") else payload)
+                for name, payload in good_members("badref", "bad reference")]
+    good.append("[S1] bad reference")
+    write_shard(os.path.join(directory, "dirty.tar"), members + good_sample("g2"))
     # A truncated shard: the two samples before the cut survive.
-    whole = os.path.join(directory, "whole.tmp")
-    with tarfile.open(whole, "w") as tar:
-        good_sample(tar, "t1")
-        good_sample(tar, "t2")
-        for name, payload in good_members("t3", "cut off", frames=60):
-            add(tar, name, payload)
+    whole = write_shard(os.path.join(directory, "whole.tmp"),
+                        good_sample("t1") + good_sample("t2") + good_members("t3", "cut off", frames=60))
     raw = open(whole, "rb").read()
     os.remove(whole)
     with open(os.path.join(directory, "truncated.tar"), "wb") as f:
@@ -291,8 +258,7 @@ def test_inspect_reports_the_same_counts(tmp_path):
 
 
 def test_a_corpus_with_no_usable_sample_is_an_error_not_a_hang(tmp_path):
-    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
-        add(tar, "x.json", b'{"text": "no latent"}')
+    write_shard(tmp_path / "bad.tar", [("x.json", b'{"text": "no latent"}')])
     p = Pipeline(config(str(tmp_path)))
     with pytest.raises(DataError, match="no usable sample"):
         next(p)
@@ -390,42 +356,42 @@ def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
                           "--shards", "2", "--samples-per-shard", "200", "--seed", "5"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    data.make_synthetic(str(tmp_path / "b"), 2, 200, seed=5)
+    corpus.make_synthetic(str(tmp_path / "b"), 2, 200, seed=5)
     assert open(tmp_path / "a" / "shard-00001.tar", "rb").read() == open(tmp_path / "b" / "shard-00001.tar", "rb").read()
     silence = np.load(tmp_path / "a" / "silence_latent.npy")
     assert silence.shape == (750, 128) and silence.dtype == np.float16
-    for corpus, lengths, symbols, median in (("starter", (2, 6), 8, 4), ("short", (4, 8), 8, 6),
-                                             ("medium", (4, 12), 16, 8), ("words", (10, 40), 30, 20)):
-        directory = str(tmp_path / corpus)
-        data.make_synthetic(directory, 2, 200, seed=5, corpus=corpus)
+    for which, lengths, symbols, median in (("starter", (2, 6), 8, 4), ("short", (4, 8), 8, 6),
+                                            ("medium", (4, 12), 16, 8), ("words", (10, 40), 30, 20)):
+        directory = str(tmp_path / which)
+        corpus.make_synthetic(directory, 2, 200, seed=5, corpus=which)
         samples = read_corpus(directory)
         texts = [meta["text"] for meta, _ in samples.values()]
         for meta, latent in samples.values():
-            np.testing.assert_array_equal(latent, data.synthetic_latent(meta["text"], meta["speaker"], 5, corpus))
-            assert len(latent) == data.SYNTHETIC_CORPORA[corpus].frames_per_byte * len(meta["text"].encode())
+            np.testing.assert_array_equal(latent, corpus.synthetic_latent(meta["text"], meta["speaker"], 5, which))
+            assert len(latent) == corpus.SYNTHETIC_CORPORA[which].frames_per_byte * len(meta["text"].encode())
         size = sorted(len(t.encode()) for t in texts)
         assert lengths[0] <= size[0] and size[-1] <= lengths[1] and size[len(size) // 2] >= median
         assert len(set("".join(texts))) >= symbols
-        assert {meta["speaker"] for meta, _ in samples.values()} == set(range(data.SYNTHETIC_SPEAKERS))
+        assert {meta["speaker"] for meta, _ in samples.values()} == set(range(corpus.SYNTHETIC_SPEAKERS))
         # Every held-out text is a string the training split never contains.
-        held = str(tmp_path / f"{corpus}-held-out")
-        data.make_synthetic(held, 1, 200, seed=5, corpus=corpus, held_out=True)
+        held = str(tmp_path / f"{which}-held-out")
+        corpus.make_synthetic(held, 1, 200, seed=5, corpus=which, held_out=True)
         held_texts = [meta["text"] for meta, _ in read_corpus(held).values()]
-        assert all(data.synthetic_held_out(t) for t in held_texts) and not any(map(data.synthetic_held_out, texts))
+        assert all(corpus.synthetic_held_out(t) for t in held_texts) and not any(map(corpus.synthetic_held_out, texts))
         assert not set(held_texts) & set(texts)
-        latent_len, text_len, speaker_len = data.synthetic_lengths(corpus)
+        latent_len, text_len, speaker_len = corpus.synthetic_lengths(which)
         assert all(len(lat) <= latent_len for _, lat in samples.values()) and speaker_len % 4 == 0
         assert all(data.encode_text(t, text_len) is not None for t in texts)
     # Every byte, its place in the order, and the speaker change the latent.
-    a = data.synthetic_latent("abcdefghij", 0, 5)
-    assert not np.array_equal(a, data.synthetic_latent("abcdefghiz", 0, 5))
-    assert not np.array_equal(a, data.synthetic_latent("bacdefghij", 0, 5))
-    assert not np.array_equal(a, data.synthetic_latent("abcdefghij", 1, 5))
+    a = corpus.synthetic_latent("abcdefghij", 0, 5)
+    assert not np.array_equal(a, corpus.synthetic_latent("abcdefghiz", 0, 5))
+    assert not np.array_equal(a, corpus.synthetic_latent("bacdefghij", 0, 5))
+    assert not np.array_equal(a, corpus.synthetic_latent("abcdefghij", 1, 5))
     # The letters' mean frame says little about a text: byte vectors are centred in blocks of 8 values.
     for seed in range(3):
-        byte_vectors = data.synthetic_tables(seed)[0]
+        byte_vectors = corpus.synthetic_tables(seed)[0]
         np.testing.assert_allclose(byte_vectors.reshape(32, 8, -1).mean(axis=1), 0, atol=1e-5)
-        letters = byte_vectors[np.frombuffer(data.SYNTHETIC_CORPORA["medium"].alphabet.encode(), np.uint8)]
+        letters = byte_vectors[np.frombuffer(corpus.SYNTHETIC_CORPORA["medium"].alphabet.encode(), np.uint8)]
         assert np.linalg.norm(letters.mean(axis=0)) < 0.2 * np.linalg.norm(letters, axis=1).mean()
 
 
@@ -435,13 +401,12 @@ def speaker_corpus(directory, speakers, per_shard, prefix="spk"):
     """One shard per speaker, as a corpus cut from a manifest sorted by speaker comes out."""
     os.makedirs(directory, exist_ok=True)
     for s in range(speakers):
-        with tarfile.open(os.path.join(directory, f"shard-{s:05d}.tar"), "w") as tar:
-            for i in range(per_shard):
-                key = f"{prefix}{s:03d}-{i:05d}"
-                for name, payload in good_members(key, f"{prefix} {s} says {i}", frames=8):
-                    if name.endswith(".json"):
-                        payload = json.dumps({"text": f"{prefix} {s} says {i}", "speaker": f"{prefix}{s}"}).encode()
-                    add(tar, name, payload)
+        members = []
+        for i in range(per_shard):
+            meta = json.dumps({"text": f"{prefix} {s} says {i}", "speaker": f"{prefix}{s}"}).encode()
+            members += [(name, meta if name.endswith(".json") else payload)
+                        for name, payload in good_members(f"{prefix}{s:03d}-{i:05d}", f"{prefix} {s} says {i}", frames=8)]
+        write_shard(os.path.join(directory, f"shard-{s:05d}.tar"), members)
 
 
 @pytest.mark.parametrize("speakers", [16, 64])

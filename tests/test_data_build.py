@@ -1,4 +1,4 @@
-"""data.py build: real recordings (espeak-ng) in several formats -> shards -> inspect -> pipeline -> Hub."""
+"""corpus.py build: real recordings (espeak-ng) in several formats -> shards -> inspect -> pipeline -> Hub."""
 import csv
 import io
 import json
@@ -13,6 +13,7 @@ import soundfile
 import soxr
 import torch
 
+import corpus
 import dacvae
 import data
 
@@ -33,7 +34,7 @@ def speak(text, voice, path):
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def recordings(tmp_path_factory):
     """A manifest of real recordings in wav/flac/mp3/ogg at several rates, mono and stereo, plus bad rows."""
     root = tmp_path_factory.mktemp("corpus")
     weights = root / "codec.pth"
@@ -69,8 +70,8 @@ def corpus(tmp_path_factory):
             "long_seconds": len(long_audio) / native}
 
 
-def build(corpus, out, *extra):
-    return data.main(["build", corpus["manifest"], str(out), "--dacvae_weights", corpus["weights"],
+def build(recordings, out, *extra):
+    return corpus.main(["build", recordings["manifest"], str(out), "--dacvae_weights", recordings["weights"],
                       "--shard_size", "3", "--batch_size", "2", "--max_seconds", "5", *extra])
 
 
@@ -83,10 +84,10 @@ def npy(raw):
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
-def test_build_inspect_and_stream(corpus, tmp_path, capsys):
-    assert corpus["long_seconds"] > 5
+def test_build_inspect_and_stream(recordings, tmp_path, capsys):
+    assert recordings["long_seconds"] > 5
     out = tmp_path / "shards"
-    assert build(corpus, out) == 0
+    assert build(recordings, out) == 0
     printed = capsys.readouterr().out
     assert "5 clips" in printed and "skipped 5 of 11" in printed and "held out for validation: 1 clips" in printed
     report = json.loads((out / "manifest.json").read_text())
@@ -106,11 +107,11 @@ def test_build_inspect_and_stream(corpus, tmp_path, capsys):
     assert report["no_reference"] == sum(k + ".ref.npy" not in members for k in {n.split(".")[0] for n in members})
     keys = sorted({name.split(".")[0] for name in members})
     assert len(keys) == 6
-    codec = dacvae.DACVAE.load(corpus["weights"])
+    codec = dacvae.DACVAE.load(recordings["weights"])
     latents = {k: npy(members[k + ".npy"]) for k in keys}
     for k in keys:
         meta = json.loads(members[k + ".json"])
-        row = corpus["rows"][int(k)]
+        row = recordings["rows"][int(k)]
         assert meta["text"] == row["transcript"] and meta["speaker"] == row["speaker_id"] and meta["lang"] == "en"
         assert meta["source"].endswith(row["path"]) and meta["duration"] > 1
         latent = latents[k]
@@ -147,12 +148,12 @@ def test_build_inspect_and_stream(corpus, tmp_path, capsys):
     val.close()
 
 
-def test_build_resumes_after_a_crash_and_skips_complete_shards(corpus, tmp_path, monkeypatch):
+def test_build_resumes_after_a_crash_and_skips_complete_shards(recordings, tmp_path, monkeypatch):
     clean = tmp_path / "clean"
-    assert build(corpus, clean) == 0
+    assert build(recordings, clean) == 0
     out = tmp_path / "crashed"
     calls = {"n": 0}
-    real = data._add_member
+    real = corpus.add_member
 
     def crash_in_the_second_shard(tar, name, payload):
         calls["n"] += 1
@@ -160,29 +161,29 @@ def test_build_resumes_after_a_crash_and_skips_complete_shards(corpus, tmp_path,
             raise KeyboardInterrupt("power cut")
         real(tar, name, payload)
 
-    monkeypatch.setattr(data, "_add_member", crash_in_the_second_shard)
+    monkeypatch.setattr(corpus, "add_member", crash_in_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        build(corpus, out)
-    monkeypatch.setattr(data, "_add_member", real)
+        build(recordings, out)
+    monkeypatch.setattr(corpus, "add_member", real)
     assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["shard-00000.tar"]  # no partial shard
     first = os.stat(out / "shard-00000.tar")
-    assert build(corpus, out) == 0
+    assert build(recordings, out) == 0
     assert os.stat(out / "shard-00000.tar").st_ino == first.st_ino  # skipped, not rewritten
     for name in ("shard-00000.tar", "shard-00001.tar", "val-00000.tar", "manifest.json", "silence_latent.npy"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     # Another manifest into the same directory is refused.
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps({"audio": "x.wav", "text": "t", "speaker": "s"}) + "\n")
-    assert data.main(["build", str(other), str(out), "--dacvae_weights", corpus["weights"]]) == 2
+    assert corpus.main(["build", str(other), str(out), "--dacvae_weights", recordings["weights"]]) == 2
 
 
-def test_push_to_hub_resumes_and_streams_back(corpus, tmp_path, hub, capsys):
+def test_push_to_hub_resumes_and_streams_back(recordings, tmp_path, hub, capsys):
     out = tmp_path / "shards"
     hub.fail_next("/commit/main", 1, 500)  # the first commit fails: the push stops with one sentence
-    assert build(corpus, out, "--push_to_hub", "me/speech") == 2
+    assert build(recordings, out, "--push_to_hub", "me/speech") == 2
     assert "could not push" in capsys.readouterr().err
     before = len(hub.commits)
-    assert build(corpus, out, "--push_to_hub", "me/speech", "--json") == 0
+    assert build(recordings, out, "--push_to_hub", "me/speech", "--json") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["pushed_files"] == 4 and report["hub"] == "hf://datasets/me/speech"
     files = hub.repos[("dataset", "me/speech")]
@@ -190,7 +191,7 @@ def test_push_to_hub_resumes_and_streams_back(corpus, tmp_path, hub, capsys):
                              "val-00000.tar"]
     assert files["shard-00001.tar"] == (out / "shard-00001.tar").read_bytes()
     # Pushing again uploads nothing but the manifest.
-    assert build(corpus, out, "--push_to_hub", "me/speech") == 0
+    assert build(recordings, out, "--push_to_hub", "me/speech") == 0
     assert [added for _, added in hub.commits[before:]] == [
         ["shard-00000.tar", "shard-00001.tar", "val-00000.tar", "silence_latent.npy"], ["manifest.json"],
         ["manifest.json"]]
@@ -199,19 +200,19 @@ def test_push_to_hub_resumes_and_streams_back(corpus, tmp_path, hub, capsys):
     pipeline.close()
 
 
-def test_bad_manifests_are_one_sentence(corpus, tmp_path, capsys):
+def test_bad_manifests_are_one_sentence(recordings, tmp_path, capsys):
     no_speaker = tmp_path / "m.csv"
     no_speaker.write_text("path,transcript\nclips/clip0.wav,hello\n")
     cases = [(str(tmp_path / "absent.csv"), "does not exist"), (str(no_speaker), "no speaker column")]
     for manifest, needle in cases:
-        assert data.main(["build", manifest, str(tmp_path / "o"), "--dacvae_weights", corpus["weights"]]) == 2
+        assert corpus.main(["build", manifest, str(tmp_path / "o"), "--dacvae_weights", recordings["weights"]]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
 
 
-def test_build_holds_out_whole_speakers(corpus, tmp_path, capsys):
+def test_build_holds_out_whole_speakers(recordings, tmp_path, capsys):
     out = tmp_path / "unseen"
-    assert build(corpus, out, "--val_speakers", "1", "--json") == 0
+    assert build(recordings, out, "--val_speakers", "1", "--json") == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     speakers = lambda names: {json.loads(v)["speaker"] for n in names for k, v in read_tar(out / n).items()
                               if k.endswith(".json")}
@@ -220,16 +221,16 @@ def test_build_holds_out_whole_speakers(corpus, tmp_path, capsys):
     assert len(val) == 1 and not train & val and len(train) == 2
     assert report["val_speakers"] == report["unseen_val_speakers"] == 1
     assert report["samples"] + report["val_samples"] == 6
-    assert build(corpus, tmp_path / "none", "--val_speakers", "3") == 2
+    assert build(recordings, tmp_path / "none", "--val_speakers", "3") == 2
     assert "leaves no speaker for training" in capsys.readouterr().err
 
 
 def test_split_shuffles_a_sorted_manifest_and_holds_out_a_fraction():
     rows = [{"speaker": f"spk{i // 100}"} for i in range(1000)]  # sorted by speaker, as LibriTTS comes
-    train, val = data.split_clips(rows, list(range(1000)), seed=0, val_fraction=0.02, val_min=8)
+    train, val = corpus.split_clips(rows, list(range(1000)), seed=0, val_fraction=0.02, val_min=8)
     assert len(val) == 20 and sorted(train + val) == list(range(1000))
     assert len({rows[i]["speaker"] for i in train[:32]}) >= 8  # a shard's first rows span most speakers
-    assert data.split_clips(rows, list(range(1000)), seed=0, val_fraction=0.001, val_min=8)[1].__len__() == 8
-    assert data.split_clips(rows, list(range(20)), seed=0, val_fraction=0.01, val_min=8)[1].__len__() == 5
-    assert data.split_clips(rows, list(range(1000)), seed=1, val_fraction=0.02)[1] != val
-    assert data.split_clips(rows, list(range(1000)), seed=0, val_fraction=0)[1] == []
+    assert corpus.split_clips(rows, list(range(1000)), seed=0, val_fraction=0.001, val_min=8)[1].__len__() == 8
+    assert corpus.split_clips(rows, list(range(20)), seed=0, val_fraction=0.01, val_min=8)[1].__len__() == 5
+    assert corpus.split_clips(rows, list(range(1000)), seed=1, val_fraction=0.02)[1] != val
+    assert corpus.split_clips(rows, list(range(1000)), seed=0, val_fraction=0)[1] == []

@@ -11,6 +11,7 @@ import pytest
 import soundfile
 from conftest import REPO
 
+import checkpoint
 import dacvae
 import data
 import inference
@@ -413,7 +414,7 @@ def test_restricted_unpickling_refuses_a_crafted_pickle(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a safe checkpoint" in err and "system" in err
     assert not os.path.exists(BOOM_FILE)
-    with pytest.raises(echo.CheckpointError):
+    with pytest.raises(checkpoint.CheckpointError):
         inference.load_model(str(evil))
 
 
@@ -434,7 +435,7 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
     truncated = tmp_path / "truncated.pkl"
     truncated.write_bytes(open(run["params"], "rb").read()[:5000])
     incompatible = tmp_path / "other.pkl"
-    payload = echo.load_checkpoint_file(run["params"])
+    payload = checkpoint.load_checkpoint_file(run["params"])
     for key in ("params", "ema_params"):  # the EMA weights are the ones inference loads
         payload[key]["in_proj"]["kernel"] = np.zeros((128, 7), np.float32)
     with open(incompatible, "wb") as f:

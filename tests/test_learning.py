@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+import checkpoint
+import corpus
 import data
 import model as echo
 import train_pretrain
@@ -76,8 +78,8 @@ def test_the_demo_corpus_needs_alignment(demo):
     # Held-out texts are strings that no training shard of either stage contains.
     assert held_out and len(set(trained)) > 8000 and not set(held_out) & set(trained)
     # Order matters: swapping two bytes changes the target.
-    a = data.synthetic_latent("abcdefgh", 0, 0, "medium")
-    assert not np.array_equal(a, data.synthetic_latent("bacdefgh", 0, 0, "medium"))
+    a = corpus.synthetic_latent("abcdefgh", 0, 0, "medium")
+    assert not np.array_equal(a, corpus.synthetic_latent("bacdefgh", 0, 0, "medium"))
 
 
 def test_the_bounded_demo_run_learns_held_out_texts(demo):
@@ -90,10 +92,10 @@ def test_the_bounded_demo_run_learns_held_out_texts(demo):
 def x0_errors(run_dir, t=0.9):
     """x0 = x_t - t v on held-out samples with their own text and speaker, with another sample's
     text, and with another speaker's reference: mean squared error over the valid frames."""
-    checkpoint = sorted(glob.glob(str(run_dir / "checkpoints" / "*.params.pkl")))[-1]
-    payload = echo.load_checkpoint_file(checkpoint)
-    config = echo.config_from_checkpoint(payload)
-    params = echo.params_from_checkpoint(payload, config)
+    newest = sorted(glob.glob(str(run_dir / "checkpoints" / "*.params.pkl")))[-1]
+    payload = checkpoint.load_checkpoint_file(newest)
+    config = checkpoint.config_from_checkpoint(payload)
+    params = checkpoint.params_from_checkpoint(payload, config)
     module = echo.EchoDiT(config)
     lengths = payload["max_lengths"]
     pipeline = data.Pipeline(data.DataConfig(

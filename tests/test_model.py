@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from conftest import DATA, REPO
 
+from checkpoint import params_from_checkpoint
 from model import (PRESETS, EchoConfig, EchoDiT, abstract_params, count_params, export_reference_params,
-                   flops_per_sample, import_reference_params, init_params, logical_axis_rules, params_from_checkpoint)
+                   flops_per_sample, import_reference_params, init_params, logical_axis_rules)
 
 VECTORS = os.path.join(DATA, "echo_dit_tiny")
 

@@ -40,7 +40,7 @@ def write_samples(metrics_path, step, texts=("hello there", "a second prompt")):
     import soundfile
     from PIL import Image
 
-    directory = metrics_path.parent / "samples" / f"step_{step:07d}"
+    directory = metrics_path.parent / "samples" / f"{step:07d}"
     directory.mkdir(parents=True)
     entries = []
     for i, text in enumerate(texts):

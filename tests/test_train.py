@@ -1,6 +1,6 @@
+import collections
 import dataclasses
 import glob
-import io
 import json
 import logging
 import os
@@ -10,17 +10,23 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 
 import numpy as np
 import pytest
 import soundfile
 from conftest import PATIENT_COLLECTIVES, REPO
-import full_disk
+from tensorboard.backend.event_processing import plugin_event_accumulator
 
+import checkpoint
+import dacvae
+import full_disk
+import inference
 import model as echo
+import monitor
+import pod
 import train_pretrain
+from shards import npy, write_shard
 
 FAST = ["--preset", "tiny", "--synthetic_corpus", "short", "--steps", "12", "--global_batch_size", "8",
         "--max_latent_len", "80", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6",
@@ -40,7 +46,7 @@ def final_params(checkpoint_dir, step):
     """The full train state of a checkpoint, through `train_pretrain.py export`."""
     out = f"{checkpoint_dir}-step{step}.pkl"
     assert train_pretrain.main(["export", os.path.join(checkpoint_dir, f"step_{step:07d}"), out]) == 0
-    return echo.load_checkpoint_file(out)
+    return checkpoint.load_checkpoint_file(out)
 
 
 def checkpoint_steps(checkpoint_dir):
@@ -78,44 +84,53 @@ def test_loss_decreases_and_metrics_parse(tmp_path):
     evals = [m for m in metrics if m.get("event") == "eval"]
     assert all(np.isfinite(e["val_loss"]) and np.isfinite(e["synthetic_nmse"]) for e in evals)
     # The weights-only file loads into the model.
-    payload = echo.load_checkpoint_file(str(run_dir / "checkpoints" / "step_0000060.params.pkl"))
-    config = echo.config_from_checkpoint(payload)
+    payload = checkpoint.load_checkpoint_file(str(run_dir / "checkpoints" / "step_0000060.params.pkl"))
+    config = checkpoint.config_from_checkpoint(payload)
     assert config.model_size == echo.PRESETS["tiny"].model_size
-    echo.params_from_checkpoint(payload, config)
+    checkpoint.params_from_checkpoint(payload, config)
 
 
-def test_lossless_resume_in_one_process_needs_no_flags(tmp_path, capsys):
-    # `medium` trains on its primer for the first 70% of the steps (8 of 12): the split falls on the switch.
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """A 12-step run straight, and the same run stopped after 8 steps (`medium` trains on its primer
+    for the first 70% of the steps: the stop falls on the switch), then restarted with nothing but
+    where it lives (process 0 on another worker: no local metrics file)."""
+    tmp_path = tmp_path_factory.mktemp("resumed")
     straight = run_inprocess(tmp_path, "straight", "--synthetic_corpus", "medium")
     split = run_inprocess(tmp_path, "split", "--synthetic_corpus", "medium", "--run_steps", "8")
-    assert checkpoint_steps(split / "checkpoints") == [8]
-    capsys.readouterr()
-    # A flag that contradicts the run is refused in one sentence.
-    assert train_pretrain.main(["--run_dir", str(split), "--lr", "1e-3"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--lr 0.001 contradicts this run's 0.002" in err[0] and "--override lr" in err[0], err
-    # Where the run lives is all a restart needs: preset, data, lengths, schedule and seed come back.
-    # Process 0 on another worker: no local metrics file; the history comes from beside the checkpoints.
+    stopped_at = checkpoint_steps(split / "checkpoints")
     os.remove(split / "metrics.jsonl")
     assert train_pretrain.main(["--run_dir", str(split), "--log_every", "1"]) == 0
+    return tmp_path, straight, split, stopped_at
+
+
+def test_a_run_resumes_bit_for_bit_with_no_flags(resumed):
+    _, straight, split, stopped_at = resumed
+    assert stopped_at == [8]
     a, b = final_params(str(straight / "checkpoints"), 12), final_params(str(split / "checkpoints"), 12)
-    assert_trees_equal(a["params"], b["params"])
-    assert_trees_equal(a["opt_state"], b["opt_state"])
-    assert_trees_equal(a["ema_params"], b["ema_params"])
+    for key in ("params", "opt_state", "ema_params"):
+        assert_trees_equal(a[key], b[key])
     ma, mb = read_metrics(straight / "metrics.jsonl"), read_metrics(split / "metrics.jsonl")
     lr = lambda m: [x["lr"] for x in m if "loss" in x and "event" not in x]
-    assert losses(ma) == losses(mb) and lr(ma) == lr(mb) and len(losses(mb)) == 12
+    assert losses(ma) == losses(mb) and lr(ma) == lr(mb) and len(losses(mb)) == 12  # history from beside the ckpts
     assert any(m.get("event") == "resumed" for m in mb)
     switches = lambda m: [(x["step"], os.path.basename(x["source"])) for x in m if x.get("event") == "data_stage"]
     assert switches(ma) == switches(mb) == [(8, "synthetic-medium-0-0")]
     assert lr(ma)[8] == 0.0 < lr(ma)[7]  # the second stage warms up again
-    # A deliberate change needs --override, and is logged.
-    assert train_pretrain.main(["--run_dir", str(split), "--steps", "14", "--override", "steps"]) == 0
-    changed = [m for m in read_metrics(split / "metrics.jsonl") if m.get("event") == "flag_changed"]
-    assert [(c["flag"], c["before"], c["after"], c["step"]) for c in changed] == [("steps", 12, 14, 12)]
-    assert max(m["step"] for m in read_metrics(split / "metrics.jsonl") if "loss" in m) == 14
-    # The seed's pickle format is the exchange format: step 8 exported, then --resume FILE.pkl in a new
-    # directory continues bit for bit, and a plain restart there resumes from its own checkpoints.
+
+
+def test_a_flag_that_contradicts_the_run_is_refused_in_one_sentence(resumed, capsys):
+    split = resumed[2]
+    capsys.readouterr()
+    assert train_pretrain.main(["--run_dir", str(split), "--lr", "1e-3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr 0.001 contradicts this run's 0.002" in err[0] and "--override lr" in err[0], err
+
+
+def test_the_seed_pickle_resumes_bit_for_bit_in_another_directory(resumed):
+    """Step 8 exported to the seed's full pickle; --resume FILE.pkl in a new directory continues bit
+    for bit, and a plain restart there resumes from its own checkpoints."""
+    tmp_path, straight, split, _ = resumed
     exported = final_params(str(split / "checkpoints"), 8)
     assert exported["step"] == 8 and exported["samples_seen"] == 64 and "data_states" in exported
     moved = tmp_path / "moved"
@@ -123,8 +138,17 @@ def test_lossless_resume_in_one_process_needs_no_flags(tmp_path, capsys):
                                 str(split / "checkpoints-step8.pkl"), "--run_steps", "3"]) == 0
     assert checkpoint_steps(moved / "checkpoints") == [11]
     assert train_pretrain.main(["--run_dir", str(moved)]) == 0
+    a = final_params(str(straight / "checkpoints"), 12)
     assert_trees_equal(a["params"], final_params(str(moved / "checkpoints"), 12)["params"])
-    assert losses(read_metrics(moved / "metrics.jsonl")) == losses(ma)[8:]
+    assert losses(read_metrics(moved / "metrics.jsonl")) == losses(read_metrics(straight / "metrics.jsonl"))[8:]
+
+
+def test_a_deliberate_change_needs_override_and_is_logged(resumed):
+    split = resumed[2]
+    assert train_pretrain.main(["--run_dir", str(split), "--steps", "14", "--override", "steps"]) == 0
+    changed = [m for m in read_metrics(split / "metrics.jsonl") if m.get("event") == "flag_changed"]
+    assert [(c["flag"], c["before"], c["after"], c["step"]) for c in changed] == [("steps", 12, 14, 12)]
+    assert max(m["step"] for m in read_metrics(split / "metrics.jsonl") if "loss" in m) == 14
 
 
 def test_checkpoints_on_gs_resume_bit_exactly(tmp_path, gcs):
@@ -139,21 +163,22 @@ def test_checkpoints_on_gs_resume_bit_exactly(tmp_path, gcs):
     names = sorted(p.name for p in epath.Path(bucket).iterdir())
     assert names == ["metrics.jsonl", "run_flags.json", "step_0000002", "step_0000002.params.pkl"], names
     assert train_pretrain.main(["--run_dir", str(tmp_path / "local"), "--checkpoint_dir", bucket]) == 0
-    assert losses(read_metrics(tmp_path / "local" / "metrics.jsonl")) == losses(read_metrics(straight / "metrics.jsonl"))
+    assert losses(read_metrics(tmp_path / "local" / "metrics.jsonl")) == \
+        losses(read_metrics(straight / "metrics.jsonl"))
     names = sorted(p.name for p in epath.Path(bucket).iterdir())
     assert "step_0000004" in names and "step_0000004.params.pkl" in names
-    exported = echo.load_checkpoint_file(f"{bucket}/step_0000004.params.pkl")  # restricted unpickling
-    local = echo.load_checkpoint_file(str(straight / "checkpoints" / "step_0000004.params.pkl"))
+    exported = checkpoint.load_checkpoint_file(f"{bucket}/step_0000004.params.pkl")  # restricted unpickling
+    local = checkpoint.load_checkpoint_file(str(straight / "checkpoints" / "step_0000004.params.pkl"))
     assert exported["step"] == 4
     assert_trees_equal(exported["params"], local["params"])
     history = [json.loads(line) for line in epath.Path(bucket, "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in history if m.get("event") == "resumed"] == [2]
     # export, inference and --resume/--init_from read gs:// too (a pickle every host of a pod reads).
     assert train_pretrain.main(["export", f"{bucket}/step_0000004", f"{bucket}/full.pkl"]) == 0
-    full = echo.load_checkpoint(f"{bucket}/full.pkl")
+    full = checkpoint.load_checkpoint(f"{bucket}/full.pkl")
     assert full["step"] == 4 and "opt_state" in full
     assert_trees_equal(full["params"], local["params"])
-    assert echo.load_checkpoint(bucket)["step"] == 4
+    assert checkpoint.load_checkpoint(bucket)["step"] == 4
     args = train_pretrain.parse_args(["--run_dir", str(tmp_path / "tuned"), "--init_from", f"{bucket}/full.pkl"])
     assert train_pretrain.resolve_defaults(args).init_from == f"{bucket}/full.pkl"
     with pytest.raises(train_pretrain.TrainError, match="no such checkpoint file"):
@@ -212,7 +237,7 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
         if path.is_file() and path.stat().st_size > 64:
             path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
 
-    real, gathered = train_pretrain.StreamingPickler.reducer_override, []
+    real, gathered = checkpoint.StreamingPickler.reducer_override, []
 
     def dying_after_three_arrays(self, obj):
         result = real(self, obj)
@@ -221,7 +246,7 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
             raise KeyboardInterrupt("power cut")
         return result
 
-    monkeypatch.setattr(train_pretrain.StreamingPickler, "reducer_override", dying_after_three_arrays)
+    monkeypatch.setattr(checkpoint.StreamingPickler, "reducer_override", dying_after_three_arrays)
     with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(KeyboardInterrupt):
         train_pretrain.main(["--run_dir", str(run_dir), "--steps", "6", "--override", "steps"])
     assert "step_0000004 is unreadable" in caplog.text and "resuming from step 2 instead" in caplog.text
@@ -233,12 +258,12 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
     assert not [n for n in names if n.endswith(".tmp") or n.startswith(".") or "tmp" in n], names
     assert "step_0000004.params.pkl" not in names and checkpoint_steps(ckpt) == [2, 4], names
     assert len([n for n in names if n.startswith("step_0000004.unreadable-")]) == 2, names
-    assert echo.load_checkpoint(str(ckpt))["step"] == 4  # read from the sharded checkpoint
+    assert checkpoint.load_checkpoint(str(ckpt))["step"] == 4  # read from the sharded checkpoint
     monkeypatch.undo()
     assert train_pretrain.main(["--run_dir", str(run_dir), "--steps", "6", "--override", "steps"]) == 0
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "resumed"] == [2, 4]
     assert checkpoint_steps(ckpt)[-1] == 6
-    assert int(echo.load_checkpoint(str(ckpt))["step"]) == 6
+    assert int(checkpoint.load_checkpoint(str(ckpt))["step"]) == 6
 
 
 def test_a_full_disk_during_a_save_is_one_sentence(tmp_path, monkeypatch, capsys):
@@ -261,13 +286,13 @@ def test_restricted_unpickling_refuses_code_and_unboxes_flax(tmp_path):
 
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"params": {"x": Exploit()}}))
-    with pytest.raises(echo.CheckpointError, match="not a safe checkpoint"):
-        echo.load_checkpoint_file(str(evil))
+    with pytest.raises(checkpoint.CheckpointError, match="not a safe checkpoint"):
+        checkpoint.load_checkpoint_file(str(evil))
     assert not marker.exists()
     boxed = tmp_path / "boxed.pkl"
     value = np.arange(6, dtype=np.float32).reshape(2, 3)
     boxed.write_bytes(pickle.dumps({"params": {"w": nn.LogicallyPartitioned(value, ("embed", "mlp"))}, "step": 1}))
-    loaded = echo.load_checkpoint_file(str(boxed))
+    loaded = checkpoint.load_checkpoint_file(str(boxed))
     np.testing.assert_array_equal(loaded["params"]["w"], value)
 
 
@@ -307,7 +332,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
     assert step >= 3 and step in checkpoint_steps(run_dir / "checkpoints")
     # A preemption save is only the sharded checkpoint (no pickle export); inference reads it directly.
     assert not (run_dir / "checkpoints" / f"step_{step:07d}.params.pkl").exists()
-    assert echo.load_checkpoint(str(run_dir / "checkpoints"))["step"] == step
+    assert checkpoint.load_checkpoint(str(run_dir / "checkpoints"))["step"] == step
 
 
 # ---------------------------------------------------------------- several processes
@@ -316,22 +341,12 @@ def identical_corpus(directory, count=64, seed=0):
     """Every sample the same: the global batch is then the same for any number of hosts."""
     os.makedirs(directory, exist_ok=True)
     rng = np.random.default_rng(seed)
-    latent = rng.normal(size=(30, 128)).astype(np.float16)
-    ref = rng.normal(size=(20, 128)).astype(np.float16)
+    latent, ref = npy(rng.normal(size=(30, 128)).astype(np.float16)), npy(rng.normal(size=(20, 128)).astype(np.float16))
+    text = json.dumps({"text": "the same words"}).encode()
     for shard in range(4):
-        with tarfile.open(os.path.join(directory, f"s{shard}.tar"), "w") as tar:
-            for i in range(count // 4):
-                for name, array in ((f"k{shard}_{i}.npy", latent), (f"k{shard}_{i}.ref.npy", ref)):
-                    buffer = io.BytesIO()
-                    np.save(buffer, array)
-                    payload = buffer.getvalue()
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-                payload = json.dumps({"text": "the same words"}).encode()
-                info = tarfile.TarInfo(f"k{shard}_{i}.json")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+        write_shard(os.path.join(directory, f"s{shard}.tar"), [
+            (f"k{shard}_{i}{suffix}", payload) for i in range(count // 4)
+            for suffix, payload in ((".npy", latent), (".ref.npy", ref), (".json", text))])
 
 
 def host_env(port, processes, index, devices_per_process=1):
@@ -351,20 +366,37 @@ def one_core(index):
     return ["taskset", "-c", str(index % os.cpu_count())] if shutil.which("taskset") else []
 
 
-def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=None, expect=0):
-    port = train_pretrain.coordinator_port()
-    procs = []
+Host = collections.namedtuple("Host", "output status ended")
+
+
+def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=None, host_flags=None, wrappers=None,
+            distributed_timeout=60, expect=0):
+    """The tests' one simulated pod: `processes` trainers on 127.0.0.1 (each pinned to a core, as
+    launch.sh does) with the FAST flags and `extra`; host i adds host_flags[i] and runs Python with
+    wrappers[i] (a `-c` wrapper) in front of the trainer. Returns each host's Host(output, exit
+    status, monotonic time it ended); with `expect`, every status must be that."""
+    port, procs = pod.coordinator_port(), []
     for i in range(processes):
-        env = host_env(port, processes, i, devices_per_process)
         ckpt = checkpoint_dirs[i] if checkpoint_dirs else os.path.join(run_dir, "checkpoints")
         procs.append(subprocess.Popen(
-            [*(one_core(i) if processes > 1 else []), sys.executable, os.path.join(REPO, "train_pretrain.py"),
-             "--run_dir", str(run_dir), *FAST, "--checkpoint_dir", str(ckpt), "--distributed_timeout", "60", *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outs):
-        assert p.returncode == expect, out[-3000:]
-    return outs
+            [*(one_core(i) if processes > 1 else []), sys.executable, *(wrappers or {}).get(i, ()),
+             os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir), *FAST, "--checkpoint_dir", str(ckpt),
+             "--distributed_timeout", str(distributed_timeout), *extra, *(host_flags or {}).get(i, ())],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=host_env(port, processes, i,
+                                                                                      devices_per_process)))
+    ended, deadline = [None] * processes, time.monotonic() + 600
+    while None in ended and time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+            if ended[i] is None and p.poll() is not None:
+                ended[i] = time.monotonic()
+        time.sleep(0.1)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    hosts = [Host(p.communicate()[0], p.returncode, end) for p, end in zip(procs, ended)]
+    for host in hosts if expect is not None else ():
+        assert host.status == expect, host.output[-3000:]
+    return hosts
 
 
 def test_two_processes_match_one_and_resume_losslessly(tmp_path):
@@ -388,7 +420,7 @@ def test_two_processes_match_one_and_resume_losslessly(tmp_path):
     assert losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == two
     # The same checkpoint on another number of hosts: restored onto the new mesh, with one warning
     # saying how the data order continues.
-    out = run_pod(tmp_path / "split", 1, 2, *common, "--steps", "8", "--override", "steps")[0]
+    out = run_pod(tmp_path / "split", 1, 2, *common, "--steps", "8", "--override", "steps")[0].output
     assert "data positions of 2 host(s), this run has 1" in out, out[-2000:]
     metrics = read_metrics(tmp_path / "split" / "metrics.jsonl")
     assert [m["step"] for m in metrics if m.get("event") == "resumed"][-1] == 6
@@ -400,37 +432,13 @@ def test_hosts_with_different_checkpoint_directories_are_refused(tmp_path):
     corpus = tmp_path / "corpus"
     identical_corpus(corpus)
     start = time.perf_counter()
-    outs = run_pod(tmp_path / "pod", 2, 1, "--data", str(corpus), "--steps", "2", expect=2,
-                   checkpoint_dirs=[tmp_path / "disk0", tmp_path / "disk1"])
+    outs = [host.output for host in run_pod(tmp_path / "pod", 2, 1, "--data", str(corpus), "--steps", "2", expect=2,
+                                            checkpoint_dirs=[tmp_path / "disk0", tmp_path / "disk1"])]
     assert time.perf_counter() - start < 120
     for out in outs:
         assert "host(s) 1 do not see process 0's --checkpoint_dir" in out and "gs://" in out, out[-1500:]
         assert "Traceback" not in out and "compiled" not in out
     assert not os.path.exists(tmp_path / "pod" / "metrics.jsonl")
-
-
-def pod_with_one_faulty_host(run_dir, common, host1_flags=(), host1_python=()):
-    """A 2-host pod where only host 1 has an extra flag or runs under a wrapper; returns each host's
-    output, exit status and the time it ended."""
-    port, procs = train_pretrain.coordinator_port(), []
-    for i in range(2):
-        env = host_env(port, 2, i)
-        wrapper = list(host1_python) if i == 1 else []
-        procs.append(subprocess.Popen(
-            [*one_core(i), sys.executable, *wrapper, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(run_dir),
-             *FAST, "--distributed_timeout", "120", *common, *(host1_flags if i == 1 else ())],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
-    ended, deadline = [None, None], time.monotonic() + 600
-    while None in ended and time.monotonic() < deadline:
-        for i, p in enumerate(procs):
-            if ended[i] is None and p.poll() is not None:
-                ended[i] = time.monotonic()
-        time.sleep(0.1)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    outs = [p.communicate()[0] for p in procs]
-    return outs, [p.returncode for p in procs], ended
 
 
 def test_an_error_on_one_host_stops_every_host_at_once(tmp_path):
@@ -444,16 +452,17 @@ def test_an_error_on_one_host_stops_every_host_at_once(tmp_path):
             (["--bogus", "1"], "unrecognized arguments: --bogus 1", "host 1 stopped the run: unrecognized"),
             (["--lr", "0.5"], "host(s) 1 run with other flags than process 0", "host(s) 1 run with other flags")):
         start = time.monotonic()
-        outs, codes, ended = pod_with_one_faulty_host(tmp_path / "flag", common, host1_flags=flags)
-        assert codes == [2, 2], outs
+        outs, codes, ended = zip(*run_pod(tmp_path / "flag", 2, 1, *common, host_flags={1: flags},
+                                          distributed_timeout=120, expect=None))
+        assert codes == (2, 2), outs
         assert max(ended) - start < 60, outs  # not the 120 s --distributed_timeout
         # Where both hosts meet it (different flags), either may report first: each prints it once.
         assert message in outs[1] and on_host0 in outs[0], outs
         assert "Traceback" not in outs[0] + outs[1]
-    outs, codes, ended = pod_with_one_faulty_host(
-        tmp_path / "full", common + ["--steps", "4", "--checkpoint_every", "2"],
-        host1_python=["-c", full_disk.FULL_DISK_WRAPPER])
-    assert codes == [2, 2], outs
+    outs, codes, ended = zip(*run_pod(tmp_path / "full", 2, 1, *common, "--steps", "4", "--checkpoint_every", "2",
+                                      wrappers={1: ["-c", full_disk.FULL_DISK_WRAPPER]}, distributed_timeout=120,
+                                      expect=None))
+    assert codes == (2, 2), outs
     assert abs(ended[0] - ended[1]) < 30, ended  # not the 45 s heartbeat
     assert "No space left on device" in outs[1] and "host 1 stopped the run: " in outs[0], outs
     assert "No space left on device" in outs[0].split("host 1 stopped the run: ")[1], outs[0][-1000:]
@@ -489,6 +498,34 @@ def test_val_loss_comes_from_held_out_data_only(tmp_path, caplog):
     assert len([m for m in read_metrics(tmp_path / "mixed" / "metrics.jsonl") if "val_loss" in m]) == 2
 
 
+def test_a_hub_source_is_listed_once_and_evaluated_at_its_pinned_commit(tmp_path, hub):
+    """A start lists each Hub source once (one revision lookup, one tree listing), and every pipeline
+    of the run (training, validation) reads that listing; after a resume, validation still reads
+    the commit the run is pinned to, whatever was pushed since."""
+    identical_corpus(tmp_path / "train")
+    identical_corpus(tmp_path / "held-out", count=16, seed=1)
+    for path in sorted((tmp_path / "train").glob("*.tar")):
+        hub.add_file("me/pinned", path.name, str(path), repo_type="dataset")
+    for i, path in enumerate(sorted((tmp_path / "held-out").glob("*.tar"))):
+        hub.add_file("me/pinned", f"val-{i}.tar", str(path), repo_type="dataset")
+    pinned = hub.heads[("dataset", "me/pinned")]
+    hub.requests.clear()
+    common = ["--data", "hf://datasets/me/pinned", "--steps", "4", "--eval_every", "2", "--checkpoint_every", "2"]
+    run_inprocess(tmp_path, "hub", *common, "--run_steps", "2")
+    api = [path for _, path in hub.requests if path.startswith("/api/datasets/me/pinned")]
+    assert sum("/revision/" in p for p in api) == 1 and sum("/tree/" in p for p in api) == 1, api
+    # Another validation shard is pushed; the resumed run keeps scoring the pinned commit's.
+    hub.add_file("me/pinned", "val-9.tar", str(sorted((tmp_path / "train").glob("*.tar"))[0]), repo_type="dataset")
+    assert hub.heads[("dataset", "me/pinned")] != pinned
+    hub.requests.clear()
+    assert train_pretrain.main(["--run_dir", str(tmp_path / "hub")]) == 0
+    downloads = [path for _, path in hub.requests if "/resolve/" in path]
+    assert downloads and all(f"/resolve/{pinned}/" in p for p in downloads), downloads
+    assert not any("val-9" in p for p in downloads)
+    evals = [m["val_loss"] for m in read_metrics(tmp_path / "hub" / "metrics.jsonl") if "val_loss" in m]
+    assert len(evals) == 2 and all(np.isfinite(evals))
+
+
 def test_peak_flops_come_from_the_device_kind():
     peaks = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
              "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12}
@@ -497,14 +534,11 @@ def test_peak_flops_come_from_the_device_kind():
     assert train_pretrain.peak_flops("cpu") is None and train_pretrain.peak_flops("TPU v9 hyper") is None
 
 
-def test_ema_audio_samples_tensorboard_and_profile(tmp_path):
-    """EMA weights follow their formula and reach the export; audio samples, TensorBoard events and a
-    profile are written; the dashboard lists and serves exactly the sample files."""
-    import dacvae
-    import inference
-    import monitor
-    from tensorboard.backend.event_processing import plugin_event_accumulator
-
+@pytest.fixture(scope="module")
+def sampled_run(tmp_path_factory):
+    """One 4-step run with EMA weights, audio samples every 2 steps (a random tiny codec),
+    TensorBoard events and a profile of steps 2-3: (run directory, TensorBoard directory)."""
+    tmp_path = tmp_path_factory.mktemp("sampled")
     codec = tmp_path / "codec.pth"
     assert dacvae.main(["init-random", str(codec), "--size", "tiny", "--seed", "3"]) in (0, None)
     texts = tmp_path / "texts.txt"
@@ -513,31 +547,45 @@ def test_ema_audio_samples_tensorboard_and_profile(tmp_path):
                         "--ema_decay", "0.5", "--sample_every", "2", "--sample_texts", str(texts),
                         "--dacvae_weights", str(codec), "--tensorboard_dir", str(tmp_path / "tb"),
                         "--profile_steps", "2:3", "--eval_every", "2")
-    exports = [echo.load_checkpoint_file(str(run / "checkpoints" / f"step_{k:07d}.params.pkl")) for k in (1, 2, 3, 4)]
+    return run, tmp_path / "tb"
+
+
+def test_ema_weights_follow_their_formula_into_the_export(sampled_run):
+    run, _ = sampled_run
+    exports = [checkpoint.load_checkpoint_file(str(run / "checkpoints" / f"step_{k:07d}.params.pkl"))
+               for k in (1, 2, 3, 4)]
     for k in (1, 2, 3):  # ema(k+1) = d ema(k) + (1 - d) params(k+1), d = min(decay, (1 + k) / (10 + k))
         d = min(0.5, (1 + k) / (10 + k))
         want = {n: d * e + (1 - d) * p for (n, e), p in zip(echo.flatten(exports[k - 1]["ema_params"]).items(),
-                                                          echo.flatten(exports[k]["params"]).values())}
+                                                            echo.flatten(exports[k]["params"]).values())}
         for name, value in echo.flatten(exports[k]["ema_params"]).items():
             np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-6, err_msg=name)
     assert not all(np.array_equal(a, b) for a, b in zip(echo.flatten(exports[3]["params"]).values(),
-                                                      echo.flatten(exports[3]["ema_params"]).values()))
+                                                        echo.flatten(exports[3]["ema_params"]).values()))
     path = str(run / "checkpoints" / "step_0000004.params.pkl")
     ema, raw = inference.load_model(path), inference.load_model(path, weights="raw")
     first = lambda tree: echo.flatten(tree)[sorted(echo.flatten(tree))[0]]
-    np.testing.assert_array_equal(first(ema.params), first(echo.params_from_checkpoint(
+    np.testing.assert_array_equal(first(ema.params), first(checkpoint.params_from_checkpoint(
         exports[3], ema.config, key="ema_params")))
     assert not np.array_equal(first(ema.params), first(raw.params))
-    metrics = read_metrics(run / "metrics.jsonl")
-    evals = [m for m in metrics if m.get("event") == "eval"]
+    evals = [m for m in read_metrics(run / "metrics.jsonl") if m.get("event") == "eval"]
     assert len(evals) == 2 and all(np.isfinite(e["val_loss_ema"]) for e in evals if "val_loss" in e)
+
+
+def test_an_unknown_chip_reports_no_mfu(sampled_run):
+    metrics = read_metrics(sampled_run[0] / "metrics.jsonl")
     start = next(m for m in metrics if m.get("event") == "start")
     assert start["device_kind"] == "cpu" and start["peak_flops_per_chip"] is None
-    assert not [m for m in metrics if "mfu" in m]  # an unknown chip reports no MFU rather than a wrong one
+    assert not [m for m in metrics if "mfu" in m]
 
-    # Audio samples at steps 2 and 4: two prompts plus a ground truth, 48 kHz, named by a samples event.
-    events = [m for m in metrics if m.get("event") == "samples"]
+
+def test_audio_samples_are_written_and_announced(sampled_run):
+    """At steps 2 and 4: two prompts plus a ground truth, 48 kHz wavs and PNG spectrograms, named by
+    a samples event, in a directory whose name is no checkpoint's."""
+    run, _ = sampled_run
+    events = [m for m in read_metrics(run / "metrics.jsonl") if m.get("event") == "samples"]
     assert [e["step"] for e in events] == [2, 4] and all(e["weights"] == "ema" for e in events)
+    assert os.path.dirname(events[-1]["index"]) == train_pretrain.samples_dir(str(run), 4)
     index = json.loads(open(events[-1]["index"]).read())
     assert [e["text"] for e in index["samples"]][:2] == ["hello there", "second prompt"]
     assert [e["kind"] for e in index["samples"]] == ["generated", "generated", "ground truth"]
@@ -547,17 +595,18 @@ def test_ema_audio_samples_tensorboard_and_profile(tmp_path):
         assert open(os.path.join(os.path.dirname(events[-1]["index"]), entry["spectrogram"]), "rb").read(4) == \
             b"\x89PNG"
 
-    # TensorBoard: every step's loss and the audio, read back with TensorBoard's own reader.
-    reader = plugin_event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
+
+def test_tensorboard_holds_every_step_the_evals_the_audio_and_a_profile(sampled_run):
+    reader = plugin_event_accumulator.EventAccumulator(str(sampled_run[1]), size_guidance={"tensors": 0})
     reader.Reload()
     assert len(reader.Tensors("train/loss")) == 4 and len(reader.Tensors("eval/val_loss_ema")) == 2
-    assert "train/loss_by_t/0.0-0.2" in reader.PluginTagToContent("scalars") or \
-        any(t.startswith("train/loss_by_t/") for t in reader.PluginTagToContent("scalars"))
+    assert any(t.startswith("train/loss_by_t/") for t in reader.PluginTagToContent("scalars"))
     assert len(reader.PluginTagToContent("audio")) == 3
-    assert glob.glob(str(tmp_path / "tb" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert glob.glob(str(sampled_run[1] / "plugins" / "profile" / "*" / "*.xplane.pb"))
 
-    # The dashboard lists the samples and serves exactly the files an index names.
-    store = monitor.MetricsStore(str(run / "metrics.jsonl"))
+
+def test_the_dashboard_serves_exactly_the_sample_files(sampled_run):
+    store = monitor.MetricsStore(str(sampled_run[0] / "metrics.jsonl"))
     store.poll()
     listed = store.samples()
     assert [s["step"] for s in listed] == [4, 2] and listed[0]["samples"][0]["text"] == "hello there"
@@ -584,7 +633,7 @@ def test_a_resume_on_changed_shards_stops_unless_accepted(tmp_path, capsys):
 
 def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
     identical_corpus(tmp_path / "corpus")
-    env = host_env(train_pretrain.coordinator_port(), 2, 0)  # host 1 never starts
+    env = host_env(pod.coordinator_port(), 2, 0)  # host 1 never starts
     out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(tmp_path / "r"),
                           "--data", str(tmp_path / "corpus"), "--distributed_timeout", "5"],
                          capture_output=True, text=True, env=env, timeout=120)
@@ -594,7 +643,7 @@ def test_a_missing_peer_ends_with_a_clear_message(tmp_path):
 
 def test_a_taken_rendezvous_port_ends_with_a_clear_message(tmp_path):
     import socket
-    port = train_pretrain.coordinator_port()
+    port = pod.coordinator_port()
     with socket.socket() as taken:  # another program listens on the port after the coordinator's
         taken.bind(("127.0.0.1", port + 1))
         taken.listen(1)

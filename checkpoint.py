@@ -1,0 +1,437 @@
+"""Everything that knows the on-disk layout of checkpoints. Under a run's --checkpoint_dir (gs://BUCKET/PATH,
+or a directory every host sees):
+
+    step_XXXXXXX/            orbax: `state` (every host writes its own shards, in the background)
+                             and `meta` (JSON: every host's data position, samples seen, config, flags)
+    step_XXXXXXX.params.pkl  the weights in the seed's pickle format, for inference.py
+    step_XXXXXXX.unreadable-TIME[.params.pkl]  a checkpoint that could not be read, set aside
+    run_flags.json           the flags the run started with (train_pretrain.restore_flags)
+    metrics.jsonl            a copy of the metrics at the last checkpoint
+
+and the seed's pickle format (`../shared/spec/formats.md`), read with restricted unpickling: a full
+training checkpoint (`python train_pretrain.py export`) or weights only. disk_watchdog.py keeps its
+own copy of these names (it must not import jax); tests hold it against what this module writes.
+"""
+
+import dataclasses
+import os
+import pickle
+import logging
+import re
+import time
+
+import flax.serialization
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore
+from etils import epath
+from jax.experimental import multihost_utils
+
+import model
+import pod
+import storage
+
+log = logging.getLogger("checkpoint")
+
+STEP_DIR = re.compile(r"^step_(\d{7})$")  # a committed orbax checkpoint
+EXPORT = re.compile(r"^step_(\d{7})\.params\.pkl$")  # the weights-only pickle beside it
+RUN_FLAGS_FILE = "run_flags.json"
+METRICS_HISTORY_FILE = "metrics.jsonl"
+BUFFER_GB = 2  # orbax's bound on the host memory a save or restore holds at once
+
+
+def step_path(directory, step):
+    """A training checkpoint's step directory (as `manager` names them)."""
+    return os.path.join(directory, f"step_{step:07d}")
+
+
+def export_path(directory, step):
+    """The weights-only pickle written beside a step directory."""
+    return step_path(directory, step) + ".params.pkl"
+
+
+# ----------------------------------------------------------------------------
+# Reading any checkpoint (pickle or training directory). Reading never runs code from the file.
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, corrupt or does not fit; main()s print it as one sentence."""
+
+
+class _Boxed:
+    """Stand-in for Flax's LogicallyPartitioned / Partitioned boxes: keeps the state, never runs code."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):  # (dict, slots) from dataclass pickling
+            state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
+        self.__dict__.update(state)
+
+
+_SAFE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"), ("builtins", "slice"), ("collections", "OrderedDict"),
+    ("copyreg", "__newobj__"), ("copyreg", "_reconstructor"), ("builtins", "object"), ("builtins", "tuple"),
+    ("builtins", "list"), ("builtins", "dict"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("builtins", "complex"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.endswith("DType"):  # numpy 2 dtype classes
+            return super().find_class(module, name)
+        if name in ("LogicallyPartitioned", "Partitioned") and module.startswith("flax"):
+            return _Boxed
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: checkpoints hold only arrays, "
+                                     "containers and scalars")
+
+
+def _unbox(tree):
+    if isinstance(tree, _Boxed):
+        return _unbox(tree.__dict__.get("value"))
+    if isinstance(tree, dict):
+        return {k: _unbox(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_unbox(v) for v in tree)
+    return tree
+
+
+def checkpoint_file_exists(path):
+    """Whether a checkpoint pickle exists: a local file, or an object on gs:// (a bucket every host reads)."""
+    if "://" in path:
+        try:
+            return epath.Path(path).is_file()
+        except Exception:  # an unreachable bucket or a refused request counts as missing
+            return False
+    return os.path.isfile(path)
+
+
+def load_checkpoint_file(path):
+    """Read a checkpoint .pkl (a local path, or gs://... through etils.epath) with restricted
+    unpickling; Flax boxes are unwrapped."""
+    if not checkpoint_file_exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        if "://" in path:
+            opened = epath.Path(path).open("rb")
+        else:
+            opened = open(path, "rb")
+        with opened as f:
+            payload = _RestrictedUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} is not a safe checkpoint ({e})") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("params"), dict):
+        raise CheckpointError(f"{path} is not an Echo checkpoint: expected a dict with 'params'")
+    return _unbox(payload)
+
+
+def find_checkpoint_step(path):
+    """(checkpoint directory, step) for a training checkpoint directory (its newest committed step)
+    or one of its step_XXXXXXX directories; local or gs://."""
+    where = epath.Path(path)
+    m = STEP_DIR.match(where.name)
+    if m and (where / "state").is_dir():
+        return str(where.parent), int(m.group(1))
+    steps = [int(m.group(1)) for m in map(STEP_DIR.match, sorted(p.name for p in where.iterdir()))
+             if m and (where / m.group(0) / "state").is_dir()] if where.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"{path} holds no complete training checkpoint (step_XXXXXXX directories)")
+    return str(where), max(steps)
+
+
+def load_checkpoint_dir(path):
+    """The weights of a training checkpoint (directory, or one step of it; local or gs://) as a
+    weights-only payload: its .params.pkl export where there is one, else the params and EMA weights
+    read from the orbax checkpoint (a preemption save has no export)."""
+    directory, step = find_checkpoint_step(path)
+    export = export_path(directory, step)
+    if epath.Path(export).is_file():
+        return load_checkpoint_file(export)
+    step_dir = step_path(directory, step)
+    try:
+        meta = storage.read_json(os.path.join(step_dir, "meta", "metadata"))
+        checkpointer = ocp.PyTreeCheckpointer()
+        tree = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata.tree
+        keys = [k for k in ("params", "ema_params") if k in tree]
+        as_numpy = {k: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[k]) for k in keys}
+        weights = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+            item={k: tree[k] for k in keys}, restore_args=as_numpy, partial_restore=True))
+    except Exception as e:  # a damaged checkpoint raises whatever its reader meets
+        raise CheckpointError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    return {**weights, "step": meta["step"], "config": meta["config"], "max_lengths": meta["max_lengths"],
+            "silence_latent": np.asarray(meta["silence_latent"], np.float16)}
+
+
+def load_checkpoint(path):
+    """A checkpoint pickle (full or weights-only) or a training checkpoint directory; local or gs://."""
+    return load_checkpoint_dir(path) if epath.Path(path).is_dir() else load_checkpoint_file(path)
+
+
+def config_from_checkpoint(payload, path="checkpoint"):
+    """The model.EchoConfig stored in a checkpoint, or one inferred from its parameter shapes."""
+    stored = payload.get("config")
+    if isinstance(stored, dict):
+        known = {f.name for f in dataclasses.fields(model.EchoConfig)}
+        return model.EchoConfig(**{k: v for k, v in stored.items() if k in known})
+    flat = model.flatten(payload["params"])
+    try:
+        if "in_proj/kernel" not in flat:
+            raise KeyError("in_proj/kernel")
+        latent, d = flat["in_proj/kernel"].shape
+        emb = flat["text_encoder/text_embedding/embedding"]
+        ds = flat["speaker_encoder/in_proj/kernel"].shape[1]
+        p = flat["speaker_encoder/in_proj/kernel"].shape[0] // latent
+        count = lambda prefix: len({k.split("/")[len(prefix.split("/")) - 1] for k in flat if k.startswith(prefix)})
+        if "layers/mlp/w1/kernel" in flat:  # our stacked layout
+            layers = flat["layers/mlp/w1/kernel"].shape[0]
+            text_layers = flat["text_encoder/layers/mlp/w1/kernel"].shape[0]
+            spk_layers = flat["speaker_encoder/layers/mlp/w1/kernel"].shape[0]
+            heads = flat["layers/attention/q_norm/weight"].shape[1]
+            text_heads = flat["text_encoder/layers/attention/q_norm/weight"].shape[1]
+            spk_heads = flat["speaker_encoder/layers/attention/q_norm/weight"].shape[1]
+            mlp, text_mlp, spk_mlp = (flat[f"{p_}layers/mlp/w1/kernel"].shape[2]
+                                      for p_ in ("", "text_encoder/", "speaker_encoder/"))
+            rank = flat["layers/attn_adaln/adaln_rank_shift/kernel"].shape[2]
+        else:  # the reference per-layer layout
+            layers = count("TransformerBlock_")
+            text_layers = count("text_encoder/TextTransformerBlock_")
+            spk_layers = count("speaker_encoder/EncoderTransformerBlock_")
+            heads = flat["TransformerBlock_0/attention/q_norm/weight"].shape[0]
+            text_heads = flat["text_encoder/TextTransformerBlock_0/attention/q_norm/weight"].shape[0]
+            spk_heads = flat["speaker_encoder/EncoderTransformerBlock_0/attention/q_norm/weight"].shape[0]
+            mlp = flat["TransformerBlock_0/mlp/w1/kernel"].shape[1]
+            text_mlp = flat["text_encoder/TextTransformerBlock_0/mlp/w1/kernel"].shape[1]
+            spk_mlp = flat["speaker_encoder/EncoderTransformerBlock_0/mlp/w1/kernel"].shape[1]
+            rank = flat["TransformerBlock_0/attn_adaln/adaln_rank_shift/kernel"].shape[1]
+        return model.EchoConfig(model_size=d, num_layers=layers, num_heads=heads, intermediate_size=mlp,
+                                latent_size=latent, timestep_embed_size=flat["cond_dense_0/kernel"].shape[0],
+                                adaln_rank=rank, encoder_model_size=ds, encoder_num_layers=spk_layers,
+                                encoder_num_heads=spk_heads, encoder_intermediate_size=spk_mlp, encoder_patch_size=p,
+                                text_vocab_size=emb.shape[0], text_model_size=emb.shape[1], text_num_layers=text_layers,
+                                text_num_heads=text_heads, text_intermediate_size=text_mlp)
+    except (KeyError, IndexError, AttributeError, ValueError) as e:
+        raise CheckpointError(f"{path} has no config and its parameters do not describe an Echo DiT "
+                              f"(missing or odd {e})") from None
+
+
+def params_from_checkpoint(payload, config: model.EchoConfig, path="checkpoint", key="params"):
+    """Parameters of a loaded checkpoint (`key`: "params", or "ema_params" for the EMA weights) in
+    this model's layout (stacked or reference per-layer)."""
+    params = payload[key]
+    flat = model.flatten(params)
+    try:
+        if any(k.startswith("TransformerBlock_") for k in flat):
+            return model.import_reference_params(flat, config)
+        # Our own layout, stacked or unrolled as it was trained (the demo preset unrolls), through the
+        # reference layout into this config's, which checks every shape.
+        trained = dataclasses.replace(config, scan_layers=any(k.startswith("layers/") for k in flat))
+        return model.import_reference_params(model.export_reference_params(params, trained), config)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path} does not fit the model config: {e}") from None
+
+
+# ----------------------------------------------------------------------------
+# Training checkpoints: orbax step directories, written and read by every host
+
+def manager(directory, keep=0, keep_period=0):
+    """The orbax manager of a checkpoint directory. It removes the temporary directories of
+    interrupted saves when it opens, and keeps the newest `keep` checkpoints (0: all) plus every
+    `keep_period`-th step."""
+    # One zarr array per leaf (no OCDBT): every host writes its own chunk objects and nothing is
+    # updated in place, so any store that can write an object serves (OCDBT's shared manifest needs
+    # conditional writes, which the Cloud Storage emulator of the tests lacks). A few hundred leaves
+    # make a few thousand objects per checkpoint on a v4-64.
+    handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=BUFFER_GB, restore_concurrent_gb=BUFFER_GB,
+                                                       use_ocdbt=False),
+                "meta": ocp.JsonCheckpointHandler()}
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep or None, keep_period=keep_period or None,
+                                           step_prefix="step", step_format_fixed_length=7,
+                                           cleanup_tmp_directories=True, enable_async_checkpointing=True)
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
+
+
+def save(manager, state, step, data_state, meta, about, export=True):
+    """Every process joins. Orbax copies this host's shards off the devices and writes them in the
+    background, with `meta` (JSON: the step, the flags, ...) and every host's `data_state`; with
+    `export`, the weights-only pickle follows (synchronously), holding `about` besides the weights.
+    Returns the seconds training waited for the sharded save and for the export."""
+    directory = str(manager.directory)
+    started = time.perf_counter()
+    meta = {**meta, "step": step, "data_states": pod.gather_json(data_state)}
+    try:  # also raises what the background write of the previous checkpoint met (a full disk, say)
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                     force=True)
+    except Exception as e:
+        raise CheckpointError(f"writing a checkpoint to {directory} failed ({type(e).__name__}: {str(e)[:200]}); "
+                              "free space there or fix its permissions, then rerun to resume from the last complete "
+                              "checkpoint") from None
+    sharded = time.perf_counter() - started
+    if export:
+        export_weights(export_path(directory, step), state, {"step": step, **about})
+    if jax.process_index() == 0:
+        storage.write_json(os.path.join(directory, RUN_FLAGS_FILE), meta["flags"])
+        prune_exports(directory, manager.all_steps())
+    return sharded, time.perf_counter() - started - sharded
+
+
+def prune_exports(directory, kept_steps):
+    """Remove the weights-only exports of checkpoints orbax has pruned."""
+    for path in epath.Path(directory).glob("step_*.params.pkl"):
+        m = EXPORT.match(path.name)
+        if m and int(m.group(1)) not in kept_steps:
+            path.unlink(missing_ok=True)
+
+
+def restore_newest(manager, target):
+    """The newest readable checkpoint, each host reading only its own shards straight onto its
+    devices (`target`: the state's ShapeDtypeStructs with their shardings): (state, meta), or None
+    when the directory holds none. An unreadable newest one is set aside with a warning and the one
+    before it is tried; every host takes the same decision."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+        error = None
+        try:
+            saved = manager.item_metadata(step)["state"]
+            wanted = dict(target)
+            if "ema_params" in wanted and "ema_params" not in saved:
+                del wanted["ema_params"]
+                log.warning("checkpoint %d holds no EMA weights: they start from its params", step)
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted),
+                                                                     meta=ocp.args.JsonRestore()))
+        except Exception as e:  # a damaged checkpoint raises whatever its reader meets
+            error = f"{type(e).__name__}: {str(e)[:200]}"
+        failed = pod.failed_hosts(error is None)
+        if not failed:
+            state = dict(restored["state"])
+            if "ema_params" in target and "ema_params" not in state:
+                state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
+            return state, restored["meta"]
+        path = step_path(str(manager.directory), step)
+        where = error or f"unreadable on host(s) {', '.join(map(str, failed))}"
+        if i + 1 == len(steps):
+            raise CheckpointError(f"no checkpoint in {manager.directory} is readable (the oldest, {path}: {where}); "
+                                  "restore them, or start a new run in another --checkpoint_dir")
+        log.warning("checkpoint %s is unreadable (%s): resuming from step %d instead", path, where, steps[i + 1])
+        set_aside(manager, step)
+    return None
+
+
+def set_aside(manager, step):
+    """Rename an unreadable checkpoint (and its export) to STEP_DIR.unreadable-TIME, out of the way of
+    the step that will be saved again under its name (and of pruning, which would count it); nothing
+    is deleted."""
+    path, export = step_path(str(manager.directory), step), export_path(str(manager.directory), step)
+    aside = f"{path}.unreadable-{int(time.time())}"
+    error = None
+    if jax.process_index() == 0:
+        try:
+            epath.Path(path).rename(aside)
+            if epath.Path(export).exists():
+                epath.Path(export).rename(aside + ".params.pkl")
+            log.warning("moved the unreadable checkpoint to %s", aside)
+        except OSError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("unreadable checkpoint set aside")
+    if pod.failed_hosts(error is None):
+        raise CheckpointError(f"cannot move the unreadable checkpoint {path} aside ({error or 'on process 0'}); "
+                              "move or remove it, then restart")
+    manager.reload()
+
+
+# ----------------------------------------------------------------------------
+# Pickles of the seed's format, written one array at a time
+
+def dict_leaves(tree):
+    """The leaves of nested dicts in insertion order: the order pickle writes them in."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from dict_leaves(value)
+    else:
+        yield tree
+
+
+class StreamingPickler(pickle.Pickler):
+    """Pickles a tree whose array leaves are fetched as numpy one at a time, when pickle reaches
+    them (`fetch(leaf)`: the numpy array, or None for an ordinary object), so that only one whole
+    array is ever on the host. Fast mode keeps no memo, which would hold every array until the end."""
+
+    def __init__(self, file, fetch):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.fast = True
+        self.fetch = fetch
+
+    def reducer_override(self, obj):
+        array = self.fetch(obj)
+        return NotImplemented if array is None else np.asarray(array).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+
+
+def gathered(obj):
+    """A sharded jax array as a whole numpy array (a collective: every process must join)."""
+    return multihost_utils.process_allgather(obj, tiled=True) if isinstance(obj, jax.Array) else None
+
+
+def export_weights(path, state, about):
+    """The weights-only pickle of the seed's format ({"params", "step", ...} with the EMA weights and
+    what inference needs), gathered one array at a time. Every process must call it."""
+    trees = {key: flax.serialization.to_state_dict(state[key]) for key in ("params", "ema_params") if key in state}
+    if jax.process_index() != 0:  # join process 0's gathers, in the order its pickler reaches the arrays
+        for leaf in dict_leaves(trees):
+            multihost_utils.process_allgather(leaf, tiled=True)
+        return
+    storage.write_atomically(path, lambda f: StreamingPickler(f, gathered).dump({**trees, **about}))
+
+
+class StoredArray:
+    """One array of a checkpoint on disk (a zarr directory), read only when it is pickled."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def read(self):
+        kvstore = self.path if "://" in self.path else {"driver": "file", "path": self.path}  # gs:// as a URL
+        return tensorstore.open({"driver": "zarr", "kvstore": kvstore}).result().read().result()
+
+
+def export_full(source, out, abstract_state):
+    """A training checkpoint (its directory, or one step of it) as one pickle of the seed's full
+    format (params, opt_state, step, samples_seen, EMA weights, config, data positions, flags), which
+    --resume and --init_from read. `abstract_state(meta, has_ema)` gives the train state's tree for
+    the checkpoint's own meta. Each array is read when the pickle reaches it: the host holds one
+    array at a time. Returns (directory, step)."""
+    try:
+        directory, step = find_checkpoint_step(source)
+        step_dir = step_path(directory, step)
+        meta = storage.read_json(os.path.join(step_dir, "meta", "metadata"))
+        stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
+        abstract = abstract_state(meta, "ema_params" in stored)
+    except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{source} is not a readable training checkpoint ({type(e).__name__}: {str(e)[:200]})") \
+            from None
+
+    def leaf(path, _):
+        node = stored
+        for key in path:  # dict keys, namedtuple fields, list indices: orbax's tree mirrors the state's
+            node = node[getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))]
+        return StoredArray(os.path.join(step_dir, "state", node.name))
+
+    lazy = jax.tree_util.tree_map_with_path(leaf, {k: v for k, v in abstract.items() if k != "step"})
+    payload = {key: flax.serialization.to_state_dict(value) for key, value in lazy.items()}
+    payload.update(step=step, samples_seen=meta["samples_seen"], config=meta["config"],
+                   max_lengths=meta["max_lengths"], silence_latent=np.asarray(meta["silence_latent"], np.float16),
+                   data_states=meta["data_states"], train_args=meta["flags"])
+    fetch = lambda obj: obj.read() if isinstance(obj, StoredArray) else None
+    try:
+        storage.write_atomically(out, lambda f: StreamingPickler(f, fetch).dump(payload))
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out} ({e.strerror or e})") from None
+    except Exception as e:  # a damaged array raises whatever tensorstore meets
+        raise CheckpointError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") \
+            from None
+    return directory, step

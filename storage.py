@@ -1,0 +1,45 @@
+"""Files that are never half written, on a local disk or on gs://, and the small JSON files of a run.
+
+A local file is written to a temporary file beside it, flushed to disk and renamed into place, so
+a crash leaves the old file or the new one, never a mix; a Cloud Storage object appears only once
+its upload completes, so it is written in place. Every writer of the project goes through here.
+"""
+
+import json
+import os
+import tempfile
+
+from etils import epath
+
+
+def write_atomically(path, write):
+    """Call write(f) with a binary file object whose bytes become `path` once it returns; if it
+    raises, `path` is left as it was. Raises OSError when the place cannot be written."""
+    path = os.fspath(path)
+    if "://" in path:
+        with epath.Path(path).open("wb") as f:
+            write(f)
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(path, payload):
+    write_atomically(path, lambda f: f.write(payload))
+
+
+def write_json(path, value, indent=1):
+    write_bytes(path, (json.dumps(value, indent=indent, sort_keys=True) + "\n").encode())
+
+
+def read_json(path):
+    return json.loads(epath.Path(path).read_text())
