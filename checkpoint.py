@@ -14,9 +14,9 @@ own copy of these names (it must not import jax); tests hold it against what thi
 """
 
 import dataclasses
+import logging
 import os
 import pickle
-import logging
 import re
 import time
 

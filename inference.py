@@ -735,7 +735,6 @@ def run(args):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
     try:
         if args.list_presets:
@@ -749,4 +748,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # force: importing orbax (through checkpoint.py) logged through absl, which gave the root logger a
+    # default handler already
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", force=True)
     sys.exit(main())

@@ -548,9 +548,15 @@ class Setup:
 
     @contextlib.contextmanager
     def sharding(self):
-        """The mesh and the logical axis rules every traced function of the run sees."""
+        """The mesh and the logical axis rules that every function of the model is traced under.
+        Host-side work stays outside: under them, the reference-layout import of a pickle's numpy
+        weights meets sharding constraints it cannot satisfy."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
+
+    def step(self, state, batch):
+        with self.sharding():
+            return self.train_step(state, batch)
 
 
 def setup_training(args, devices, backend):
@@ -693,7 +699,8 @@ def init_state(setup, seed):
             state["ema_params"] = params
         return state
 
-    return jax.jit(init, out_shardings=setup.state_shardings)()
+    with setup.sharding():
+        return jax.jit(init, out_shardings=setup.state_shardings)()
 
 
 def state_from_numpy(setup, params, opt_state, step, ema_params=None):
@@ -1004,14 +1011,15 @@ class Evaluation:
         """val_loss (and val_loss_ema) on the held-out batches, synthetic_nmse where the corpus is
         synthetic: one eval event. Returns its fields."""
         fields = {"step": step, "event": "eval"}
-        for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
-            if key in state:
-                losses = [self.loss(state[key], b, np.int32(i)) for i, b in enumerate(self.batches)]
-                fields[name] = float(np.mean([float(v) for v in losses]))
-        if self.held_out is not None:
-            fields["synthetic_nmse"] = self.synthetic_nmse(state["params"])
-            if "ema_params" in state:
-                fields["synthetic_nmse_ema"] = self.synthetic_nmse(state["ema_params"])
+        with self.setup.sharding():
+            for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
+                if key in state:
+                    losses = [self.loss(state[key], b, np.int32(i)) for i, b in enumerate(self.batches)]
+                    fields[name] = float(np.mean([float(v) for v in losses]))
+            if self.held_out is not None:
+                fields["synthetic_nmse"] = self.synthetic_nmse(state["params"])
+                if "ema_params" in state:
+                    fields["synthetic_nmse_ema"] = self.synthetic_nmse(state["ema_params"])
         self.metrics.write(**fields)
         return fields
 
@@ -1028,10 +1036,11 @@ class Evaluation:
         """Generate the fixed prompts (EMA weights where there are some); process 0 decodes them in
         the background."""
         weights = "ema_params" if "ema_params" in state else "params"
-        latents = inference.sample_latents(self.setup.module, state[weights], **self.prompts,
-                                           steps=self.args.sample_steps, cfg_scale=self.args.sample_cfg,
-                                           seed=self.args.seed + 11, num_frames=self.args.max_latent_len,
-                                           progress=False)
+        with self.setup.sharding():
+            latents = inference.sample_latents(self.setup.module, state[weights], **self.prompts,
+                                               steps=self.args.sample_steps, cfg_scale=self.args.sample_cfg,
+                                               seed=self.args.seed + 11, num_frames=self.args.max_latent_len,
+                                               progress=False)
         if self.audio is not None:
             self.audio.submit(step, latents, "ema" if weights == "ema_params" else "raw")
 
@@ -1179,70 +1188,69 @@ def train(args, on_eval=None):
     if jax.process_count() == 1:  # a pod learns of SIGTERM (or a preemption notice) through JAX's coordinator
         signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.set())
     manager = checkpoint.manager(args.checkpoint_dir, args.keep_checkpoints, args.keep_period)
-    with setup.sharding():
-        state, data_states, samples_seen = start_state(args, setup, manager, metrics)
-        # Finish building the state before the first step is dispatched: on CPU (gloo) two programs with
-        # collectives in flight at once can interleave differently on each host and deadlock.
-        jax.block_until_ready(state)
-        step = start_step = int(state["step"])
-        # A checkpoint's data position belongs to the stage of the last batch it trained.
-        stage = plan.stage(max(step - 1, 0))
-        pipeline = data.Pipeline(plan.stages[stage][1], state=None if data_states is None else
-                                 data_position(data_states, args.seed), listings=plan.listings)
-        evaluation = Evaluation(args, setup, plan, metrics, {**plan.listings, **pipeline.listings})  # its pins
-        steps_log = StepLog(args, setup, metrics, stage_flops(setup, plan.stages[stage][1]))
-        steps_log.start(start_step)
-        profile = Profile(args)
-        saving, finished, out = None, False, None
-        try:
-            while step < args.steps:
-                profile.before(step)
-                if plan.stage(step) != stage:
-                    stage, pipeline, state = next_stage(setup, plan, step, pipeline, state, metrics)
-                    steps_log.flops_per_sample = stage_flops(setup, plan.stages[stage][1])
-                started = time.perf_counter()
-                local = next(pipeline)
-                data_wait, started = time.perf_counter() - started, time.perf_counter()
-                state, out = setup.train_step(state, global_batch(setup, args, local))
-                if step in (start_step, plan.stages[stage][0]):
-                    jax.block_until_ready(out["loss"])
-                    metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - started, 2))
-                step, samples_seen = step + 1, samples_seen + args.global_batch_size
-                profile.after(step, out)
-                steps_log.dispatched(step, out, data_wait, local, pipeline, samples_seen)
-                slot_done = args.run_steps is not None and step - start_step >= args.run_steps
-                if itstime(step, args.eval_every, args.steps) and evaluation.batches:
-                    with steps_log.pause():
-                        fields = evaluation.evaluate(step, state)
-                        slot_done = slot_done or (on_eval is not None and bool(on_eval(step, fields)))
-                if evaluation.prompts is not None and itstime(step, args.sample_every):
-                    with steps_log.pause():
-                        evaluation.sample_audio(step, state)
-                # On a pod every host reaches the agreed step, then all checkpoint there.
-                preempted = multihost_utils.reached_preemption_sync_point(step) if jax.process_count() > 1 \
-                    else sigterm.is_set()
+    state, data_states, samples_seen = start_state(args, setup, manager, metrics)
+    # Finish building the state before the first step is dispatched: on CPU (gloo) two programs with
+    # collectives in flight at once can interleave differently on each host and deadlock.
+    jax.block_until_ready(state)
+    step = start_step = int(state["step"])
+    # A checkpoint's data position belongs to the stage of the last batch it trained.
+    stage = plan.stage(max(step - 1, 0))
+    pipeline = data.Pipeline(plan.stages[stage][1], state=None if data_states is None else
+                             data_position(data_states, args.seed), listings=plan.listings)
+    evaluation = Evaluation(args, setup, plan, metrics, {**plan.listings, **pipeline.listings})  # its pins
+    steps_log = StepLog(args, setup, metrics, stage_flops(setup, plan.stages[stage][1]))
+    steps_log.start(start_step)
+    profile = Profile(args)
+    saving, finished, out = None, False, None
+    try:
+        while step < args.steps:
+            profile.before(step)
+            if plan.stage(step) != stage:
+                stage, pipeline, state = next_stage(setup, plan, step, pipeline, state, metrics)
+                steps_log.flops_per_sample = stage_flops(setup, plan.stages[stage][1])
+            started = time.perf_counter()
+            local = next(pipeline)
+            data_wait, started = time.perf_counter() - started, time.perf_counter()
+            state, out = setup.train_step(state, global_batch(setup, args, local))
+            if step in (start_step, plan.stages[stage][0]):
+                jax.block_until_ready(out["loss"])
+                metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - started, 2))
+            step, samples_seen = step + 1, samples_seen + args.global_batch_size
+            profile.after(step, out)
+            steps_log.dispatched(step, out, data_wait, local, pipeline, samples_seen)
+            slot_done = args.run_steps is not None and step - start_step >= args.run_steps
+            if itstime(step, args.eval_every, args.steps) and evaluation.batches:
+                with steps_log.pause():
+                    fields = evaluation.evaluate(step, state)
+                    slot_done = slot_done or (on_eval is not None and bool(on_eval(step, fields)))
+            if evaluation.prompts is not None and itstime(step, args.sample_every):
+                with steps_log.pause():
+                    evaluation.sample_audio(step, state)
+            # On a pod every host reaches the agreed step, then all checkpoint there.
+            preempted = multihost_utils.reached_preemption_sync_point(step) if jax.process_count() > 1 \
+                else sigterm.is_set()
+            saving = note_committed(manager, metrics, saving)
+            if itstime(step, args.checkpoint_every, args.steps) or preempted or slot_done:
+                with steps_log.pause():
+                    saving = save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics,
+                                  export=not preempted)  # a preempted host has ~30 s: no pickle export
+            if preempted:
+                manager.wait_until_finished()
                 saving = note_committed(manager, metrics, saving)
-                if itstime(step, args.checkpoint_every, args.steps) or preempted or slot_done:
-                    with steps_log.pause():
-                        saving = save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics,
-                                      export=not preempted)  # a preempted host has ~30 s: no pickle export
-                if preempted:
-                    manager.wait_until_finished()
-                    saving = note_committed(manager, metrics, saving)
-                    metrics.write(event="preempted", step=step)
-                    log.info("preempted: checkpoint written at step %d, exiting", step)
-                if preempted or slot_done:
-                    break
-            steps_log.flush()
-            profile.after(None, out)
-            manager.wait_until_finished()
-            note_committed(manager, metrics, saving)
-            finished = True
-        finally:
-            # A save under way still commits when the loop fails; on a pod only when every host got this
-            # far (orbax's commit waits for all of them).
-            if finished or jax.process_count() == 1:
-                manager.close()
+                metrics.write(event="preempted", step=step)
+                log.info("preempted: checkpoint written at step %d, exiting", step)
+            if preempted or slot_done:
+                break
+        steps_log.flush()
+        profile.after(None, out)
+        manager.wait_until_finished()
+        note_committed(manager, metrics, saving)
+        finished = True
+    finally:
+        # A save under way still commits when the loop fails; on a pod only when every host got this
+        # far (orbax's commit waits for all of them).
+        if finished or jax.process_count() == 1:
+            manager.close()
     evaluation.close()
     metrics.close()
     pipeline.close()
@@ -1260,7 +1268,9 @@ def next_stage(setup, plan, step, pipeline, state, metrics):
                       out_shardings=setup.state_shardings, donate_argnums=(0,))
     metrics.write(event="data_stage", step=step, source=config.source)
     log.info("step %d: training on %s from here (EMA weights, fresh Adam moments)", step, config.source)
-    return stage, data.Pipeline(config, listings=plan.listings), restart(state)
+    with setup.sharding():
+        state = restart(state)
+    return stage, data.Pipeline(config, listings=plan.listings), state
 
 
 def save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics, export=True):
@@ -1392,7 +1402,6 @@ def export_checkpoint(source, out):
 
 
 def main(argv=None):
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax narrates every file of every save at INFO
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["export"]:
@@ -1448,4 +1457,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # force: importing orbax logged through absl, which gave the root logger a default handler already
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     sys.exit(main())
