@@ -58,6 +58,9 @@ import inference  # noqa: E402
 import model  # noqa: E402
 import pod  # noqa: E402
 import storage  # noqa: E402
+# Scripts outside this repository (acceptance checks, users' pod launchers) ask
+# `train_pretrain.coordinator_port()` for the pod's rendezvous port; pod.py owns it.
+from pod import coordinator_port  # noqa: E402,F401
 
 log = logging.getLogger("train")
 
