@@ -224,14 +224,13 @@ def test_security_routes_token_and_garbage(server, tmp_path):
 
 APPENDER = r"""
 import json, sys, time
-path, step = sys.argv[1], int(sys.argv[2])
-while True:
+path, first, last = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for step in range(first, last + 1):
     line = json.dumps({"step": step, "time": time.time(), "loss": 1.0 / (1 + 0.01 * step), "lr": 1e-4,
                        "grad_norm": 0.5, "samples_per_sec": 30.0, "latent_seconds_per_sec": 400.0,
                        "step_time": 0.3, "data_wait": 0.1}) + "\n"
     with open(path, "a") as f:  # half a line, then the rest: the monitor must wait for the newline
         f.write(line[:25]); f.flush(); time.sleep(0.05); f.write(line[25:])
-    step += 1
     time.sleep(0.25)
 """
 
@@ -313,12 +312,12 @@ def test_dashboard_in_headless_chromium(tmp_path):
 
         # New points appear without a reload.
         driver.execute_script("window.__sameDocument = true")
-        appender = start_process([sys.executable, "-c", APPENDER, str(path), "61"])
+        # The appender ends on a whole line, so the file's last line is the last point drawn.
+        appender = start_process([sys.executable, "-c", APPENDER, str(path), "61", "80"])
         wait.until(lambda d: points() >= 66)
         assert driver.execute_script("return window.__sameDocument === true")
-        appender.kill()
-        appender.wait()
-        final = sum(1 for line in open(path) if '"loss"' in line and '"event"' not in line)
+        appender.wait(timeout=60)
+        final = 80
         wait.until(lambda d: points() == final)
 
         # The smoothing slider: 0 means the EMA is the raw curve.
