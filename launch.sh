@@ -6,13 +6,14 @@
 #   bash launch.sh --local 2 --steps 50      # any train_pretrain.py flag passes through
 #
 # On a TPU pod every worker runs the same command (see README, "Training on a TPU pod"):
-#   gcloud compute tpus tpu-vm ssh NODE --zone=ZONE --worker=all \
-#       --command="bash ~/echo/launch.sh --preset 1.3B --data hf://datasets/ORG/REPO --silence_latent ~/echo/silence.npy"
+#   gcloud compute tpus tpu-vm ssh NODE --zone=ZONE --worker=all --command="setsid nohup bash ~/echo/launch.sh \
+#       --preset 1.3B --data hf://datasets/ORG/REPO --silence_latent ~/echo/silence.npy >>~/echo/launch.log 2>&1 &"
+# (setsid nohup: the run outlives the ssh session; without it a dropped connection checkpoints and stops it.)
 #
 # Each worker: puts HF_HOME, shard downloads (TMPDIR), the compilation cache and the run on the large
 # disk ($ECHO_DISK), starts disk_watchdog.py (one per machine, it holds a lock) and monitor.py (every
 # worker starts one; only process 0 writes metrics, so the dashboard with data is on the worker that
-# holds process 0, and the others say so), then execs train_pretrain.py with its output teed to a log.
+# holds process 0, and the others say so), then runs train_pretrain.py, which writes its own log (shown here).
 #
 # Environment: ECHO_DISK (default /mnt/disks/persist if it exists, else ~/echo-disk; locally ./runs),
 # ECHO_MONITOR_PORT (8080), ECHO_MONITOR_TOKEN, ECHO_MIN_FREE_GB (20; locally 2), PYTHON.
@@ -83,9 +84,23 @@ if [[ -z "$LOCAL_HOSTS" ]]; then
   # On a TPU VM (v4: /dev/accel*, v5e and later: /dev/vfio) the trainer joins the pod with
   # jax.distributed.initialize(), which finds the other workers through the metadata server.
   if compgen -G "/dev/accel*" >/dev/null || compgen -G "/dev/vfio/[0-9]*" >/dev/null; then export ECHO_TPU_POD=1; fi
-  echo "launch.sh: $(hostname): training, log $LOG_DIR/train-$(hostname).log"
-  exec > >(tee -a "$LOG_DIR/train-$(hostname).log") 2>&1
-  exec "$PYTHON" -u "${TRAIN[@]}"
+  LOG="$LOG_DIR/train-$(hostname).log"
+  echo "launch.sh: $(hostname): training, log $LOG"
+  # The trainer writes its log itself and `tail` shows it here: a shutdown that kills the terminal's
+  # readers first (as a preemption does, with SIGTERM to every process at once) cannot take the
+  # trainer's output away before its checkpoint.
+  FROM=$(($(stat -c %s "$LOG" 2>/dev/null || echo 0) + 1))
+  "$PYTHON" -u "${TRAIN[@]}" >>"$LOG" 2>&1 &
+  TRAINER=$!
+  tail -c +"$FROM" --pid="$TRAINER" -F "$LOG" 2>/dev/null &
+  TAIL=$!
+  # A signal to this script alone (kill, a dropped connection) reaches the trainer, which checkpoints.
+  trap 'kill -TERM "$TRAINER" 2>/dev/null || true' TERM INT HUP
+  while kill -0 "$TRAINER" 2>/dev/null; do wait "$TRAINER" || true; done  # a trapped signal ends `wait` early
+  STATUS=0
+  wait "$TRAINER" || STATUS=$?  # the status bash kept for it
+  wait "$TAIL" || true  # tail ends with the trainer; the companions keep running
+  exit "$STATUS"
 fi
 
 # ---- a simulated pod: N processes on 127.0.0.1 (gloo collectives), each with its own fake devices.

@@ -11,7 +11,8 @@ in under 10 minutes on a 2-core CPU, and scores what it generates on held-out te
 Checkpoints (checkpoint.py) are orbax step directories in --checkpoint_dir (gs://BUCKET/PATH, or a
 directory every host sees), with a weights-only `step_XXXXXXX.params.pkl` beside each for
 inference.py. `--resume auto` (the default) continues bit-identically from the newest readable
-one, taking the run's own flags. SIGTERM makes every host checkpoint at the same step and exit 0.
+one, taking the run's own flags. SIGTERM or SIGHUP makes every host checkpoint at the same step and
+exit 0.
 
     python train_pretrain.py export CHECKPOINT_DIR OUT.pkl    # the seed's full pickle format
 
@@ -1179,6 +1180,45 @@ def stage_flops(setup, config):
     return model.flops_per_sample(setup.config, config.max_latent_len, config.max_text_len, config.max_speaker_len)
 
 
+def stop_signals():
+    """SIGTERM (a preemption, the machine's shutdown) and SIGHUP (a dropped ssh session) both end the
+    run with a checkpoint at the next step. A single host sets the returned event; a pod learns of
+    SIGTERM through JAX's preemption notifier, which agrees on the step with the other hosts, so
+    SIGHUP is passed on to it as SIGTERM."""
+    stop = threading.Event()
+    if jax.process_count() == 1:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda signum, frame: stop.set())
+    else:
+        signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    return stop
+
+
+class OutputThatMayClose:
+    """sys.stdout or sys.stderr that turns into /dev/null once its reader is gone (a `tee` or an ssh
+    session ended by the same shutdown that preempts the run), so that printing a step never stops
+    the checkpoint that follows it."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (BrokenPipeError, ValueError):  # ValueError: the stream was closed
+            self.stream = open(os.devnull, "w")
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):
+            self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
 def train(args, on_eval=None):
     """The training loop. on_eval(step, fields), if given, sees every eval; returning True ends the
     run there (with a checkpoint), as --run_steps would."""
@@ -1187,9 +1227,7 @@ def train(args, on_eval=None):
     plan = plan_data(args, jax.process_index(), jax.process_count())
     metrics = Metrics(args.metrics_file, jax.process_index() == 0, args.tensorboard_dir,
                       history=os.path.join(args.checkpoint_dir, checkpoint.METRICS_HISTORY_FILE))
-    sigterm = threading.Event()
-    if jax.process_count() == 1:  # a pod learns of SIGTERM (or a preemption notice) through JAX's coordinator
-        signal.signal(signal.SIGTERM, lambda signum, frame: sigterm.set())
+    sigterm = stop_signals()
     manager = checkpoint.manager(args.checkpoint_dir, args.keep_checkpoints, args.keep_period)
     state, data_states, samples_seen = start_state(args, setup, manager, metrics)
     # Finish building the state before the first step is dispatched: on CPU (gloo) two programs with
@@ -1460,6 +1498,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout, sys.stderr = OutputThatMayClose(sys.stdout), OutputThatMayClose(sys.stderr)
     # force: importing orbax logged through absl, which gave the root logger a default handler already
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     sys.exit(main())

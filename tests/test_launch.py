@@ -159,12 +159,17 @@ def test_a_lost_host_stops_the_pod_with_one_line_naming_it(tmp_path):
     assert processes_of(tmp_path) == []
 
 
-def test_worker_mode_starts_companions_and_execs_the_trainer(tmp_path):
-    """Without --local (a TPU worker): companions in the background, the trainer's output teed to a log."""
-    port = free_port()
+def worker_env(tmp_path, port):
     env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     env.pop("HF_HOME", None)
+    return env
+
+
+def test_worker_mode_starts_companions_and_logs_the_trainer(tmp_path):
+    """Without --local (a TPU worker): companions in the background, the trainer's output in its log."""
+    port = free_port()
+    env = worker_env(tmp_path, port)
     try:
         out = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), *TINY, "--steps", "2", "--eval_every", "100"],
                              capture_output=True, text=True, env=env, timeout=300)
@@ -177,4 +182,45 @@ def test_worker_mode_starts_companions_and_execs_the_trainer(tmp_path):
             assert json.loads(r.read())["step"] == 2  # the dashboard keeps serving the finished run
     finally:
         for pid in processes_of(tmp_path):  # on a pod the companions outlive the run; here, clean up
+            os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_preempted_worker_checkpoints_and_the_same_command_resumes(tmp_path, signum):
+    """The machine's shutdown (SIGTERM to every process of the worker's session at once, the reader of
+    the terminal included) or a dropped ssh session (SIGHUP): the trainer checkpoints at the step it
+    reached, its log says so, every process is gone within 30 s, and the same command resumes there."""
+    command = ["bash", os.path.join(REPO, "launch.sh"), *TINY, "--steps", "100000", "--checkpoint_every", "100000",
+               "--eval_every", "100000"]
+    run = tmp_path / "disk" / "run"
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=worker_env(tmp_path, free_port()), start_new_session=True)
+    deadline = time.time() + 300
+    while len([m for m in metrics(run) if "event" not in m]) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    os.killpg(proc.pid, signum)
+    proc.stdout.close()  # the terminal's reader goes with the rest
+    stopped = time.monotonic()
+    while processes_of(tmp_path) and time.monotonic() - stopped < 30:
+        time.sleep(0.2)
+    assert processes_of(tmp_path) == []
+    lines = metrics(run)
+    preempted = [m["step"] for m in lines if m.get("event") == "preempted"]
+    assert len(preempted) == 1 and preempted[0] == max(m["step"] for m in lines if "event" not in m)
+    assert f"step_{preempted[0]:07d}" in os.listdir(run / "checkpoints")
+    log = next((run / "logs").glob("train-*.log")).read_text()
+    assert any(f"checkpoint written at step {preempted[0]}, exiting" in line for line in log.splitlines()[-5:])
+    assert "BrokenPipeError" not in log and "Traceback" not in log
+
+    again = subprocess.run([*command, "--run_steps", "2"], capture_output=True, text=True,
+                           env=worker_env(tmp_path, free_port()), timeout=300)
+    try:
+        assert again.returncode == 0, again.stdout[-3000:]
+        lines = metrics(run)
+        assert [m["step"] for m in lines if m.get("event") == "resumed"] == [preempted[0]]
+        assert max(m["step"] for m in lines if "event" not in m) == preempted[0] + 2
+        assert f"step {preempted[0] + 2}/100000" in again.stdout  # the log, shown on the terminal
+    finally:
+        for pid in processes_of(tmp_path):
             os.kill(pid, signal.SIGTERM)
