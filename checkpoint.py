@@ -4,7 +4,7 @@ or a directory every host sees):
     step_XXXXXXX/            orbax: `state` (every host writes its own shards, in the background)
                              and `meta` (JSON: every host's data position, samples seen, config, flags)
     step_XXXXXXX.params.pkl  the weights in the seed's pickle format, for inference.py
-    step_XXXXXXX.unreadable-TIME[.params.pkl]  a checkpoint that could not be read, set aside
+    step_XXXXXXX.unreadable-TIME[.params.pkl]  a damaged checkpoint, set aside
     run_flags.json           the flags the run started with (train_pretrain.restore_flags)
     metrics.jsonl            a copy of the metrics at the last checkpoint
 
@@ -21,6 +21,7 @@ import re
 import time
 
 import flax.serialization
+import flax.traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -131,15 +132,22 @@ def load_checkpoint_file(path):
     return _unbox(payload)
 
 
+def committed(step_dir):
+    """Whether orbax has finished a step directory: on gs:// a step is written in place and marked
+    complete by its commit file, so a reader during a save or after an interrupted one would
+    otherwise take half a checkpoint."""
+    return (step_dir / "state").is_dir() and ocp.step.is_path_finalized(step_dir)
+
+
 def find_checkpoint_step(path):
     """(checkpoint directory, step) for a training checkpoint directory (its newest committed step)
     or one of its step_XXXXXXX directories; local or gs://."""
     where = epath.Path(path)
     m = STEP_DIR.match(where.name)
-    if m and (where / "state").is_dir():
+    if m and committed(where):
         return str(where.parent), int(m.group(1))
     steps = [int(m.group(1)) for m in map(STEP_DIR.match, sorted(p.name for p in where.iterdir()))
-             if m and (where / m.group(0) / "state").is_dir()] if where.is_dir() else []
+             if m and committed(where / m.group(0))] if where.is_dir() else []
     if not steps:
         raise CheckpointError(f"{path} holds no complete training checkpoint (step_XXXXXXX directories)")
     return str(where), max(steps)
@@ -280,6 +288,19 @@ def save(manager, state, step, data_state, meta, about, export=True):
     return sharded, time.perf_counter() - started - sharded
 
 
+def wait_committed(manager, step):
+    """Wait for the background write of checkpoint `step` (at once when it has ended) and raise what
+    it met as one sentence: a failed write stops the run within a step of its end, not at the next
+    save, and the checkpoints before it are untouched."""
+    try:
+        manager.wait_until_finished()  # re-raises what orbax's finalize thread met
+        manager.check_for_errors()
+    except Exception as e:
+        raise CheckpointError(f"writing checkpoint {step_path(str(manager.directory), step)} failed in the "
+                              f"background ({describe(e)}); the checkpoints before it are intact: free space there "
+                              "or fix its permissions, then rerun to resume from the last complete one") from None
+
+
 def prune_exports(directory, kept_steps):
     """Remove the weights-only exports of checkpoints orbax has pruned."""
     for path in epath.Path(directory).glob("step_*.params.pkl"):
@@ -288,36 +309,114 @@ def prune_exports(directory, kept_steps):
             path.unlink(missing_ok=True)
 
 
+# What a reader meets in a checkpoint whose bytes are incomplete or corrupt (tensorstore's status codes
+# for a missing object or a short read, a decoder's complaint, unparsable JSON). Anything else (a model
+# that does not match, out of memory, permissions, the network) says nothing about the checkpoint.
+DAMAGE = re.compile(r"NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|[Cc]orrupt|Error decoding|[Cc]hecksum|JSONDecodeError|"
+                    r"FileNotFoundError|No such file")
+
+
+def causes(error):
+    """An exception and the ones it was raised from, outermost first (orbax wraps tensorstore's
+    status in a message of its own)."""
+    chain = []
+    while error is not None and all(error is not seen for seen in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def is_damage(error):
+    return any(DAMAGE.search(f"{type(e).__name__}: {e}") for e in causes(error))
+
+
+def describe(error):
+    """One line for an exception from a reader: the root cause's type and the first line of its
+    message, without the tensorstore spec it appends."""
+    root = causes(error)[-1]
+    message = str(root).split(" [tensorstore_spec")[0].strip().splitlines()
+    return f"{type(root).__name__}: {(message[0] if message else '')[:240]}"
+
+
+def model_mismatch(saved, target):
+    """Where the params saved in a checkpoint differ from the ones this run builds (None: they match)."""
+    saved_params = flax.traverse_util.flatten_dict(dict(saved.get("params", {})), sep="/")
+    wanted_params = flax.traverse_util.flatten_dict(dict(target["params"]), sep="/")
+    shape = lambda tree, k: str(tuple(tree[k].shape)) if k in tree else "absent"
+    differ = [k for k in saved_params.keys() | wanted_params.keys()
+              if shape(saved_params, k) != shape(wanted_params, k)]
+    if not differ:
+        return None
+    first = min(differ, key=lambda k: (k not in saved_params or k not in wanted_params, k))  # a shape first
+    return (f"params/{first}: {shape(saved_params, first)} saved, {shape(wanted_params, first)} here; "
+            f"{len(differ)} of {len(wanted_params)} arrays differ")
+
+
+def read_step(directory, step, target):
+    """One host's part of a checkpoint: (state, meta), straight from orbax's handlers. Unlike the
+    manager's restore it ends in no barrier, so a host that fails here still meets the others in the
+    verdict that follows."""
+    path = epath.Path(step_path(directory, step))
+    handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=BUFFER_GB)
+    try:
+        saved = handler.metadata(path / "state")
+        saved = getattr(saved, "tree", saved)
+        mismatch = model_mismatch(saved, target)
+        if mismatch:
+            raise ModelMismatch(mismatch)
+        wanted = dict(target)
+        if "ema_params" in wanted and "ema_params" not in saved:
+            del wanted["ema_params"]
+            log.warning("checkpoint %d holds no EMA weights: they start from its params", step)
+        state = dict(handler.restore(path / "state", args=ocp.args.StandardRestore(wanted)))
+    finally:
+        handler.close()
+    meta = ocp.JsonCheckpointHandler().restore(path / "meta")
+    if "ema_params" in target and "ema_params" not in state:
+        state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
+    return state, meta
+
+
+class ModelMismatch(Exception):
+    """The checkpoint's params are not those of the model this run builds."""
+
+
 def restore_newest(manager, target):
-    """The newest readable checkpoint, each host reading only its own shards straight onto its
-    devices (`target`: the state's ShapeDtypeStructs with their shardings): (state, meta), or None
-    when the directory holds none. An unreadable newest one is set aside with a warning and the one
-    before it is tried; every host takes the same decision."""
+    """The newest checkpoint, each host reading only its own shards straight onto its devices
+    (`target`: the state's ShapeDtypeStructs with their shardings): (state, meta), or None when the
+    directory holds none. Every host reads, then all agree (one collective): a step is set aside, and
+    the one before it tried, only when every host that failed met damaged bytes; any other failure
+    stops the run, naming the step and the cause, and moves nothing."""
+    directory = str(manager.directory)
     steps = sorted(manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
-        error = None
+        restored, verdict = None, None
         try:
-            saved = manager.item_metadata(step)["state"]
-            wanted = dict(target)
-            if "ema_params" in wanted and "ema_params" not in saved:
-                del wanted["ema_params"]
-                log.warning("checkpoint %d holds no EMA weights: they start from its params", step)
-            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(wanted),
-                                                                     meta=ocp.args.JsonRestore()))
-        except Exception as e:  # a damaged checkpoint raises whatever its reader meets
-            error = f"{type(e).__name__}: {str(e)[:200]}"
-        failed = pod.failed_hosts(error is None)
+            restored = read_step(directory, step, target)
+        except ModelMismatch as e:
+            verdict = {"damaged": False, "cause": f"it holds another model than this run builds ({e})",
+                       "fix": "resume with the flags that wrote it (their record is run_flags.json beside it), or "
+                              "start a new run in another --checkpoint_dir"}
+        except Exception as e:  # a reader raises whatever it meets: sorted by what it says
+            cause = describe(e)
+            verdict = {"damaged": is_damage(e), "cause": cause,
+                       "fix": "fix the cause (memory, permissions, credentials, network) and rerun the same command"}
+        verdicts = pod.gather_json(verdict)
+        failed = [(host, v) for host, v in enumerate(verdicts) if v is not None]
         if not failed:
-            state = dict(restored["state"])
-            if "ema_params" in target and "ema_params" not in state:
-                state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
-            return state, restored["meta"]
-        path = step_path(str(manager.directory), step)
-        where = error or f"unreadable on host(s) {', '.join(map(str, failed))}"
+            return restored
+        path = step_path(directory, step)
+        hosts = "" if len(verdicts) == 1 else f" on host(s) {', '.join(str(h) for h, _ in failed)}"
+        if not all(v["damaged"] for _, v in failed):
+            host, v = next((h, v) for h, v in failed if not v["damaged"])
+            raise CheckpointError(f"cannot restore {path}{hosts}: {v['cause']}; {v['fix']}. No checkpoint was "
+                                  "moved")
+        cause = failed[0][1]["cause"]
         if i + 1 == len(steps):
-            raise CheckpointError(f"no checkpoint in {manager.directory} is readable (the oldest, {path}: {where}); "
-                                  "restore them, or start a new run in another --checkpoint_dir")
-        log.warning("checkpoint %s is unreadable (%s): resuming from step %d instead", path, where, steps[i + 1])
+            raise CheckpointError(f"no checkpoint in {directory} is readable (the oldest, {path}, is damaged"
+                                  f"{hosts}: {cause}); restore them, or start a new run in another --checkpoint_dir")
+        log.warning("checkpoint %s is damaged%s (%s): set aside; resuming from step %d, which loses %d steps",
+                    path, hosts, cause, steps[i + 1], step - steps[i + 1])
         set_aside(manager, step)
     return None
 

@@ -31,6 +31,7 @@ import time
 
 # train_pretrain.py's complete checkpoints: orbax step directories, or the seed's pickles.
 CHECKPOINT_RE = re.compile(r"^step_(\d{7})(\.pkl)?$")
+COMMIT_FILE = "commit_success.txt"  # orbax's mark of a step directory whose every host finished writing
 LEFTOVER_RE = re.compile(r"^(step_\d{7}\.orbax-checkpoint-tmp.*|step_\d{7}\.unreadable-.*|\.step_\d{7}.*\.tmp)$")
 LEFTOVER_AGE_S = 600  # a save under way changes its files well within this
 SCRATCH_PREFIX = "echo-shards-"  # data.py's per-host shard download directories
@@ -126,11 +127,14 @@ class Watchdog:
         return sorted(found, key=lambda p: os.lstat(p).st_mtime)
 
     def old_checkpoints(self, opened):
-        """[(step, [paths])] of checkpoints beyond the newest `keep` complete ones, oldest first."""
+        """[(step, [paths])] of checkpoints beyond the newest `keep` complete ones (a pickle, or a step
+        directory orbax has committed), oldest first."""
         found = []
         for root in self.roots:
             for directory, subdirs, files in self.walk(root):
-                steps = sorted({int(m.group(1)) for m in map(CHECKPOINT_RE.match, subdirs + files) if m})
+                whole = [m for m in map(CHECKPOINT_RE.match, subdirs + files)
+                         if m and (m.group(2) or os.path.isfile(os.path.join(directory, m.group(0), COMMIT_FILE)))]
+                steps = sorted({int(m.group(1)) for m in whole})
                 for step in steps[:-self.keep]:
                     paths = [os.path.join(directory, f"step_{step:07d}{suffix}") for suffix in ("", ".pkl", ".params.pkl")]
                     paths = [p for p in paths if os.path.lexists(p)]

@@ -66,7 +66,12 @@ export HF_HOME="${HF_HOME:-$ECHO_DISK/hf}"
 export TMPDIR="$ECHO_DISK/tmp"  # the data pipeline's shard downloads land here, on the large disk
 export USE_TF=0  # Hugging Face libraries must not import TensorFlow beside JAX (train_pretrain.py mocks it too)
 mkdir -p "$HF_HOME" "$TMPDIR"
-TRAIN=("$HERE/train_pretrain.py" --run_dir "$RUN_DIR" --compile_cache_dir "$ECHO_DISK/jax_cache" "$@")
+CACHE=(--compile_cache_dir "$ECHO_DISK/jax_cache")
+# A gs:// checkpoint directory has the compilation cache beside it, where every host reads what
+# process 0 wrote (the trainer's default); a worker's local disk would serve process 0 alone.
+[[ "$(flag_value checkpoint_dir "" "$@")" == gs://* ]] && CACHE=()
+[[ -n "$(flag_value compile_cache_dir "" "$@")" ]] && CACHE=()
+TRAIN=("$HERE/train_pretrain.py" --run_dir "$RUN_DIR" "${CACHE[@]}" "$@")
 
 start_companions() {
   "$PYTHON" "$HERE/disk_watchdog.py" --paths "$ECHO_DISK" --min-free-gb "$MIN_FREE_GB" --metrics-file "$METRICS" \

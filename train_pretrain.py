@@ -168,7 +168,8 @@ def build_parser(suppress_defaults=False):
       metavar="FLAG[,FLAG]", help="on resume, let these flags differ from the run's (e.g. steps,lr); each change "
       "is logged as an event")
     a("--aot_topology", default=None, help="compile for a TPU topology (e.g. v4-64, v4:2x2x1) and report memory")
-    a("--compile_cache_dir", default=os.path.expanduser("~/.cache/echo_jax"), help="persistent compilation cache")
+    a("--compile_cache_dir", default=None, help="persistent compilation cache (default: beside a gs:// "
+      "--checkpoint_dir, gs://.../jax_cache, which every host of a pod reads; else ~/.cache/echo_jax)")
     a("--distributed_timeout", type=int, default=pod.DISTRIBUTED_TIMEOUT_S,
       help="seconds to wait for all hosts to join")
     return p
@@ -264,6 +265,11 @@ def resolve_defaults(args):
             setattr(args, k, v)
     args.checkpoint_dir = args.checkpoint_dir or os.path.join(args.run_dir, "checkpoints")
     args.metrics_file = args.metrics_file or os.path.join(args.run_dir, "metrics.jsonl")
+    if args.compile_cache_dir is None:
+        # JAX writes cache entries from process 0 only (`_cache_write` in jax/_src/compiler.py): on a
+        # worker's local disk the other hosts would never find one.
+        args.compile_cache_dir = args.checkpoint_dir.rstrip("/").rsplit("/", 1)[0] + "/jax_cache" \
+            if args.checkpoint_dir.startswith("gs://") else os.path.expanduser("~/.cache/echo_jax")
     if args.preset not in model.PRESETS:
         raise TrainError(f"--preset must be one of {', '.join(model.PRESETS)}, got {args.preset!r}")
     for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
@@ -1276,7 +1282,7 @@ def train(args, on_eval=None):
                     saving = save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics,
                                   export=not preempted)  # a preempted host has ~30 s: no pickle export
             if preempted:
-                manager.wait_until_finished()
+                checkpoint.wait_committed(manager, step)
                 saving = note_committed(manager, metrics, saving)
                 metrics.write(event="preempted", step=step)
                 log.info("preempted: checkpoint written at step %d, exiting", step)
@@ -1284,7 +1290,8 @@ def train(args, on_eval=None):
                 break
         steps_log.flush()
         profile.after(None, out)
-        manager.wait_until_finished()
+        if saving:
+            checkpoint.wait_committed(manager, saving[0])
         note_committed(manager, metrics, saving)
         finished = True
     finally:
@@ -1331,6 +1338,7 @@ def note_committed(manager, metrics, saving):
     """Log when the background write of the checkpoint `saving` (step, start time) has committed;
     returns what is still being written (None when nothing)."""
     if saving and not manager.is_saving_in_progress():
+        checkpoint.wait_committed(manager, saving[0])
         metrics.write(event="checkpoint_committed", step=saving[0], save_s=round(time.perf_counter() - saving[1], 3))
         return None
     return saving

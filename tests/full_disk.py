@@ -1,6 +1,7 @@
 """A disk that fills up at the run's second checkpoint: orbax's CheckpointManager.save raises ENOSPC
 there. In-process tests pass pytest's monkeypatch.setattr; a subprocess runs FULL_DISK_WRAPPER."""
 import os
+import time
 
 import orbax.checkpoint as ocp
 
@@ -14,6 +15,28 @@ def fill_at_the_second_save(patch=setattr):
             raise OSError(28, "No space left on device")
         return real(self, step, *args, **kwargs)
     patch(ocp.CheckpointManager, "save", save)
+
+
+class FullDiskWrite:
+    """A background write (an orbax future) that meets a full disk."""
+
+    def result(self, timeout=None):
+        time.sleep(0.5)
+        raise OSError(28, "No space left on device")
+
+    def cancel(self):
+        pass
+
+
+def fill_in_the_background_at_the_second_save(patch=setattr):
+    """The second checkpoint's save returns, and its background write then fails."""
+    real, calls = ocp.StandardCheckpointHandler.async_save, []
+
+    async def async_save(self, *args, **kwargs):
+        futures = await real(self, *args, **kwargs)
+        calls.append(1)
+        return [*(futures or []), FullDiskWrite()] if len(calls) == 2 else futures
+    patch(ocp.StandardCheckpointHandler, "async_save", async_save)
 
 
 # `python -c FULL_DISK_WRAPPER train_pretrain.py FLAGS...`: the trainer, on that disk.

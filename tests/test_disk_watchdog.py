@@ -41,6 +41,7 @@ def layout(tmp_path, hub):
     orbax = root / "run" / "orbax"
     for step in (100, 200, 300):
         blob(orbax / f"step_{step:07d}" / "state" / "d" / "chunk", 3)
+        blob(orbax / f"step_{step:07d}" / disk_watchdog.COMMIT_FILE, 0)
         blob(orbax / f"step_{step:07d}.params.pkl", 1)
     saving = blob(orbax / "step_0000400.orbax-checkpoint-tmp-77" / "state" / "d" / "chunk", 3)
     hour_ago = time.time() - 3600

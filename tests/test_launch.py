@@ -12,6 +12,8 @@ import pytest
 import soundfile
 from conftest import REPO
 
+import train_pretrain
+
 TINY = ["--preset", "tiny", "--data", "synthetic", "--synthetic_corpus", "short", "--global_batch_size", "8",
         "--max_latent_len", "48", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_samples", "2",
         "--sample_steps", "2"]
@@ -224,3 +226,22 @@ def test_a_preempted_worker_checkpoints_and_the_same_command_resumes(tmp_path, s
     finally:
         for pid in processes_of(tmp_path):
             os.kill(pid, signal.SIGTERM)
+
+
+@pytest.mark.parametrize("checkpoint_dir, cache", [("gs://bucket/run/checkpoints", "gs://bucket/run/jax_cache"),
+                                                   (None, "disk/jax_cache")], ids=["gs", "local"])
+def test_a_worker_shares_the_compilation_cache_of_gs_checkpoints(tmp_path, checkpoint_dir, cache):
+    """JAX writes cache entries from process 0 only: with gs:// checkpoints the cache lives beside them
+    for every host to read, so launch.sh does not point it at the worker's own disk."""
+    record = tmp_path / "argv"
+    stub = tmp_path / "python"  # records the trainer's command line, then exits
+    stub.write_text(f"#!/bin/sh\ncase \"$*\" in *train_pretrain.py*) printf '%s\\n' \"$@\" > {record};; esac\n")
+    stub.chmod(0o755)
+    flags = ["--checkpoint_dir", checkpoint_dir] if checkpoint_dir else []
+    env = {**worker_env(tmp_path, free_port()), "PYTHON": str(stub)}
+    subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "--preset", "tiny", *flags], env=env, timeout=60,
+                   capture_output=True, check=True)
+    argv = record.read_text().splitlines()
+    args = train_pretrain.resolve_defaults(train_pretrain.parse_args(argv[argv.index(
+        os.path.join(REPO, "train_pretrain.py")) + 1:]))
+    assert args.compile_cache_dir == (cache if cache.startswith("gs://") else str(tmp_path / cache))

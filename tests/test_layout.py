@@ -5,12 +5,14 @@ import ast
 import glob
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO
+from etils import epath
 
 import checkpoint
 import disk_watchdog
@@ -145,3 +147,36 @@ def test_a_checkpoint_of_this_layout_loads_for_inference(written):
     assert loaded["step"] == 3
     np.testing.assert_array_equal(loaded["params"]["w"], np.ones((4, 4)))
     assert jax.process_count() == 1
+
+
+def test_the_watchdog_prunes_nothing_for_a_step_still_being_written(written, tmp_path):
+    """A step directory without orbax's commit file (a save under way, or one cut short) is not a
+    checkpoint: it must not push the newest committed one out of the `keep` newest."""
+    root, _, _ = written
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(root / "checkpoints", copy)
+    (copy / "step_0000003" / disk_watchdog.COMMIT_FILE).unlink()
+    watchdog = disk_watchdog.Watchdog([str(tmp_path)], min_free_gb=0, critical_gb=0, keep_checkpoints=1, dry_run=True,
+                                      metrics_file=None)
+    assert watchdog.old_checkpoints(opened=set()) == []
+
+
+def test_readers_take_only_committed_steps_on_gs(gcs):
+    """On Cloud Storage orbax writes a step in place and commits it last: a reader during the save, or
+    after one cut short, must take the step before."""
+    directory = f"gs://{gcs}/committed-{os.getpid()}"
+    manager = checkpoint.manager(directory)
+    state = {"params": {"w": jnp.ones((4, 4))}, "step": jnp.zeros((), jnp.int32)}
+    for step in (1, 2):
+        checkpoint.save(manager, state, step, {"epoch": 0}, {"flags": {}, "samples_seen": step}, {"config": {}})
+    manager.wait_until_finished()
+    manager.close()
+    (epath.Path(checkpoint.step_path(directory, 2)) / disk_watchdog.COMMIT_FILE).unlink()
+    assert checkpoint.find_checkpoint_step(directory) == (directory, 1)
+    assert checkpoint.find_checkpoint_step(checkpoint.step_path(directory, 1)) == (directory, 1)
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.find_checkpoint_step(checkpoint.step_path(directory, 2))
+    assert checkpoint.load_checkpoint(directory)["step"] == 1
+    reopened = checkpoint.manager(directory)
+    assert reopened.all_steps() == [1]  # what the training restore chooses from
+    reopened.close()

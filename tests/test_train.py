@@ -127,6 +127,19 @@ def test_a_flag_that_contradicts_the_run_is_refused_in_one_sentence(resumed, cap
     assert len(err) == 1 and "--lr 0.001 contradicts this run's 0.002" in err[0] and "--override lr" in err[0], err
 
 
+def test_a_checkpoint_of_another_model_stops_the_run_and_moves_nothing(resumed, capsys):
+    """A restore that fails for a reason other than damaged bytes (here a model change) stops the run
+    in one sentence naming the step and the cause; no checkpoint is set aside."""
+    split = resumed[2]
+    before = sorted(os.listdir(split / "checkpoints"))
+    capsys.readouterr()
+    assert train_pretrain.main(["--run_dir", str(split), "--preset", "demo", "--override", "preset"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot restore" in err[0] and "step_0000012" in err[0], err
+    assert "holds another model than this run builds" in err[0] and "No checkpoint was moved" in err[0], err
+    assert sorted(os.listdir(split / "checkpoints")) == before
+
+
 def test_the_seed_pickle_resumes_bit_for_bit_in_another_directory(resumed):
     """Step 8 exported to the seed's full pickle; --resume FILE.pkl in a new directory continues bit
     for bit, and a plain restart there resumes from its own checkpoints."""
@@ -225,7 +238,8 @@ def test_non_finite_steps_are_skipped(tmp_path):
 
 def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
     """A save killed mid-write leaves only a temporary directory, removed at the next start; a
-    damaged newest checkpoint gives a warning and the run resumes from the one before; a crash while
+    damaged newest checkpoint (truncated chunks) gives a warning and the run resumes from the one
+    before; a crash while
     exporting the weights leaves no half file."""
     run_dir = run_inprocess(tmp_path, "c", "--steps", "4", "--checkpoint_every", "2")
     ckpt = run_dir / "checkpoints"
@@ -249,7 +263,7 @@ def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(checkpoint.StreamingPickler, "reducer_override", dying_after_three_arrays)
     with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(KeyboardInterrupt):
         train_pretrain.main(["--run_dir", str(run_dir), "--steps", "6", "--override", "steps"])
-    assert "step_0000004 is unreadable" in caplog.text and "resuming from step 2 instead" in caplog.text
+    assert "step_0000004 is damaged" in caplog.text and "resuming from step 2, which loses 2 steps" in caplog.text
     assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "resumed"] == [2]
     assert not leftover.exists()
     # The export of step 4 was cut: no half file, no temporary file. The sharded save of step 4, under
@@ -273,6 +287,20 @@ def test_a_full_disk_during_a_save_is_one_sentence(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "writing a checkpoint to" in err[0] and "No space left on device" in err[0], err
     assert checkpoint_steps(run_dir / "checkpoints") == [2]  # the last complete checkpoint stays
+
+
+def test_a_background_write_that_fails_stops_the_run_at_once(tmp_path, monkeypatch, capsys):
+    """The second checkpoint's background write meets a full disk: the run stops within a few steps
+    (not at the next save, 150 steps on) in one sentence, and the first checkpoint stays."""
+    full_disk.fill_in_the_background_at_the_second_save(monkeypatch.setattr)
+    run_dir = tmp_path / "full"
+    assert train_pretrain.main(["--run_dir", str(run_dir), *FAST, "--steps", "400", "--checkpoint_every", "150",
+                                "--eval_every", "1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "step_0000300 failed in the background" in err[0], err
+    assert "No space left on device" in err[0] and "intact" in err[0], err
+    assert max(m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m) < 310
+    assert checkpoint_steps(run_dir / "checkpoints") == [150]
 
 
 def test_restricted_unpickling_refuses_code_and_unboxes_flax(tmp_path):
@@ -399,32 +427,85 @@ def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=Non
     return hosts
 
 
-def test_two_processes_match_one_and_resume_losslessly(tmp_path):
+TWO_HOSTS = ["--steps", "6", "--eval_every", "100"]
+
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    """The same corpus trained for 6 steps by one process with two devices, by two processes with one
+    each, and by two processes stopped after 3 steps and restarted."""
+    tmp_path = tmp_path_factory.mktemp("two_hosts")
     corpus = tmp_path / "corpus"
     identical_corpus(corpus)
-    common = ["--data", str(corpus), "--steps", "6", "--eval_every", "100"]
+    common = ["--data", str(corpus), *TWO_HOSTS]
     # One device per simulated host, as on launch.sh's pod: with several, XLA:CPU interleaves the
     # collectives of its device threads differently on each host and gloo fails now and then
     # ("Received data size doesn't match expected size").
     run_pod(tmp_path / "one", 1, 2, *common)
     run_pod(tmp_path / "two", 2, 1, *common)
+    run_pod(tmp_path / "split", 2, 1, *common, "--run_steps", "3")
+    run_pod(tmp_path / "split", 2, 1, *common)
+    return tmp_path, common
+
+
+def test_two_processes_match_one(two_hosts):
+    tmp_path, _ = two_hosts
     one = losses(read_metrics(tmp_path / "one" / "metrics.jsonl"))
     two = losses(read_metrics(tmp_path / "two" / "metrics.jsonl"))
     np.testing.assert_allclose(one, two, rtol=1e-4)
-    # 2 processes: 3 steps, restart, 3 more == 6 straight, bit for bit.
-    run_pod(tmp_path / "split", 2, 1, *common, "--run_steps", "3")
-    run_pod(tmp_path / "split", 2, 1, *common)
+
+
+def test_two_processes_resume_bit_for_bit(two_hosts):
+    """2 processes: 3 steps, restart, 3 more == 6 straight, bit for bit."""
+    tmp_path, _ = two_hosts
     a = final_params(str(tmp_path / "two" / "checkpoints"), 6)
     b = final_params(str(tmp_path / "split" / "checkpoints"), 6)
     assert_trees_equal(a["params"], b["params"])
-    assert losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == two
-    # The same checkpoint on another number of hosts: restored onto the new mesh, with one warning
-    # saying how the data order continues.
-    out = run_pod(tmp_path / "split", 1, 2, *common, "--steps", "8", "--override", "steps")[0].output
+    assert losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == \
+        losses(read_metrics(tmp_path / "two" / "metrics.jsonl"))
+
+
+def copy_of_run(source, target):
+    """A copy of a run's checkpoints, to restart in another way (with its own --metrics_file: the run's
+    flags name the original's)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    return target
+
+
+def test_another_number_of_hosts_continues_from_the_checkpoint(two_hosts):
+    """The 2-host checkpoint on 1 host: restored onto the new mesh, with one warning saying how the
+    data order continues."""
+    tmp_path, common = two_hosts
+    run = copy_of_run(tmp_path / "split", tmp_path / "one_host_after_two")
+    out = run_pod(run, 1, 2, *common, "--steps", "8", "--override", "steps",
+                  "--metrics_file", str(run / "metrics.jsonl"))[0].output
     assert "data positions of 2 host(s), this run has 1" in out, out[-2000:]
-    metrics = read_metrics(tmp_path / "split" / "metrics.jsonl")
-    assert [m["step"] for m in metrics if m.get("event") == "resumed"][-1] == 6
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m.get("event") == "resumed"] == [6]
     assert [m["step"] for m in metrics if "loss" in m and "event" not in m][-2:] == [7, 8]
+
+
+def test_a_chunk_only_one_host_reads_is_damage_both_hosts_agree_on(two_hosts):
+    """A missing chunk of step 6 that only host 1 reads: host 0 restores it, host 1 cannot. No hang:
+    both hosts agree in one collective, set step 6 aside and resume from step 3."""
+    tmp_path, common = two_hosts
+    run = copy_of_run(tmp_path / "split", tmp_path / "damaged")
+    state = run / "checkpoints" / "step_0000006" / "state"
+    sharded = sorted(d for d in state.glob("params.*") if len([c for c in d.iterdir() if c.name[0] != "."]) == 2)
+    assert sharded, "no array split over the two hosts"
+    chunk = max(c for c in sharded[0].iterdir() if c.name[0] != ".")  # index 1 along the split axis: host 1's
+    chunk.unlink()
+    hosts = run_pod(run, 2, 1, *common, "--steps", "8", "--override", "steps",
+                    "--metrics_file", str(run / "metrics.jsonl"))
+    for host in hosts:
+        assert "step_0000006 is damaged on host(s) 1" in host.output, host.output[-3000:]
+        assert "resuming from step 3, which loses 3 steps" in host.output
+    names = os.listdir(run / "checkpoints")
+    aside = [n for n in names if n.startswith("step_0000006.unreadable-") and not n.endswith(".params.pkl")]
+    assert len(aside) == 1 and "step_0000003" in names, names
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m.get("event") == "resumed"] == [3]
+    assert max(m["step"] for m in metrics if "loss" in m and "event" not in m) == 8
 
 
 def test_hosts_with_different_checkpoint_directories_are_refused(tmp_path):
