@@ -578,6 +578,17 @@ def _upgrade_state(state, sources):
             "sources": [{"epoch": state["epoch"], "slots": None, "next": 0, "block": 0, "emitted": 0, "taken": 0}]}
 
 
+def start_of_next_epoch(states):
+    """The data position of every host of a run whose number of hosts changed, from the positions
+    the old hosts saved: each source at the start of the epoch after the furthest any of them
+    reached, on the same pinned shards and Hub commits (a host's share of an epoch depends on the
+    number of hosts, so the old positions cannot be split exactly)."""
+    epochs = [max(state["sources"][i]["epoch"] for state in states) + 1 for i in range(len(states[0]["sources"]))]
+    return {"seed": states[0]["seed"], "samples_seen": 0, "pins": states[0].get("pins"),
+            "sources": [{"epoch": epoch, "slots": None, "next": 0, "block": 0, "emitted": 0, "taken": 0}
+                        for epoch in epochs]}
+
+
 class Pipeline:
     """Infinite, deterministic, resumable batches for this host. Iterate, or call next().
 

@@ -8,7 +8,9 @@ its upload completes, so it is written in place. Every writer of the project goe
 import json
 import os
 import tempfile
+import uuid
 
+import fsspec
 from etils import epath
 
 
@@ -35,6 +37,29 @@ def write_atomically(path, write):
 
 def write_bytes(path, payload):
     write_atomically(path, lambda f: f.write(payload))
+
+
+def append_bytes(path, payload):
+    """Add `payload` at the end of `path` (created if missing). On gs://, where objects are
+    immutable, the bytes go up as an object of their own that Cloud Storage composes onto the end
+    (what is already there is not uploaded again); a failure leaves the old object whole."""
+    path = os.fspath(path)
+    if "://" not in path:
+        with open(path, "ab") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    fs = fsspec.filesystem("gs")
+    if not fs.exists(path):
+        write_bytes(path, payload)
+        return
+    part = f"{path}.part-{uuid.uuid4().hex}"
+    fs.pipe_file(part, payload)
+    try:
+        fs.merge(path, [path, part])
+    finally:
+        fs.rm_file(part)
 
 
 def write_json(path, value, indent=1):

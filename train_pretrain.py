@@ -680,14 +680,22 @@ def global_batch(setup, args, local):
             for k, v in local.items() if isinstance(v, np.ndarray)}  # not the keys/sources lists
 
 
-def data_position(data_states, seed):
-    """This host's data position among those a checkpoint holds (one per host that wrote it)."""
-    if data_states and len(data_states) == jax.process_count():
+def data_position(data_states):
+    """This host's data position among those a checkpoint holds (one per host that wrote it). On
+    another number of hosts, every host continues at the start of the next epoch, on the same
+    pinned data, and says so."""
+    if not data_states:
+        log.warning("the checkpoint holds no data position: every host's data stream starts from the beginning")
+        return None
+    if len(data_states) == jax.process_count():
         return data_states[jax.process_index()]
-    log.warning("the checkpoint holds the data positions of %d host(s), this run has %d: every host's data stream "
-                "starts again from the beginning of its epoch order (seed %d), so some samples repeat",
-                len(data_states or []), jax.process_count(), seed)
-    return None
+    position = data.start_of_next_epoch(data_states)
+    epochs = sorted({source["epoch"] for source in position["sources"]})
+    log.warning("the checkpoint holds the data positions of %d host(s), this run has %d: every host continues at the "
+                "start of epoch %s on the same pinned data; the rest of the epoch before is skipped and samples "
+                "seen in earlier epochs repeat as in any new epoch", len(data_states), jax.process_count(),
+                "/".join(map(str, epochs)))
+    return position
 
 
 # ----------------------------------------------------------------------------
@@ -784,13 +792,15 @@ def start_state(args, setup, manager, metrics):
 class Metrics:
     """Append-only JSON Lines on process 0, flushed line by line (the source of truth), mirrored to
     TensorBoard events when a directory is given: step lines under train/, evals under eval/.
-    A copy travels with the checkpoints (`history`, rewritten at each one): after a restart that
-    puts process 0 on another worker, it replaces the shorter local file, so no history is lost."""
+    A copy travels with the checkpoints (`history`: at each one, the lines since the last are
+    appended to it): after a restart that puts process 0 on another worker, it replaces the shorter
+    local file, so no history is lost."""
 
     def __init__(self, path, enabled, tensorboard_dir=None, history=None):
         if history and os.path.abspath(history) == os.path.abspath(path):
             history = None  # the metrics are written next to the checkpoints already
         self.file, self.tensorboard, self.path, self.history = None, None, path, history
+        self.uploaded = 0  # bytes of the metrics file the history holds
         self.lock = threading.Lock()  # the audio-sample thread writes too
         if enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -820,17 +830,27 @@ class Metrics:
         if not saved.exists():
             return
         local = os.path.getsize(self.path) if os.path.exists(self.path) else 0
-        if saved.stat().length > local:
+        self.uploaded = saved.stat().length
+        if self.uploaded > local:
             log.info("metrics history restored from %s", self.history)
             with saved.open("rb") as history:
                 storage.write_atomically(self.path, lambda f: shutil.copyfileobj(history, f, 1 << 20))
 
     def save_history(self):
-        """Copy the metrics file next to the checkpoints (process 0, after each checkpoint)."""
+        """Append the lines written since the last checkpoint to the history beside the checkpoints
+        (process 0, after each checkpoint); the first time, copy the whole file."""
         if not (self.file and self.history):
             return
         with self.lock, open(self.path, "rb") as f:
-            storage.write_atomically(self.history, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+            if not self.uploaded:
+                storage.write_atomically(self.history, lambda out: shutil.copyfileobj(f, out, 1 << 20))
+                self.uploaded = f.tell()
+                return
+            f.seek(self.uploaded)
+            new = f.read()
+        if new:
+            storage.append_bytes(self.history, new)
+            self.uploaded += len(new)
 
     def audio(self, tag, audio, step, sample_rate):
         if self.tensorboard:
@@ -1243,7 +1263,7 @@ def train(args, on_eval=None):
     # A checkpoint's data position belongs to the stage of the last batch it trained.
     stage = plan.stage(max(step - 1, 0))
     pipeline = data.Pipeline(plan.stages[stage][1], state=None if data_states is None else
-                             data_position(data_states, args.seed), listings=plan.listings)
+                             data_position(data_states), listings=plan.listings)
     evaluation = Evaluation(args, setup, plan, metrics, {**plan.listings, **pipeline.listings})  # its pins
     steps_log = StepLog(args, setup, metrics, stage_flops(setup, plan.stages[stage][1]))
     steps_log.start(start_step)

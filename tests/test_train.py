@@ -25,6 +25,7 @@ import inference
 import model as echo
 import monitor
 import pod
+import storage
 import train_pretrain
 from shards import npy, write_shard
 
@@ -479,10 +480,15 @@ def test_another_number_of_hosts_continues_from_the_checkpoint(two_hosts):
     run = copy_of_run(tmp_path / "split", tmp_path / "one_host_after_two")
     out = run_pod(run, 1, 2, *common, "--steps", "8", "--override", "steps",
                   "--metrics_file", str(run / "metrics.jsonl"))[0].output
-    assert "data positions of 2 host(s), this run has 1" in out, out[-2000:]
+    assert "data positions of 2 host(s), this run has 1: every host continues at the start of epoch 1" in out, \
+        out[-2000:]
     metrics = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in metrics if m.get("event") == "resumed"] == [6]
     assert [m["step"] for m in metrics if "loss" in m and "event" not in m][-2:] == [7, 8]
+    saved = lambda step: storage.read_json(str(run / "checkpoints" / f"step_{step:07d}" / "meta" / "metadata"))
+    before, after = saved(6)["data_states"], saved(8)["data_states"]
+    assert [s["sources"][0]["epoch"] for s in before] == [0, 0] and after[0]["sources"][0]["epoch"] == 1
+    assert len(after) == 1 and after[0]["pins"] == before[0]["pins"]  # the same shards, in the next epoch
 
 
 def test_a_chunk_only_one_host_reads_is_damage_both_hosts_agree_on(two_hosts):
