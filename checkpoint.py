@@ -3,7 +3,9 @@ or a directory every host sees):
 
     step_XXXXXXX/            orbax: `state` (every host writes its own shards, in the background)
                              and `meta` (JSON: every host's data position, samples seen, config, flags)
-    step_XXXXXXX.params.pkl  the weights in the seed's pickle format, for inference.py
+    step_XXXXXXX.params.pkl  the weights in the seed's pickle format, for inference.py: written from
+                             the committed step by process 0 in the background (Exporter), at the
+                             end of an invocation and every --export_every steps
     step_XXXXXXX.unreadable-TIME[.params.pkl]  a damaged checkpoint, set aside
     run_flags.json           the flags the run started with (train_pretrain.restore_flags)
     metrics.jsonl            a copy of the metrics at the last checkpoint
@@ -17,7 +19,9 @@ import dataclasses
 import logging
 import os
 import pickle
+import queue
 import re
+import threading
 import time
 
 import flax.serialization
@@ -165,7 +169,7 @@ def load_checkpoint_dir(path):
     try:
         meta = storage.read_json(os.path.join(step_dir, "meta", "metadata"))
         checkpointer = ocp.PyTreeCheckpointer()
-        tree = checkpointer.metadata(os.path.join(step_dir, "state")).item_metadata.tree
+        tree = stored_tree(step_dir)
         keys = [k for k in ("params", "ema_params") if k in tree]
         as_numpy = {k: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[k]) for k in keys}
         weights = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
@@ -174,6 +178,12 @@ def load_checkpoint_dir(path):
         raise CheckpointError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     return {**weights, "step": meta["step"], "config": meta["config"], "max_lengths": meta["max_lengths"],
             "silence_latent": np.asarray(meta["silence_latent"], np.float16)}
+
+
+def stored_tree(step_dir):
+    """The tree of a step's train state as stored (nested dicts of orbax ArrayMetadata, each naming
+    its array's directory), read through the handler: the manager keeps no checkpointer metadata."""
+    return ocp.PyTreeCheckpointHandler().metadata(epath.Path(step_dir, "state")).tree
 
 
 def load_checkpoint(path):
@@ -264,11 +274,10 @@ def manager(directory, keep=0, keep_period=0):
     return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
-def save(manager, state, step, data_state, meta, about, export=True):
+def save(manager, state, step, data_state, meta):
     """Every process joins. Orbax copies this host's shards off the devices and writes them in the
-    background, with `meta` (JSON: the step, the flags, ...) and every host's `data_state`; with
-    `export`, the weights-only pickle follows (synchronously), holding `about` besides the weights.
-    Returns the seconds training waited for the sharded save and for the export."""
+    background, with `meta` (JSON: the step, the flags, what inference needs, ...) and every host's
+    `data_state`. Returns the seconds training waited."""
     directory = str(manager.directory)
     started = time.perf_counter()
     meta = {**meta, "step": step, "data_states": pod.gather_json(data_state)}
@@ -279,13 +288,10 @@ def save(manager, state, step, data_state, meta, about, export=True):
         raise CheckpointError(f"writing a checkpoint to {directory} failed ({type(e).__name__}: {str(e)[:200]}); "
                               "free space there or fix its permissions, then rerun to resume from the last complete "
                               "checkpoint") from None
-    sharded = time.perf_counter() - started
-    if export:
-        export_weights(export_path(directory, step), state, {"step": step, **about})
     if jax.process_index() == 0:
         storage.write_json(os.path.join(directory, RUN_FLAGS_FILE), meta["flags"])
         prune_exports(directory, manager.all_steps())
-    return sharded, time.perf_counter() - started - sharded
+    return time.perf_counter() - started
 
 
 def wait_committed(manager, step):
@@ -408,7 +414,7 @@ def restore_newest(manager, target):
         path = step_path(directory, step)
         hosts = "" if len(verdicts) == 1 else f" on host(s) {', '.join(str(h) for h, _ in failed)}"
         if not all(v["damaged"] for _, v in failed):
-            host, v = next((h, v) for h, v in failed if not v["damaged"])
+            v = next(v for _, v in failed if not v["damaged"])
             raise CheckpointError(f"cannot restore {path}{hosts}: {v['cause']}; {v['fix']}. No checkpoint was "
                                   "moved")
         cause = failed[0][1]["cause"]
@@ -447,15 +453,6 @@ def set_aside(manager, step):
 # ----------------------------------------------------------------------------
 # Pickles of the seed's format, written one array at a time
 
-def dict_leaves(tree):
-    """The leaves of nested dicts in insertion order: the order pickle writes them in."""
-    if isinstance(tree, dict):
-        for value in tree.values():
-            yield from dict_leaves(value)
-    else:
-        yield tree
-
-
 class StreamingPickler(pickle.Pickler):
     """Pickles a tree whose array leaves are fetched as numpy one at a time, when pickle reaches
     them (`fetch(leaf)`: the numpy array, or None for an ordinary object), so that only one whole
@@ -471,22 +468,6 @@ class StreamingPickler(pickle.Pickler):
         return NotImplemented if array is None else np.asarray(array).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
 
 
-def gathered(obj):
-    """A sharded jax array as a whole numpy array (a collective: every process must join)."""
-    return multihost_utils.process_allgather(obj, tiled=True) if isinstance(obj, jax.Array) else None
-
-
-def export_weights(path, state, about):
-    """The weights-only pickle of the seed's format ({"params", "step", ...} with the EMA weights and
-    what inference needs), gathered one array at a time. Every process must call it."""
-    trees = {key: flax.serialization.to_state_dict(state[key]) for key in ("params", "ema_params") if key in state}
-    if jax.process_index() != 0:  # join process 0's gathers, in the order its pickler reaches the arrays
-        for leaf in dict_leaves(trees):
-            multihost_utils.process_allgather(leaf, tiled=True)
-        return
-    storage.write_atomically(path, lambda f: StreamingPickler(f, gathered).dump({**trees, **about}))
-
-
 class StoredArray:
     """One array of a checkpoint on disk (a zarr directory), read only when it is pickled."""
 
@@ -496,6 +477,76 @@ class StoredArray:
     def read(self):
         kvstore = self.path if "://" in self.path else {"driver": "file", "path": self.path}  # gs:// as a URL
         return tensorstore.open({"driver": "zarr", "kvstore": kvstore}).result().read().result()
+
+
+def export_weights(directory, step):
+    """Write the weights-only pickle of the seed's format ({"params", "ema_params", "step", "config",
+    "max_lengths", "silence_latent"}) beside committed step `step`, read back from storage one array
+    at a time: no device and no other host takes part. Raises CheckpointError."""
+    step_dir, out = step_path(directory, step), export_path(directory, step)
+    try:
+        if not committed(epath.Path(step_dir)):
+            raise CheckpointError(f"{step_dir} is not a committed checkpoint")
+        meta = storage.read_json(os.path.join(step_dir, "meta", "metadata"))
+        stored = stored_tree(step_dir)
+        weights = {key: jax.tree.map(lambda node: StoredArray(os.path.join(step_dir, "state", node.name)), stored[key])
+                   for key in ("params", "ema_params") if key in stored}
+        payload = {**weights, "step": step, "config": meta["config"], "max_lengths": meta["max_lengths"],
+                   "silence_latent": np.asarray(meta["silence_latent"], np.float16)}
+        storage.write_atomically(out, lambda f: StreamingPickler(f, read_stored).dump(payload))
+    except CheckpointError:
+        raise
+    except OSError as e:
+        raise CheckpointError(f"cannot write {out} ({e.strerror or e})") from None
+    except Exception as e:  # a damaged array raises whatever tensorstore meets
+        raise CheckpointError(f"{step_dir} is not a readable checkpoint ({describe(e)})") from None
+
+
+class Exporter:
+    """The weights-only exports of committed steps (export_weights), written by process 0 in a thread
+    of its own: the loop never waits for one, and the other hosts never know. `finish` waits for the
+    exports asked for; a process that ends without it (a preemption) abandons the one in progress,
+    whose temporary file never takes the export's name."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.steps = queue.Queue()
+        self.thread = None
+        self.written = []
+
+    def submit(self, step):
+        if jax.process_index() != 0:
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self.run, name="export", daemon=True)
+            self.thread.start()
+        self.steps.put(step)
+
+    def run(self):
+        while (step := self.steps.get()) is not None:
+            if epath.Path(export_path(self.directory, step)).exists():
+                continue
+            started = time.perf_counter()
+            try:
+                export_weights(self.directory, step)
+            except CheckpointError as e:  # the checkpoint itself stays whole: inference reads it directly
+                log.warning("no weights-only export of step %d: %s; inference.py --checkpoint %s reads the "
+                            "checkpoint itself", step, e, step_path(self.directory, step))
+                continue
+            self.written.append((step, time.perf_counter() - started))
+            log.info("wrote %s in %.1f s", export_path(self.directory, step), time.perf_counter() - started)
+
+    def finish(self):
+        """Wait until every export asked for is written (or has failed, with a warning)."""
+        if self.thread is not None:
+            self.steps.put(None)
+            self.thread.join()
+            self.thread = None
+
+
+def read_stored(obj):
+    """StreamingPickler's fetch for trees of StoredArray leaves."""
+    return obj.read() if isinstance(obj, StoredArray) else None
 
 
 def export_full(source, out, abstract_state):
@@ -508,7 +559,7 @@ def export_full(source, out, abstract_state):
         directory, step = find_checkpoint_step(source)
         step_dir = step_path(directory, step)
         meta = storage.read_json(os.path.join(step_dir, "meta", "metadata"))
-        stored = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
+        stored = stored_tree(step_dir)
         abstract = abstract_state(meta, "ema_params" in stored)
     except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{source} is not a readable training checkpoint ({type(e).__name__}: {str(e)[:200]})") \
@@ -525,9 +576,8 @@ def export_full(source, out, abstract_state):
     payload.update(step=step, samples_seen=meta["samples_seen"], config=meta["config"],
                    max_lengths=meta["max_lengths"], silence_latent=np.asarray(meta["silence_latent"], np.float16),
                    data_states=meta["data_states"], train_args=meta["flags"])
-    fetch = lambda obj: obj.read() if isinstance(obj, StoredArray) else None
     try:
-        storage.write_atomically(out, lambda f: StreamingPickler(f, fetch).dump(payload))
+        storage.write_atomically(out, lambda f: StreamingPickler(f, read_stored).dump(payload))
     except OSError as e:
         raise CheckpointError(f"cannot write {out} ({e.strerror or e})") from None
     except Exception as e:  # a damaged array raises whatever tensorstore meets

@@ -5,7 +5,8 @@ beyond JAX's collectives.
 - init_distributed: a simulated pod meets on 127.0.0.1 (rendezvous) before jax.distributed starts,
   so that a missing host is one sentence; a TPU pod is found by JAX's cluster detection.
 - watch_peers / leave_pod: the first host that meets an error tells the others through JAX's
-  key-value store, and every host stops within seconds with the same sentence.
+  key-value store, and every host stops within seconds with the same sentence; part: the hosts
+  leave together at the normal end.
 - gather_json, failed_hosts, check_shared_directory: small agreements between hosts.
 """
 
@@ -72,14 +73,18 @@ PEER_LOST_SIGNS = ("Connection reset by peer", "Connection closed by peer")
 leaving_pod = threading.Lock()  # held by the thread (main or watch_peers) that ends this host after an error
 
 
+peers_watched = threading.Event()  # cleared: the watcher's thread ends within a second (stop_watching)
+watchers = []
+
+
 def watch_peers():
     """On a pod, end this host the moment another one reports an error (leave_pod), instead of leaving
     it in a collective until the heartbeat timeout: a bad flag, a full disk or a damaged shard on one
     host stops every host within seconds, each with the same sentence."""
-    client, done = multihost.get_jax_distributed_client(), threading.Event()
+    client = multihost.get_jax_distributed_client()
 
     def watch():
-        while not done.is_set():
+        while peers_watched.is_set():
             try:
                 sentence = client.blocking_key_value_get(PEER_FAILURE_KEY, 1000)
             except Exception as e:  # the 1 s wait ran out (look again), or the client is shutting down
@@ -88,11 +93,27 @@ def watch_peers():
                 return
             leave_pod(sentence)
 
-    thread = threading.Thread(target=watch, name="watch-peers", daemon=True)
-    thread.start()
+    peers_watched.set()
+    watchers.append(threading.Thread(target=watch, name="watch-peers", daemon=True))
+    watchers[-1].start()
     # Stop the watcher before JAX shuts the client down at exit (registered later, so it runs first):
     # a thread left waiting in the client then aborts the process.
-    atexit.register(lambda: (done.set(), thread.join()))
+    atexit.register(stop_watching)
+
+
+def stop_watching():
+    peers_watched.clear()
+    for thread in watchers:
+        thread.join()
+
+
+def part():
+    """The normal end of a run on a pod: every host meets the others a last time (JAX's shutdown
+    barrier) and then works alone, so that what only process 0 still does (the final weights-only
+    export) holds no other host. Nothing to do off a pod."""
+    if jax.distributed.is_initialized():
+        stop_watching()
+        jax.distributed.shutdown()
 
 
 def leave_pod(sentence, tell_others=False, with_traceback=False):

@@ -9,8 +9,8 @@ in under 10 minutes on a 2-core CPU, and scores what it generates on held-out te
         --checkpoint_dir /mnt/disk/ckpt --metrics_file /mnt/disk/ckpt/metrics.jsonl
 
 Checkpoints (checkpoint.py) are orbax step directories in --checkpoint_dir (gs://BUCKET/PATH, or a
-directory every host sees), with a weights-only `step_XXXXXXX.params.pkl` beside each for
-inference.py. `--resume auto` (the default) continues bit-identically from the newest readable
+directory every host sees). Process 0 writes a weights-only `step_XXXXXXX.params.pkl` of the last
+one (and of every --export_every-th) in the background, for inference.py. `--resume auto` (the default) continues bit-identically from the newest readable
 one, taking the run's own flags. SIGTERM or SIGHUP makes every host checkpoint at the same step and
 exit 0.
 
@@ -127,6 +127,9 @@ def build_parser(suppress_defaults=False):
     a("--checkpoint_every", type=int, default=5000, help="steps between checkpoints (and one at the end)")
     a("--keep_checkpoints", type=int, default=3, help="keep only the newest N checkpoints (0: keep all)")
     a("--keep_period", type=int, default=0, help="also keep every checkpoint whose step is a multiple of this")
+    a("--export_every", type=int, default=0, help="also write the weights-only step_XXXXXXX.params.pkl of every "
+      "checkpoint whose step is a multiple of this (process 0, in the background; 0: only the last checkpoint "
+      "of an invocation that ends normally)")
     a("--resume", default="auto", help="'auto' (the newest complete checkpoint in --checkpoint_dir), 'none', or "
       "a pickle of the seed's format (train_pretrain.py export writes one; a path every host reads, such as "
       "gs://...); checkpoints then go to --checkpoint_dir")
@@ -701,11 +704,10 @@ def data_position(data_states):
 # ----------------------------------------------------------------------------
 # The state a run starts from
 
-def about(setup, plan, args, json_safe=False):
-    """What inference needs besides the weights: the config, the trained lengths, and the silence
-    the model learned to end speech with (trailing-silence trimming)."""
-    silence = plan.silence_latent.tolist() if json_safe else plan.silence_latent
-    return {"config": dataclasses.asdict(setup.config), "silence_latent": silence,
+def about(setup, plan, args):
+    """What inference needs besides the weights, as JSON for a checkpoint's meta: the config, the
+    trained lengths, and the silence the model learned to end speech with (trailing-silence trimming)."""
+    return {"config": dataclasses.asdict(setup.config), "silence_latent": plan.silence_latent.tolist(),
             "max_lengths": {k: getattr(args, k) for k in ("max_latent_len", "max_text_len", "max_speaker_len")}}
 
 
@@ -1268,7 +1270,8 @@ def train(args, on_eval=None):
     steps_log = StepLog(args, setup, metrics, stage_flops(setup, plan.stages[stage][1]))
     steps_log.start(start_step)
     profile = Profile(args)
-    saving, finished, out = None, False, None
+    exporter = checkpoint.Exporter(args.checkpoint_dir)
+    saving, finished, preempted, out = None, False, False, None
     try:
         while step < args.steps:
             profile.before(step)
@@ -1296,23 +1299,22 @@ def train(args, on_eval=None):
             # On a pod every host reaches the agreed step, then all checkpoint there.
             preempted = multihost_utils.reached_preemption_sync_point(step) if jax.process_count() > 1 \
                 else sigterm.is_set()
-            saving = note_committed(manager, metrics, saving)
+            saving = note_committed(manager, metrics, saving, exporter, args.export_every)
             if itstime(step, args.checkpoint_every, args.steps) or preempted or slot_done:
-                with steps_log.pause():
-                    saving = save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics,
-                                  export=not preempted)  # a preempted host has ~30 s: no pickle export
+                with steps_log.pause():  # orbax finishes the previous save before it starts this one
+                    note_committed(manager, metrics, saving, exporter, args.export_every, wait=True)
+                    saving = save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics)
             if preempted:
-                checkpoint.wait_committed(manager, step)
-                saving = note_committed(manager, metrics, saving)
+                saving = note_committed(manager, metrics, saving, exporter, args.export_every, wait=True)
                 metrics.write(event="preempted", step=step)
                 log.info("preempted: checkpoint written at step %d, exiting", step)
             if preempted or slot_done:
                 break
         steps_log.flush()
         profile.after(None, out)
-        if saving:
-            checkpoint.wait_committed(manager, saving[0])
-        note_committed(manager, metrics, saving)
+        note_committed(manager, metrics, saving, exporter, args.export_every, wait=True)
+        if not preempted and step in manager.all_steps():  # a preempted host has ~30 s: only the sharded save
+            exporter.submit(step)
         finished = True
     finally:
         # A save under way still commits when the loop fails; on a pod only when every host got this
@@ -1322,6 +1324,8 @@ def train(args, on_eval=None):
     evaluation.close()
     metrics.close()
     pipeline.close()
+    pod.part()
+    exporter.finish()
     return state
 
 
@@ -1341,25 +1345,27 @@ def next_stage(setup, plan, step, pipeline, state, metrics):
     return stage, data.Pipeline(config, listings=plan.listings), state
 
 
-def save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics, export=True):
+def save(manager, state, step, pipeline, samples_seen, setup, plan, args, metrics):
     """A checkpoint at `step` (every host joins), its event, and the metrics history beside it.
     Returns (step, start time) of the save now writing in the background."""
     started = time.perf_counter()
-    meta = {"samples_seen": samples_seen, "flags": run_flags(args), **about(setup, plan, args, json_safe=True)}
-    sharded, exported = checkpoint.save(manager, state, step, pipeline.state(), meta, about(setup, plan, args),
-                                        export=export)
+    meta = {"samples_seen": samples_seen, "flags": run_flags(args), **about(setup, plan, args)}
+    blocking = checkpoint.save(manager, state, step, pipeline.state(), meta)
     metrics.write(event="checkpoint", step=step, path=checkpoint.step_path(args.checkpoint_dir, step),
-                  blocking_s=round(sharded, 3), export_s=round(exported, 3))
+                  blocking_s=round(blocking, 3))
     metrics.save_history()
     return step, started
 
 
-def note_committed(manager, metrics, saving):
-    """Log when the background write of the checkpoint `saving` (step, start time) has committed;
+def note_committed(manager, metrics, saving, exporter, export_every, wait=False):
+    """Log when the background write of the checkpoint `saving` (step, start time) has committed
+    (`wait`: wait for it), and ask for its weights-only export on every export_every-th step;
     returns what is still being written (None when nothing)."""
-    if saving and not manager.is_saving_in_progress():
+    if saving and (wait or not manager.is_saving_in_progress()):
         checkpoint.wait_committed(manager, saving[0])
         metrics.write(event="checkpoint_committed", step=saving[0], save_s=round(time.perf_counter() - saving[1], 3))
+        if itstime(saving[0], export_every):
+            exporter.submit(saving[0])
         return None
     return saving
 

@@ -109,9 +109,12 @@ def written(tmp_path_factory):
     directory = str(root / "checkpoints")
     manager = checkpoint.manager(directory)
     state = {"params": {"w": jnp.ones((4, 4))}, "step": jnp.zeros((), jnp.int32)}
+    meta = {"flags": {}, "config": {}, "max_lengths": {}, "silence_latent": [[0.0]]}
     for step in (1, 2, 3):
-        checkpoint.save(manager, state, step, {"epoch": 0}, {"flags": {}, "samples_seen": step}, {"config": {}})
+        checkpoint.save(manager, state, step, {"epoch": 0}, {**meta, "samples_seen": step})
     manager.wait_until_finished()
+    for step in (1, 2, 3):
+        checkpoint.export_weights(directory, step)
     checkpoint.set_aside(manager, 1)
     manager.close()
     samples = [train_pretrain.samples_dir(str(root), step) for step in (2, 3)]
@@ -167,8 +170,9 @@ def test_readers_take_only_committed_steps_on_gs(gcs):
     directory = f"gs://{gcs}/committed-{os.getpid()}"
     manager = checkpoint.manager(directory)
     state = {"params": {"w": jnp.ones((4, 4))}, "step": jnp.zeros((), jnp.int32)}
+    meta = {"flags": {}, "config": {}, "max_lengths": {}, "silence_latent": [[0.0]]}
     for step in (1, 2):
-        checkpoint.save(manager, state, step, {"epoch": 0}, {"flags": {}, "samples_seen": step}, {"config": {}})
+        checkpoint.save(manager, state, step, {"epoch": 0}, {**meta, "samples_seen": step})
     manager.wait_until_finished()
     manager.close()
     (epath.Path(checkpoint.step_path(directory, 2)) / disk_watchdog.COMMIT_FILE).unlink()
@@ -177,6 +181,12 @@ def test_readers_take_only_committed_steps_on_gs(gcs):
     with pytest.raises(checkpoint.CheckpointError):
         checkpoint.find_checkpoint_step(checkpoint.step_path(directory, 2))
     assert checkpoint.load_checkpoint(directory)["step"] == 1
+    with pytest.raises(checkpoint.CheckpointError, match="not a committed checkpoint"):
+        checkpoint.export_weights(directory, 2)  # the weights-only export too reads committed steps only
+    checkpoint.export_weights(directory, 1)
+    exported = checkpoint.load_checkpoint_file(checkpoint.export_path(directory, 1))
+    assert exported["step"] == 1 and exported["params"]["w"].tolist() == [[1.0] * 4] * 4
+    assert not epath.Path(checkpoint.export_path(directory, 2)).exists()
     reopened = checkpoint.manager(directory)
     assert reopened.all_steps() == [1]  # what the training restore chooses from
     reopened.close()

@@ -29,6 +29,7 @@ import storage
 import train_pretrain
 from shards import npy, write_shard
 
+STEP_EXPORT = re.compile(r"^step_\d{7}\.params\.pkl$")
 FAST = ["--preset", "tiny", "--synthetic_corpus", "short", "--steps", "12", "--global_batch_size", "8",
         "--max_latent_len", "80", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6",
         "--eval_samples", "4", "--sample_steps", "2", "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
@@ -240,45 +241,49 @@ def test_non_finite_steps_are_skipped(tmp_path):
 def test_interrupted_and_damaged_checkpoints(tmp_path, monkeypatch, caplog):
     """A save killed mid-write leaves only a temporary directory, removed at the next start; a
     damaged newest checkpoint (truncated chunks) gives a warning and the run resumes from the one
-    before; a crash while
-    exporting the weights leaves no half file."""
+    before. The weights-only export is written once per invocation, of its last committed step, and
+    a crash while writing it leaves no half file."""
     run_dir = run_inprocess(tmp_path, "c", "--steps", "4", "--checkpoint_every", "2")
     ckpt = run_dir / "checkpoints"
-    assert checkpoint_steps(ckpt) == [2, 4]
+    exports = lambda: sorted(n for n in os.listdir(ckpt) if STEP_EXPORT.match(n))
+    assert checkpoint_steps(ckpt) == [2, 4] and exports() == ["step_0000004.params.pkl"]
     leftover = ckpt / "step_0000006.orbax-checkpoint-tmp-1234"
     (leftover / "state").mkdir(parents=True)
     (leftover / "state" / "manifest.ocdbt").write_bytes(b"x" * 4096)
     for path in (ckpt / "step_0000004" / "state").rglob("*"):
         if path.is_file() and path.stat().st_size > 64:
             path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="train"):
+        assert train_pretrain.main(["--run_dir", str(run_dir), "--steps", "8", "--override", "steps"]) == 0
+    assert "step_0000004 is damaged" in caplog.text and "resuming from step 2, which loses 2 steps" in caplog.text
+    assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "resumed"] == [2]
+    assert not leftover.exists()
+    names = os.listdir(ckpt)  # the damaged step 4 and its export set aside, not deleted
+    assert len([n for n in names if n.startswith("step_0000004.unreadable-")]) == 2, names
+    assert checkpoint_steps(ckpt) == [4, 6, 8] and exports() == ["step_0000008.params.pkl"], names
 
-    real, gathered = checkpoint.StreamingPickler.reducer_override, []
+    (ckpt / "step_0000008.params.pkl").unlink()
+    from_orbax = checkpoint.load_checkpoint(str(ckpt))  # no export: read from the sharded checkpoint
+    real, written = checkpoint.StreamingPickler.reducer_override, []
 
     def dying_after_three_arrays(self, obj):
         result = real(self, obj)
-        gathered.extend([] if result is NotImplemented else [obj])
-        if len(gathered) > 3:
+        written.extend([] if result is NotImplemented else [obj])
+        if len(written) > 3:
             raise KeyboardInterrupt("power cut")
         return result
 
     monkeypatch.setattr(checkpoint.StreamingPickler, "reducer_override", dying_after_three_arrays)
-    with caplog.at_level(logging.WARNING, logger="train"), pytest.raises(KeyboardInterrupt):
-        train_pretrain.main(["--run_dir", str(run_dir), "--steps", "6", "--override", "steps"])
-    assert "step_0000004 is damaged" in caplog.text and "resuming from step 2, which loses 2 steps" in caplog.text
-    assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "resumed"] == [2]
-    assert not leftover.exists()
-    # The export of step 4 was cut: no half file, no temporary file. The sharded save of step 4, under
-    # way when the loop failed, still committed; the damaged old step 4 was set aside, not deleted.
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.export_weights(str(ckpt), 8)
     names = os.listdir(ckpt)
-    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".") or "tmp" in n], names
-    assert "step_0000004.params.pkl" not in names and checkpoint_steps(ckpt) == [2, 4], names
-    assert len([n for n in names if n.startswith("step_0000004.unreadable-")]) == 2, names
-    assert checkpoint.load_checkpoint(str(ckpt))["step"] == 4  # read from the sharded checkpoint
+    assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")] and not exports(), names
     monkeypatch.undo()
-    assert train_pretrain.main(["--run_dir", str(run_dir), "--steps", "6", "--override", "steps"]) == 0
-    assert [m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "resumed"] == [2, 4]
-    assert checkpoint_steps(ckpt)[-1] == 6
-    assert int(checkpoint.load_checkpoint(str(ckpt))["step"]) == 6
+    checkpoint.export_weights(str(ckpt), 8)
+    exported = checkpoint.load_checkpoint_file(str(ckpt / "step_0000008.params.pkl"))
+    assert exported["step"] == from_orbax["step"] == 8 and exported["config"] == from_orbax["config"]
+    assert_trees_equal(exported["params"], from_orbax["params"])
+    np.testing.assert_array_equal(exported["silence_latent"], from_orbax["silence_latent"])
 
 
 def test_a_full_disk_during_a_save_is_one_sentence(tmp_path, monkeypatch, capsys):
@@ -631,6 +636,7 @@ def sampled_run(tmp_path_factory):
     texts = tmp_path / "texts.txt"
     texts.write_text("hello there\nsecond prompt\n")
     run = run_inprocess(tmp_path, "run", "--steps", "4", "--checkpoint_every", "1", "--keep_checkpoints", "0",
+                        "--export_every", "1",
                         "--ema_decay", "0.5", "--sample_every", "2", "--sample_texts", str(texts),
                         "--dacvae_weights", str(codec), "--tensorboard_dir", str(tmp_path / "tb"),
                         "--profile_steps", "2:3", "--eval_every", "2")
