@@ -176,7 +176,13 @@ def load_checkpoint_dir(path):
             item={k: tree[k] for k in keys}, restore_args=as_numpy, partial_restore=True))
     except Exception as e:  # a damaged checkpoint raises whatever its reader meets
         raise CheckpointError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-    return {**weights, "step": meta["step"], "config": meta["config"], "max_lengths": meta["max_lengths"],
+    return {**weights, "step": meta["step"], **for_inference(meta)}
+
+
+def for_inference(meta):
+    """What inference needs besides the weights, from a step's meta: the config, the trained
+    lengths and the silence latent."""
+    return {"config": meta["config"], "max_lengths": meta["max_lengths"],
             "silence_latent": np.asarray(meta["silence_latent"], np.float16)}
 
 
@@ -491,8 +497,7 @@ def export_weights(directory, step):
         stored = stored_tree(step_dir)
         weights = {key: jax.tree.map(lambda node: StoredArray(os.path.join(step_dir, "state", node.name)), stored[key])
                    for key in ("params", "ema_params") if key in stored}
-        payload = {**weights, "step": step, "config": meta["config"], "max_lengths": meta["max_lengths"],
-                   "silence_latent": np.asarray(meta["silence_latent"], np.float16)}
+        payload = {**weights, "step": step, **for_inference(meta)}
         storage.write_atomically(out, lambda f: StreamingPickler(f, read_stored).dump(payload))
     except CheckpointError:
         raise
@@ -512,7 +517,6 @@ class Exporter:
         self.directory = directory
         self.steps = queue.Queue()
         self.thread = None
-        self.written = []
 
     def submit(self, step):
         if jax.process_index() != 0:
@@ -533,7 +537,6 @@ class Exporter:
                 log.warning("no weights-only export of step %d: %s; inference.py --checkpoint %s reads the "
                             "checkpoint itself", step, e, step_path(self.directory, step))
                 continue
-            self.written.append((step, time.perf_counter() - started))
             log.info("wrote %s in %.1f s", export_path(self.directory, step), time.perf_counter() - started)
 
     def finish(self):
@@ -573,8 +576,7 @@ def export_full(source, out, abstract_state):
 
     lazy = jax.tree_util.tree_map_with_path(leaf, {k: v for k, v in abstract.items() if k != "step"})
     payload = {key: flax.serialization.to_state_dict(value) for key, value in lazy.items()}
-    payload.update(step=step, samples_seen=meta["samples_seen"], config=meta["config"],
-                   max_lengths=meta["max_lengths"], silence_latent=np.asarray(meta["silence_latent"], np.float16),
+    payload.update(step=step, samples_seen=meta["samples_seen"], **for_inference(meta),
                    data_states=meta["data_states"], train_args=meta["flags"])
     try:
         storage.write_atomically(out, lambda f: StreamingPickler(f, read_stored).dump(payload))

@@ -10,9 +10,9 @@ in under 10 minutes on a 2-core CPU, and scores what it generates on held-out te
 
 Checkpoints (checkpoint.py) are orbax step directories in --checkpoint_dir (gs://BUCKET/PATH, or a
 directory every host sees). Process 0 writes a weights-only `step_XXXXXXX.params.pkl` of the last
-one (and of every --export_every-th) in the background, for inference.py. `--resume auto` (the default) continues bit-identically from the newest readable
-one, taking the run's own flags. SIGTERM or SIGHUP makes every host checkpoint at the same step and
-exit 0.
+one (and of every --export_every-th) in the background, for inference.py. `--resume auto` (the
+default) continues bit-identically from the newest readable one, taking the run's own flags.
+SIGTERM or SIGHUP makes every host checkpoint at the same step and exit 0.
 
     python train_pretrain.py export CHECKPOINT_DIR OUT.pkl    # the seed's full pickle format
 
