@@ -52,6 +52,12 @@ class EchoConfig:
     encoder_num_heads: int = 8
     encoder_intermediate_size: int = 2816
     encoder_patch_size: int = 4
+    # The speaker encoder's input projection is scaled by this (Echo's published code: 1/6; the seed's
+    # presets: 1). The latent encoder shares it.
+    speaker_in_scale: float = 1.0
+    # Blockwise generation (Echo's latent-prefix path): a latent encoder (built like the speaker
+    # encoder) turns already generated frames into a fourth key/value source of every decoder block.
+    blockwise: bool = False
     # Text encoder (UTF-8 bytes)
     text_vocab_size: int = 256
     text_model_size: int = 1024
@@ -93,6 +99,19 @@ class EchoConfig:
             kwargs["remat"] = d["remat"] if isinstance(d["remat"], str) else ("full" if d["remat"] else "none")
         return cls(**kwargs)
 
+    @classmethod
+    def from_echo_torch(cls, kwargs: dict) -> "EchoConfig":
+        """The config of Echo's published PyTorch model (echo_tts.model.EchoDiT), from its constructor's
+        arguments: its speaker encoder scales its input projection by 1/6, and it has the latent-prefix
+        path."""
+        renamed = {f"speaker_{name}": f"encoder_{name}"
+                   for name in ("patch_size", "model_size", "num_layers", "num_heads", "intermediate_size")}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in kwargs if renamed.get(k, k) not in known)
+        if unknown:
+            raise ValueError(f"not arguments of Echo's published EchoDiT: {', '.join(unknown)}")
+        return cls(**{renamed.get(k, k): v for k, v in kwargs.items()}, speaker_in_scale=1 / 6, blockwise=True)
+
 
 PRESETS = {
     "1.3B": EchoConfig(),
@@ -115,6 +134,8 @@ PRESETS = {
                        encoder_intermediate_size=132, text_model_size=48, text_num_layers=2,
                        text_num_heads=2, text_intermediate_size=132),
 }
+PRESETS.update({f"{name}-blockwise": dataclasses.replace(config, blockwise=True)
+                for name, config in list(PRESETS.items())})
 
 # ----------------------------------------------------------------------------
 # Sharding: every parameter carries logical axis names; these rules map them to
@@ -213,12 +234,15 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.eps, weight)
 
 
-def rope(x, theta=10000.0):
-    """Rotate adjacent channel pairs (2i, 2i+1) by pos / theta^(2i/hd). x: (B, S, H, hd)."""
+def rope(x, positions=None, theta=10000.0):
+    """Rotate adjacent channel pairs (2i, 2i+1) by pos / theta^(2i/hd). x: (B, S, H, hd); positions:
+    (S,) or (B, S), default 0..S-1."""
     _, s, _, hd = x.shape
     freqs = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)  # (hd/2,)
-    angles = np.arange(s, dtype=np.float32)[:, None] * freqs[None, :]  # (S, hd/2)
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    positions = np.arange(s) if positions is None else positions
+    angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs  # (S or B, S, hd/2)
+    angles = jnp.broadcast_to(angles, (x.shape[0], s, hd // 2))
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], hd // 2, 2)
     re_, im = x32[..., 0], x32[..., 1]
     out = jnp.stack([re_ * cos - im * sin, re_ * sin + im * cos], axis=-1)
@@ -309,6 +333,12 @@ def split_heads(x, num_heads):
     return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
+def rope_half(x, positions):
+    """Echo's decoder RoPE: positions on the first H/2 heads only. x: (B, S, H, hd)."""
+    h = x.shape[2]
+    return jnp.concatenate([rope(x[:, :, :h // 2], positions), x[:, :, h // 2:]], axis=2)
+
+
 class SelfAttention(nn.Module):
     """Gated self-attention of the encoders: QK-norm, RoPE on every head."""
     width: int
@@ -387,6 +417,8 @@ class TextEncoder(nn.Module):
 
 
 class SpeakerEncoder(nn.Module):
+    """Causal encoder over patches of latent frames: the speaker reference, and (a second instance)
+    the prefix of blockwise generation."""
     config: EchoConfig
 
     @nn.compact
@@ -397,6 +429,8 @@ class SpeakerEncoder(nn.Module):
         x = speaker_latent.reshape(b, s // p, p * d).astype(c.compute_dtype)  # frame-major patches
         x = dense(c.encoder_model_size, ("latent", "embed"), use_bias=True, dtype=c.compute_dtype,
                   name="in_proj")(x)  # (B, Ss/p, ds)
+        if c.speaker_in_scale != 1.0:
+            x = x * jnp.asarray(c.speaker_in_scale, x.dtype)
         return encoder_stack(c, x, None, c.encoder_model_size, c.encoder_num_heads,
                              c.encoder_intermediate_size, True, c.encoder_num_layers, "EncoderTransformerBlock")
 
@@ -425,7 +459,8 @@ class LowRankAdaLN(nn.Module):
 
 
 class JointAttention(nn.Module):
-    """Queries from the latent frames; keys/values from frames, text and speaker together."""
+    """Queries from the latent frames; keys/values from frames, text and speaker together (and, in a
+    blockwise model, the prefix)."""
     config: EchoConfig
 
     def setup(self):
@@ -434,6 +469,8 @@ class JointAttention(nn.Module):
         proj = lambda: dense(c.model_size, ("embed", "heads"), dtype=c.compute_dtype)
         self.wq, self.wk_self, self.wv_self, self.wgate = proj(), proj(), proj(), proj()
         self.wk_text, self.wv_text, self.wk_speaker, self.wv_speaker = proj(), proj(), proj(), proj()
+        if c.blockwise:
+            self.wk_latent, self.wv_latent = proj(), proj()
         self.wo = dense(c.model_size, ("heads", "embed"), dtype=c.compute_dtype)
         self.q_norm = RMSNorm((h, hd), ("norm", "head_dim"), c.norm_eps)
         self.k_norm = RMSNorm((h, hd), ("norm", "head_dim"), c.norm_eps)
@@ -447,15 +484,19 @@ class JointAttention(nn.Module):
                              split_heads(self.wv_speaker(speaker_state), h)], axis=1)
         return self.k_norm(k), v  # (B, St + Ss/p, H, hd)
 
-    def __call__(self, x, cond_k, cond_v, cond_mask):
+    def prefix_kv(self, prefix_state):
+        """Keys/values of the prefix's patches, each key rotated to its first frame's position."""
+        h = self.config.num_heads
+        k = self.k_norm(split_heads(self.wk_latent(prefix_state), h))
+        positions = np.arange(prefix_state.shape[1]) * self.config.encoder_patch_size
+        return rope_half(k, positions), split_heads(self.wv_latent(prefix_state), h)
+
+    def __call__(self, x, cond_k, cond_v, cond_mask, positions):
         c = self.config
         h = c.num_heads
-        q = self.q_norm(split_heads(self.wq(x), h))
-        k = self.k_norm(split_heads(self.wk_self(x), h))
+        q = rope_half(self.q_norm(split_heads(self.wq(x), h)), positions)
+        k = rope_half(self.k_norm(split_heads(self.wk_self(x), h)), positions)
         v = split_heads(self.wv_self(x), h)
-        # Half-head RoPE: positions only on the first H/2 heads of q and the self keys.
-        q = jnp.concatenate([rope(q[:, :, :h // 2]), q[:, :, h // 2:]], axis=2)
-        k = jnp.concatenate([rope(k[:, :, :h // 2]), k[:, :, h // 2:]], axis=2)
         k = jnp.concatenate([k, cond_k.astype(k.dtype)], axis=1)
         v = jnp.concatenate([v, cond_v.astype(v.dtype)], axis=1)
         key_mask = jnp.concatenate([jnp.ones(x.shape[:2], bool), cond_mask.astype(bool)], axis=1)
@@ -478,9 +519,12 @@ class DecoderBlock(nn.Module):
     def condition_kv(self, text_state, speaker_state):
         return self.attention.condition_kv(text_state, speaker_state)
 
-    def __call__(self, x, layer_kv, cond_mask, global_mods):
+    def prefix_kv(self, prefix_state):
+        return self.attention.prefix_kv(prefix_state)
+
+    def __call__(self, x, layer_kv, cond_mask, global_mods, positions):
         h, g = self.attn_adaln(x, global_mods)
-        x = x + (g * self.attention(h, *layer_kv, cond_mask)).astype(x.dtype)
+        x = x + (g * self.attention(h, *layer_kv, cond_mask, positions)).astype(x.dtype)
         h, g = self.mlp_adaln(x, global_mods)
         x = x + (g * self.mlp(h)).astype(x.dtype)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
@@ -496,6 +540,9 @@ class EchoDiT(nn.Module):
         self.text_norm = RMSNorm((c.text_model_size,), ("norm",), c.norm_eps)
         self.speaker_encoder = SpeakerEncoder(c)
         self.speaker_norm = RMSNorm((c.encoder_model_size,), ("norm",), c.norm_eps)
+        if c.blockwise:
+            self.latent_encoder = SpeakerEncoder(c)
+            self.latent_norm = RMSNorm((c.encoder_model_size,), ("norm",), c.norm_eps)
         self.cond_dense_0 = dense(c.model_size, ("latent", "embed"))
         self.cond_dense_1 = dense(c.model_size, ("embed", "cond"))
         self.cond_dense_global_shift = dense(c.model_size, ("embed", "cond"))
@@ -511,9 +558,14 @@ class EchoDiT(nn.Module):
         self.out_proj = dense(c.latent_size, ("embed", "latent"), use_bias=True, zero_init=True,
                               dtype=c.compute_dtype)
 
-    def __call__(self, x, t, text_ids, text_mask, speaker_latent, speaker_mask):
+    def __call__(self, x, t, text_ids, text_mask, speaker_latent, speaker_mask, prefix_latent=None, start_pos=0):
         cond = self.encode_conditions(text_ids, text_mask, speaker_latent, speaker_mask)
-        return self.decode(x, t, cond)
+        if self.config.blockwise and (prefix_latent is not None or self.is_initializing()):
+            prefix = jnp.zeros_like(speaker_latent) if prefix_latent is None else prefix_latent
+            cond = with_prefix(cond, self.encode_prefix(prefix), start_pos, self.config.encoder_patch_size)
+        elif prefix_latent is not None:
+            raise ValueError("this model has no latent-prefix path (EchoConfig.blockwise)")
+        return self.decode(x, t, cond, start_pos)
 
     def encode_conditions(self, text_ids, text_mask, speaker_latent, speaker_mask):
         """Text and speaker states -> per-layer keys/values. Run once per utterance, reuse every step.
@@ -536,8 +588,26 @@ class EchoDiT(nn.Module):
             k, v = jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs])
         return {"k": k, "v": v, "mask": mask}
 
-    def decode(self, x, t, cond):
-        """One velocity evaluation given precomputed conditions. x (B, S, D), t (B,) in [0, 1]."""
+    def encode_prefix(self, prefix_latent):
+        """Already generated (or given) frames -> per-layer keys/values, once per prefix (blockwise
+        models). prefix_latent (B, Sp, D), Sp a multiple of the patch size; patch j's keys sit at
+        frame position j * patch. Returns {"k", "v": (L, B, Sp/p, H, hd)}; `with_prefix` joins them
+        to the conditions."""
+        c = self.config
+        state = self.latent_norm(self.latent_encoder(prefix_latent))
+        if c.scan_layers:
+            kv_fn = lambda block, carry, _: (carry, block.prefix_kv(state))
+            scan = nn.scan(kv_fn, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
+                           unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
+            _, (k, v) = scan(self.layers, None, None)
+        else:
+            kvs = [blk.prefix_kv(state) for blk in self.blocks]
+            k, v = jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs])
+        return {"k": k, "v": v}
+
+    def decode(self, x, t, cond, start_pos=0):
+        """One velocity evaluation given precomputed conditions. x (B, S, D), t (B,) in [0, 1];
+        start_pos (an int, or (B,)): the frame position of x's first frame (blockwise generation)."""
         c = self.config
         emb = timestep_embedding(t, c.timestep_embed_size)
         cvec = self.cond_dense_1(nn.silu(self.cond_dense_0(emb)))
@@ -546,15 +616,31 @@ class EchoDiT(nn.Module):
                        self.cond_dense_global_gate(s))
         h = self.in_proj(x.astype(c.compute_dtype))
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
+        positions = jnp.reshape(jnp.asarray(start_pos), (-1, 1)) + jnp.arange(x.shape[1])  # (1 or B, S)
         if c.scan_layers:
-            body = lambda block, carry, kv: block(carry, kv, cond["mask"], global_mods)
+            body = lambda block, carry, kv: block(carry, kv, cond["mask"], global_mods, positions)
             scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
                            unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
             h, _ = scan(self.layers, h, (cond["k"], cond["v"]))
         else:
             for i, blk in enumerate(self.blocks):
-                h, _ = blk(h, (cond["k"][i], cond["v"][i]), cond["mask"], global_mods)
+                h, _ = blk(h, (cond["k"][i], cond["v"][i]), cond["mask"], global_mods, positions)
         return self.out_proj(self.norm(h)).astype(jnp.float32)
+
+
+def with_prefix(cond, prefix, start_pos, patch_size, prefix_mask=None):
+    """The conditions with a prefix's keys/values (EchoDiT.encode_prefix) as one more source: patch j
+    is attended where j * patch_size < start_pos (an int, or (B,)) and prefix_mask (B, Sp/p) allows
+    it (a shorter prefix in a batch, or CFG dropout of the prefix)."""
+    count = prefix["k"].shape[2]
+    batch = cond["mask"].shape[0]
+    visible = jnp.arange(count) * patch_size < jnp.reshape(jnp.asarray(start_pos), (-1, 1))
+    visible = jnp.broadcast_to(visible, (batch, count))
+    if prefix_mask is not None:
+        visible = visible & prefix_mask.astype(bool)
+    return {"k": jnp.concatenate([cond["k"], prefix["k"].astype(cond["k"].dtype)], axis=2),
+            "v": jnp.concatenate([cond["v"], prefix["v"].astype(cond["v"].dtype)], axis=2),
+            "mask": jnp.concatenate([cond["mask"], visible], axis=1)}
 
 
 # ----------------------------------------------------------------------------
@@ -692,6 +778,99 @@ def export_reference_params(params, config: EchoConfig) -> dict:
     ours = flatten(jax.tree.map(np.asarray, nn.unbox(params)))
     layout, _ = _reference_layout(config)
     return {ref: (ours[path] if index is None else ours[path][index]) for ref, (path, index, _) in layout.items()}
+
+
+# Echo's published PyTorch model (echo_tts.model.EchoDiT): its state_dict names. Its torch.nn.Linear
+# weights are (out, in), our kernels (in, out); its one (3d, d) projection to the global shift, scale
+# and gate is our three (d, d) kernels.
+_TORCH_LAYERS = re.compile(r"^(?:(text_encoder|speaker_encoder|latent_encoder)/(?:layers|\w+Block_(\d+))"
+                           r"|(?:layers|blocks_(\d+)))/(.*)$")
+_TORCH_SEGMENTS = {"wgate": "gate", "wk_self": "wk", "wv_self": "wv", "attn_adaln": "attention_adaln",
+                   "kernel": "weight", "embedding": "weight", "norm": "out_norm",
+                   "cond_dense_0": "cond_module.0", "cond_dense_1": "cond_module.2"}
+_GLOBAL_MODS = ("shift", "scale", "gate")
+
+
+def _echo_torch_layout(config: EchoConfig):
+    """{our '/'-joined path: (torch name, with {i} for a stacked layer's index; row block of the
+    global modulation or None)}, and our parameter shapes."""
+    ours = flatten(jax.tree.map(lambda x: tuple(x.shape), nn.unbox(abstract_params(config)),
+                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+    layout = {}
+    for path in ours:
+        m = _TORCH_LAYERS.match(path)
+        if m:
+            encoder, encoder_index, block_index, rest = m.groups()
+            index = encoder_index or block_index or "{i}"
+            head = f"{encoder}.blocks.{index}" if encoder else f"blocks.{index}"
+        else:
+            head, rest = None, path
+        segments = rest.split("/")
+        renamed = []
+        for j, segment in enumerate(segments):
+            if segment.startswith("adaln_rank_"):
+                segment = segment.removeprefix("adaln_rank_") + "_down"
+            elif segment in _GLOBAL_MODS and j and segments[j - 1].endswith("_adaln"):
+                segment += "_up"
+            renamed.append(_TORCH_SEGMENTS.get(segment, segment))
+        name = ".".join(([head] if head else []) + renamed)
+        row = None
+        if name.startswith("cond_dense_global_"):
+            row = _GLOBAL_MODS.index(name.split(".")[0].removeprefix("cond_dense_global_"))
+            name = "cond_module.4." + name.split(".")[-1]
+        layout[path] = (name, row)
+    return layout, ours
+
+
+def _from_torch_array(path, array, row, width):
+    if row is not None:
+        array = array[row * width:(row + 1) * width]
+    return array.T if path.endswith("/kernel") else array
+
+
+def params_from_echo_torch(state_dict, config: EchoConfig):
+    """Echo's published PyTorch weights (its EchoDiT's state_dict, tensors or arrays) -> this model's
+    params for `config` (EchoConfig.from_echo_torch). Strict: every name, every shape."""
+    flat = {k: np.asarray(v.detach().cpu().float().numpy() if hasattr(v, "detach") else v, np.float32)
+            for k, v in state_dict.items()}
+    layout, ours = _echo_torch_layout(config)
+    out, used, wrong = {}, set(), []
+    for path, (name, row) in layout.items():
+        stacked = "{i}" in name
+        names = [name.format(i=i) for i in range(ours[path][0])] if stacked else [name]
+        missing = [n for n in names if n not in flat]
+        if missing:
+            wrong.append(f"missing {', '.join(missing)}")
+            continue
+        used.update(names)
+        arrays = [_from_torch_array(path, flat[n], row, config.model_size) for n in names]
+        array = np.stack(arrays) if stacked else arrays[0]
+        if array.shape != ours[path]:
+            wrong.append(f"{names[0]} {tuple(flat[names[0]].shape)} does not give {path} {ours[path]}")
+        out[path] = array
+    wrong += [f"unexpected {n}" for n in sorted(set(flat) - used)]
+    if wrong:
+        raise ValueError("the PyTorch weights do not fit this EchoConfig: " + "; ".join(wrong[:8]))
+    return unflatten(out)
+
+
+def params_to_echo_torch(params, config: EchoConfig) -> dict:
+    """This model's params -> the state_dict names and layouts of Echo's published PyTorch model (numpy
+    arrays; `torch.from_numpy` each for `load_state_dict`). Inverse of params_from_echo_torch."""
+    flat = flatten(jax.tree.map(lambda x: np.asarray(x, np.float32), nn.unbox(params)))
+    layout, ours = _echo_torch_layout(config)
+    out, global_rows = {}, {}
+    for path, (name, row) in layout.items():
+        array = flat[path].swapaxes(-1, -2) if path.endswith("/kernel") else flat[path]
+        if row is not None:
+            global_rows.setdefault(name, {})[row] = array
+        elif "{i}" in name:
+            out.update({name.format(i=i): array[i] for i in range(array.shape[0])})
+        else:
+            out[name] = array
+    out.update({name: np.concatenate([rows[j] for j in range(len(_GLOBAL_MODS))])
+                for name, rows in global_rows.items()})
+    return out
 
 
 # ----------------------------------------------------------------------------

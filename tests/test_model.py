@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -9,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from conftest import DATA, REPO
 
 from checkpoint import params_from_checkpoint
-from model import (PRESETS, EchoConfig, EchoDiT, abstract_params, count_params, export_reference_params,
-                   flops_per_sample, import_reference_params, init_params, logical_axis_rules)
+from model import (PRESETS, EchoConfig, EchoDiT, abstract_params, count_params, dummy_inputs,
+                   export_reference_params, flops_per_sample, import_reference_params, init_params,
+                   logical_axis_rules, params_from_echo_torch, params_to_echo_torch)
 
 VECTORS = os.path.join(DATA, "echo_dit_tiny")
 
@@ -92,10 +95,18 @@ def test_preset_param_counts():
     assert count_params(PRESETS["1.3B"]) == 1_304_156_288
     assert count_params(PRESETS["840M"]) == 843_223_936
     assert count_params(PRESETS["tiny"]) == 353_680  # the reference vectors' exact count
+    # The -blockwise variants add the latent encoder (as large as the speaker encoder), its norm and
+    # each decoder block's wk_latent and wv_latent, and nothing else.
+    for name in ("1.3B", "840M", "demo", "tiny"):
+        c = PRESETS[name]
+        encoder = sum(x.size for x in jax.tree.leaves(nn.unbox(abstract_params(c))["speaker_encoder"]))
+        added = encoder + c.encoder_model_size + c.num_layers * 2 * c.encoder_model_size * c.model_size
+        assert count_params(PRESETS[f"{name}-blockwise"]) == count_params(c) + added, name
 
 
-def test_every_param_has_logical_axes():
-    boxed = abstract_params(PRESETS["1.3B"])
+@pytest.mark.parametrize("preset", ["1.3B", "1.3B-blockwise"])
+def test_every_param_has_logical_axes(preset):
+    boxed = abstract_params(PRESETS[preset])
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(x, nn.LogicallyPartitioned) and len(x.names) == x.value.ndim for x in leaves)
     # Every weight with at least 1M entries is sharded over fsdp.
@@ -280,3 +291,124 @@ def test_custom_gradients_match_plain_autodiff():
         ref = jax.grad(lambda *a: jnp.sum(jnp.sin(plain_attention(*a, m, causal))), argnums=(0, 1, 2))(q, kk, vv)
         for a, b in zip(ours, ref):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Echo's published PyTorch model (PyPI echo-tts 0.1.4, random weights) as the oracle
+
+ECHO_TORCH_ARGS = dict(latent_size=128, model_size=64, num_layers=3, num_heads=4, intermediate_size=176,
+                       norm_eps=1e-5, text_vocab_size=256, text_model_size=48, text_num_layers=2, text_num_heads=2,
+                       text_intermediate_size=132, speaker_patch_size=4, speaker_model_size=32,
+                       speaker_num_layers=2, speaker_num_heads=2, speaker_intermediate_size=88,
+                       timestep_embed_size=32, adaln_rank=8)
+
+
+@pytest.fixture(scope="module")
+def echo_torch():
+    """echo_tts.model.EchoDiT with random weights (its model.py alone: the package's __init__ imports
+    its codec's dependencies, which this project does not install)."""
+    spec = importlib.util.find_spec("echo_tts")
+    if spec is None:
+        pytest.fail("the test oracle is missing: pip install --no-deps echo-tts==0.1.4 (as .ci/run does)")
+    module_spec = importlib.util.spec_from_file_location(
+        "echo_tts_model", os.path.join(spec.submodule_search_locations[0], "model.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    generator = torch.Generator().manual_seed(0)
+    net = module.EchoDiT(**ECHO_TORCH_ARGS).float().eval()
+    with torch.no_grad():  # far from init (zero output layers, unit norms), so every path shows
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * (0.3 if p.ndim == 1 else 0.15) + (p.ndim == 1))
+    return net
+
+
+def echo_torch_inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    b, s, st, ss, sp = 2, 24, 20, 32, 16
+    ids = rng.integers(1, 256, size=(b, st)).astype(np.int32)
+    ids[:, 0] = 0
+    tmask = np.ones((b, st), bool)
+    tmask[1, 14:] = False
+    smask = np.ones((b, ss), bool)
+    smask[0, 20:] = False
+    return dict(x=rng.normal(size=(b, s, 128)).astype(np.float32), t=np.array([0.3, 0.8], np.float32), ids=ids,
+                tmask=tmask, spk=rng.normal(size=(b, ss, 128)).astype(np.float32), smask=smask,
+                prefix=rng.normal(size=(b, sp, 128)).astype(np.float32))
+
+
+def echo_torch_forward(net, i, start_pos=None):
+    with torch.no_grad():
+        text = net.get_kv_cache_text(torch.from_numpy(i["ids"]).long(), torch.from_numpy(i["tmask"]))
+        speaker = net.get_kv_cache_speaker(torch.from_numpy(i["spk"]))
+        prefix = None if start_pos is None else net.get_kv_cache_latent(torch.from_numpy(i["prefix"]))
+        return net(torch.from_numpy(i["x"]), torch.from_numpy(i["t"]), torch.from_numpy(i["tmask"]),
+                   torch.from_numpy(i["smask"]), text, speaker, start_pos=start_pos, kv_cache_latent=prefix).numpy()
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_parity_with_the_published_model(echo_torch, scan_layers):
+    """Our forward equals echo_tts 0.1.4's, without a prefix and with one: a prefix that ends at
+    start_pos, one whose last patch lies at start_pos or beyond (masked), and one that starts
+    mid-patch."""
+    config = dataclasses.replace(EchoConfig.from_echo_torch(ECHO_TORCH_ARGS), scan_layers=scan_layers)
+    state_dict = {k: v.numpy().copy() for k, v in echo_torch.state_dict().items()}
+    params = params_from_echo_torch(state_dict, config)
+    back = params_to_echo_torch(params, config)
+    assert set(back) == set(state_dict)
+    for name, array in state_dict.items():
+        np.testing.assert_array_equal(back[name], array, err_msg=name)
+    i = echo_torch_inputs()
+    apply = jax.jit(EchoDiT(config).apply)
+    args = (i["x"], i["t"], i["ids"], i["tmask"], i["spk"], i["smask"])
+    outputs = []
+    for start_pos in (None, 16, 10, 3):
+        want = echo_torch_forward(echo_torch, i, start_pos)
+        extra = {} if start_pos is None else dict(prefix_latent=i["prefix"], start_pos=start_pos)
+        got = np.asarray(apply({"params": params}, *args, **extra))
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=f"start_pos {start_pos}")
+        outputs.append(got)
+    assert all(np.abs(a - outputs[0]).max() > 1e-3 for a in outputs[1:])  # the prefix is used
+
+
+def test_published_weights_that_do_not_fit_are_refused(echo_torch):
+    config = EchoConfig.from_echo_torch(ECHO_TORCH_ARGS)
+    state_dict = {k: v.numpy() for k, v in echo_torch.state_dict().items()}
+    with pytest.raises(ValueError, match="missing blocks.2.attention.wk_latent.weight"):
+        params_from_echo_torch({k: v for k, v in state_dict.items() if k != "blocks.2.attention.wk_latent.weight"},
+                               config)
+    with pytest.raises(ValueError, match="unexpected extra.weight"):
+        params_from_echo_torch({**state_dict, "extra.weight": np.zeros(3)}, config)
+    with pytest.raises(ValueError, match="does not give"):
+        params_from_echo_torch(state_dict, dataclasses.replace(config, adaln_rank=4))
+    with pytest.raises(ValueError, match="not arguments of Echo's published EchoDiT: depth"):
+        EchoConfig.from_echo_torch({**ECHO_TORCH_ARGS, "depth": 3})
+
+
+def test_a_prefix_counts_only_before_start_pos():
+    """A prefix wholly at or after start_pos changes nothing; the decode at start_pos takes its
+    positions from there (the same frames decoded at another position differ); (B,) start
+    positions equal one call per row."""
+    config = PRESETS["tiny-blockwise"]
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * (0.3 if p.ndim == 1 else 0.15)
+                          + (p.ndim == 1), nn.unbox(init_params(config, jax.random.key(0))))  # far from init
+    x, t, ids, tmask, spk, smask = dummy = [np.asarray(a) for a in dummy_inputs(config, batch=2, latent_len=12)]
+    x = rng.normal(size=x.shape).astype(np.float32)
+    t = np.array([0.4, 0.7], np.float32)
+    ids = rng.integers(1, 256, size=ids.shape).astype(np.int32)
+    spk = rng.normal(size=spk.shape).astype(np.float32)
+    prefix = rng.normal(size=(2, 8, config.latent_size)).astype(np.float32)
+    args = (x, t, ids, tmask, spk, smask)
+    apply = jax.jit(EchoDiT(config).apply)
+    plain = np.asarray(apply({"params": params}, *args))
+    np.testing.assert_array_equal(np.asarray(apply({"params": params}, *args, prefix_latent=prefix, start_pos=0)),
+                                  plain)
+    shifted = np.asarray(apply({"params": params}, *args, prefix_latent=prefix, start_pos=8))
+    assert np.abs(shifted - plain).max() > 1e-3
+    rows = np.asarray(apply({"params": params}, *args, prefix_latent=prefix, start_pos=np.array([8, 4])))
+    np.testing.assert_allclose(rows[0], shifted[0], atol=1e-6)
+    one_by_one = np.asarray(apply({"params": params}, *(a[1:] for a in args), prefix_latent=prefix[1:], start_pos=4))
+    np.testing.assert_allclose(rows[1], one_by_one[0], atol=1e-4)
+    with pytest.raises(ValueError, match="no latent-prefix path"):
+        plain_params = nn.unbox(init_params(PRESETS["tiny"], jax.random.key(0)))
+        EchoDiT(PRESETS["tiny"]).apply({"params": plain_params}, *dummy, prefix_latent=prefix)
