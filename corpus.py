@@ -59,6 +59,10 @@ class SyntheticCorpus:
     # shorter texts align first; the rest train on this one (train_pretrain.py, "data stages").
     primer: str = ""
     primer_fraction: float = 0.0
+    # Durations as in speech: each letter lasts its own number of frames (1-4, drawn once per corpus
+    # seed), scaled by the speaker's rate (the slowest speaker 1.6x the fastest), and adjacent letters
+    # differ. `frames_per_byte` is then unused (synthetic_durations).
+    letter_durations: bool = False
 
 
 SYNTHETIC_CORPORA = {
@@ -76,7 +80,12 @@ SYNTHETIC_CORPORA = {
                               shards=16, primer="starter", primer_fraction=0.7),
     # Pseudo-sentences of 10-40 bytes over ~40 characters: far harder (`python bench.py learn`).
     "words": SyntheticCorpus(alphabet="", min_bytes=10, max_bytes=40, frames_per_byte=2, canvas=80),
+    # 4-12 letters over 16 (median 8), each lasting 1-6 frames by letter and speaker: the alignment's
+    # slope varies, as in speech. The canvas holds the longest text at the slowest rate.
+    "durations": SyntheticCorpus(alphabet="abcdefghijklmnop", min_bytes=4, max_bytes=12, frames_per_byte=0,
+                                 canvas=12 * 6, letter_durations=True),
 }
+SPEAKER_RATES = (1.0, 1.6)  # the fastest and the slowest speaker's letter-length factors (`durations`)
 SYNTHETIC_HELD_OUT = 10  # one text in 10 (by hash) is held out: never in training shards, only in evals
 
 
@@ -105,7 +114,15 @@ def synthetic_text(rng, corpus="short", held_out=False):
     c = SYNTHETIC_CORPORA[corpus]
     while True:
         target = int(rng.integers(c.min_bytes, c.max_bytes + 1))
-        text = "".join(rng.choice(list(c.alphabet), size=target)) if c.alphabet else _pseudo_sentence(rng, target)
+        if c.letter_durations:  # no letter twice in a row: its two runs of frames would be one
+            letters = [str(rng.choice(list(c.alphabet)))]
+            while len(letters) < target:
+                letters.append(str(rng.choice([a for a in c.alphabet if a != letters[-1]])))
+            text = "".join(letters)
+        elif c.alphabet:
+            text = "".join(rng.choice(list(c.alphabet), size=target))
+        else:
+            text = _pseudo_sentence(rng, target)
         if synthetic_held_out(text) == held_out:
             return text
 
@@ -126,12 +143,30 @@ def synthetic_tables(seed):
     return byte_vectors, speaker_offsets, silence
 
 
+@functools.lru_cache(maxsize=8)
+def letter_frames(seed):
+    """(speakers, 256) frames each byte lasts for each speaker in the `durations` corpus: a length of
+    1-4 per byte, times the speaker's rate (evenly spread over SPEAKER_RATES, in a seeded order),
+    rounded, at least 1."""
+    rng = data.seeded_rng("synthetic-durations", seed)
+    base = rng.integers(1, 5, 256)
+    rates = rng.permutation(np.linspace(*SPEAKER_RATES, SYNTHETIC_SPEAKERS))
+    return np.maximum(1, np.floor(base[None, :] * rates[:, None] + 0.5)).astype(np.int64)
+
+
+def synthetic_durations(text, speaker, seed, corpus="short"):
+    """Frames of each byte of a (raw) text in the corpus, for this speaker."""
+    raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+    c = SYNTHETIC_CORPORA[corpus]
+    return letter_frames(seed)[speaker][raw] if c.letter_durations else np.full(len(raw), c.frames_per_byte)
+
+
 def synthetic_latent(text, speaker, seed, corpus="short"):
     """The ground truth of the synthetic corpus for a (raw) text: (N, 128) float16."""
     byte_vectors, speaker_offsets, _ = synthetic_tables(seed)
     raw = np.frombuffer(text.encode("utf-8"), np.uint8)
-    frames = np.repeat(byte_vectors[raw], SYNTHETIC_CORPORA[corpus].frames_per_byte, axis=0) + speaker_offsets[speaker]
-    return frames.astype(np.float16)
+    frames = np.repeat(byte_vectors[raw], synthetic_durations(text, speaker, seed, corpus), axis=0)
+    return (frames + speaker_offsets[speaker]).astype(np.float16)
 
 
 def synthetic_lengths(corpus="short"):
@@ -478,7 +513,8 @@ def main(argv=None):
     p.add_argument("--corpus", default="short", choices=list(SYNTHETIC_CORPORA),
                    help="starter: random 2-6-byte strings over 8 letters; short: 4-8 bytes over 8 letters (the "
                    "trainer's default); medium: 4-12 bytes over 16 letters (the trainer trains on starter first); "
-                   "words: 10-40-byte pseudo-sentences over ~40 characters")
+                   "words: 10-40-byte pseudo-sentences over ~40 characters; durations: 4-12 letters over 16, "
+                   "each lasting 1-6 frames by letter and speaker")
     p = sub.add_parser("build", help="encode a corpus of recordings and transcripts into training shards")
     p.add_argument("manifest", help="CSV or JSONL: an audio path, a transcript and a speaker id per row "
                    "(columns audio/path, text/transcript, speaker/speaker_id; others are kept)")

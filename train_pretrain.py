@@ -108,7 +108,8 @@ def build_parser(suppress_defaults=False):
       "glob, list file, or hf://datasets/ORG/REPO[@REV][/GLOB]; several mixed by weight as A:0.7,B:0.3")
     a("--synthetic_corpus", default="medium", help="with --data synthetic: 'medium' (4-12-byte strings over 16 "
       "letters, after 2-6-byte 'starter' strings for the first 70%% of the steps), 'short' (4-8 bytes over 8 "
-      "letters), 'starter' or 'words' (10-40-byte pseudo-sentences)")
+      "letters), 'starter', 'words' (10-40-byte pseudo-sentences) or 'durations' (4-12 letters over 16, each "
+      "lasting 1-6 frames by letter and speaker, as sounds do in speech)")
     a("--eval_data", default=None, help="held-out shards for val_loss (same forms as --data); default: the "
       "validation split of --data (val-*.tar, written by corpus.py build) where it has one; with --data "
       "synthetic, the corpus's held-out split")

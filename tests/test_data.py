@@ -361,14 +361,15 @@ def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
     silence = np.load(tmp_path / "a" / "silence_latent.npy")
     assert silence.shape == (750, 128) and silence.dtype == np.float16
     for which, lengths, symbols, median in (("starter", (2, 6), 8, 4), ("short", (4, 8), 8, 6),
-                                            ("medium", (4, 12), 16, 8), ("words", (10, 40), 30, 20)):
+                                            ("medium", (4, 12), 16, 8), ("words", (10, 40), 30, 20),
+                                            ("durations", (4, 12), 16, 8)):
         directory = str(tmp_path / which)
         corpus.make_synthetic(directory, 2, 200, seed=5, corpus=which)
         samples = read_corpus(directory)
         texts = [meta["text"] for meta, _ in samples.values()]
         for meta, latent in samples.values():
             np.testing.assert_array_equal(latent, corpus.synthetic_latent(meta["text"], meta["speaker"], 5, which))
-            assert len(latent) == corpus.SYNTHETIC_CORPORA[which].frames_per_byte * len(meta["text"].encode())
+            assert len(latent) == corpus.synthetic_durations(meta["text"], meta["speaker"], 5, which).sum()
         size = sorted(len(t.encode()) for t in texts)
         assert lengths[0] <= size[0] and size[-1] <= lengths[1] and size[len(size) // 2] >= median
         assert len(set("".join(texts))) >= symbols
@@ -382,6 +383,8 @@ def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
         latent_len, text_len, speaker_len = corpus.synthetic_lengths(which)
         assert all(len(lat) <= latent_len for _, lat in samples.values()) and speaker_len % 4 == 0
         assert all(data.encode_text(t, text_len) is not None for t in texts)
+    assert all(len(corpus.synthetic_durations(meta["text"], 0, 5, "medium")) == len(meta["text"])
+               for meta, _ in read_corpus(str(tmp_path / "medium")).values())
     # Every byte, its place in the order, and the speaker change the latent.
     a = corpus.synthetic_latent("abcdefghij", 0, 5)
     assert not np.array_equal(a, corpus.synthetic_latent("abcdefghiz", 0, 5))
@@ -393,6 +396,32 @@ def test_make_synthetic_is_learnable_and_deterministic(tmp_path):
         np.testing.assert_allclose(byte_vectors.reshape(32, 8, -1).mean(axis=1), 0, atol=1e-5)
         letters = byte_vectors[np.frombuffer(corpus.SYNTHETIC_CORPORA["medium"].alphabet.encode(), np.uint8)]
         assert np.linalg.norm(letters.mean(axis=0)) < 0.2 * np.linalg.norm(letters, axis=1).mean()
+
+
+def test_the_durations_corpus_gives_each_letter_and_speaker_its_own_length(tmp_path):
+    """Read back from the shards as a recogniser would (runs of equal frames): a letter lasts the
+    same for a speaker wherever it stands, letters differ in length, the slowest speaker takes at
+    least 1.5x the fastest's frames, and no letter follows itself (its runs would merge)."""
+    directory = corpus.make_synthetic(str(tmp_path / "d"), 2, 300, seed=3, corpus="durations")
+    lengths, frames_per_letter = {}, {}
+    for meta, latent in read_corpus(directory).values():
+        text, speaker = meta["text"], meta["speaker"]
+        assert all(a != b for a, b in zip(text, text[1:])), text
+        changes = np.flatnonzero(np.any(np.diff(latent.astype(np.float32), axis=0) != 0, axis=1)) + 1
+        runs = np.diff(np.concatenate([[0], changes, [len(latent)]]))
+        assert len(runs) == len(text)
+        for letter, run in zip(text, runs):
+            assert lengths.setdefault((speaker, letter), run) == run, (speaker, letter)
+        frames_per_letter.setdefault(speaker, []).append(len(latent) / len(text))
+        assert len(latent) <= corpus.synthetic_lengths("durations")[0]
+    assert len(set(lengths.values())) >= 4  # 1-4 frames, and more for slower speakers
+    for speaker in range(corpus.SYNTHETIC_SPEAKERS):
+        assert len({lengths[k] for k in lengths if k[0] == speaker}) >= 3, speaker
+    rates = sorted(np.mean(v) for v in frames_per_letter.values())
+    assert len(rates) == corpus.SYNTHETIC_SPEAKERS and rates[-1] / rates[0] >= 1.4, rates
+    table = corpus.letter_frames(3)
+    letters = np.frombuffer(b"abcdefghijklmnop", np.uint8)
+    assert table[:, letters].sum(axis=1).max() / table[:, letters].sum(axis=1).min() >= 1.5
 
 
 # ---------------------------------------------------------------- shuffling, mixing, pinning
