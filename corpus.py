@@ -169,6 +169,45 @@ def synthetic_latent(text, speaker, seed, corpus="short"):
     return (frames + speaker_offsets[speaker]).astype(np.float16)
 
 
+def recognise(latent, seed, corpus="short"):
+    """What a synthetic corpus's latent says, read as an exact recogniser would: each frame is the
+    nearest of the corpus's letter vectors (each plus each speaker's offset) or silence; the speaker
+    is the one most frames point to; each run of one letter is as many letters as its length holds
+    that letter's frames for that speaker (`medium`'s doubled letters count twice). Returns (text,
+    end): end is the frame after the last one that is not silence (0 for no speech)."""
+    byte_vectors, speaker_offsets, silence = synthetic_tables(seed)
+    c = SYNTHETIC_CORPORA[corpus]
+    alphabet = np.frombuffer((c.alphabet or bytes(range(32, 127)).decode()).encode(), np.uint8)
+    candidates = (byte_vectors[alphabet][None] + speaker_offsets[:, None]).reshape(-1, data.LATENT_SIZE)
+    candidates = np.concatenate([candidates, silence[None]])
+    frames = np.asarray(latent, np.float32)
+    distances = (frames ** 2).sum(1)[:, None] - 2 * frames @ candidates.T + (candidates ** 2).sum(1)[None]
+    nearest = distances.argmin(axis=1)
+    speech = nearest < len(candidates) - 1
+    if not speech.any():
+        return "", 0
+    speaker = int(np.bincount(nearest[speech] // len(alphabet)).argmax())
+    letters = alphabet[nearest[speech] % len(alphabet)]
+    starts = np.flatnonzero(np.concatenate([[True], letters[1:] != letters[:-1]]))
+    runs = np.diff(np.concatenate([starts, [len(letters)]]))
+    text = []
+    for letter, run in zip(letters[starts], runs):
+        expected = synthetic_durations(chr(letter), speaker, seed, corpus)[0]
+        text.append(chr(letter) * max(1, int(np.floor(run / expected + 0.5))))
+    return "".join(text), int(np.flatnonzero(speech)[-1]) + 1
+
+
+def character_error_rate(said, text):
+    """Levenshtein distance (insertions, deletions, substitutions) from `text` to `said`, over len(text)."""
+    previous = list(range(len(said) + 1))
+    for i, want in enumerate(text, 1):
+        current = [i]
+        for j, got in enumerate(said, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (want != got)))
+        previous = current
+    return previous[-1] / max(len(text), 1)
+
+
 def synthetic_lengths(corpus="short"):
     """(max_latent_len, max_text_len, max_speaker_len) for a corpus: its canvas, the longest text's
     bytes plus BOS and normalize_text's "[S1] " prefix, and the canvas again for references."""

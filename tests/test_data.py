@@ -424,6 +424,40 @@ def test_the_durations_corpus_gives_each_letter_and_speaker_its_own_length(tmp_p
     assert table[:, letters].sum(axis=1).max() / table[:, letters].sum(axis=1).min() >= 1.5
 
 
+@pytest.mark.parametrize("which", ["starter", "short", "medium", "words", "durations"])
+def test_the_recogniser_reads_every_corpus_exactly(tmp_path, which):
+    """Every target of the corpus, padded with silence to its canvas as the trainer pads it, reads
+    back as its text, ending where its speech ends; each sample's reference speaker's latent too."""
+    directory = corpus.make_synthetic(str(tmp_path / which), 1, 100, seed=2, corpus=which)
+    canvas = corpus.synthetic_lengths(which)[0]
+    silence = data.load_silence(os.path.join(directory, "silence_latent.npy"), canvas)
+    for meta, latent in read_corpus(directory).values():
+        padded = np.concatenate([latent.astype(np.float32), silence[len(latent):]])
+        assert corpus.recognise(padded, 2, which) == (meta["text"], len(latent)), meta
+        assert corpus.character_error_rate(meta["text"], meta["text"]) == 0
+
+
+def test_the_recogniser_scores_mistakes_as_they_are():
+    seed, which, speaker, text = 4, "durations", 3, "abcadefg"
+    say = lambda t, tail="": np.concatenate([corpus.synthetic_latent(t, speaker, seed, which).astype(np.float32),
+                                             *([corpus.synthetic_latent(tail, speaker, seed, which)] if tail else []),
+                                             np.tile(corpus.synthetic_tables(seed)[2], (20, 1))])
+    end = len(corpus.synthetic_latent(text, speaker, seed, which))
+    cases = {"abcdefg": 1 / 8,  # a dropped letter
+             "abcadeefg": 1 / 8,  # a letter doubled as a second letter (runs of e's merge: read by length)
+             "bacadefg": 2 / 8}  # two letters swapped
+    for said, cer in cases.items():
+        got, _ = corpus.recognise(say(said), seed, which)
+        assert corpus.character_error_rate(got, text) == pytest.approx(cer), (said, got)
+    got, got_end = corpus.recognise(say(text, tail="hij"), seed, which)  # letters where silence belongs
+    assert got == text + "hij" and got_end - end == len(corpus.synthetic_latent("hij", speaker, seed, which))
+    assert corpus.character_error_rate(got, text) == pytest.approx(3 / 8)
+    assert corpus.recognise(np.tile(corpus.synthetic_tables(seed)[2], (30, 1)), seed, which) == ("", 0)
+    # Noise of the size a trained model leaves changes nothing.
+    noisy = say(text) + np.random.default_rng(0).normal(0, 0.2, say(text).shape)
+    assert corpus.recognise(noisy, seed, which) == (text, end)
+
+
 # ---------------------------------------------------------------- shuffling, mixing, pinning
 
 def speaker_corpus(directory, speakers, per_shard, prefix="spk"):
