@@ -197,15 +197,19 @@ def recognise(latent, seed, corpus="short"):
     return "".join(text), int(np.flatnonzero(speech)[-1]) + 1
 
 
-def character_error_rate(said, text):
-    """Levenshtein distance (insertions, deletions, substitutions) from `text` to `said`, over len(text)."""
+def edit_distance(said, text):
+    """Levenshtein distance: the insertions, deletions and substitutions that turn `text` into `said`."""
     previous = list(range(len(said) + 1))
     for i, want in enumerate(text, 1):
         current = [i]
         for j, got in enumerate(said, 1):
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (want != got)))
         previous = current
-    return previous[-1] / max(len(text), 1)
+    return previous[-1]
+
+
+def character_error_rate(said, text):
+    return edit_distance(said, text) / max(len(text), 1)
 
 
 def synthetic_lengths(corpus="short"):

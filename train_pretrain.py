@@ -1003,6 +1003,19 @@ def nmse(generated, truth, frames):
     return float(err / max(base, 1e-12))
 
 
+def recognition_scores(generated, truth, frames, seed, which):
+    """synthetic_cer (edits over letters, all samples together) and synthetic_end_frames (mean
+    |where the generated speech ends - where the true speech ends|): corpus.recognise on each whole
+    generated canvas, against what it reads in the true frames."""
+    edits, letters, ends = 0, 0, []
+    for g, t, n in zip(generated, truth, frames):
+        text, _ = corpus.recognise(t[:n], seed, which)
+        said, end = corpus.recognise(g, seed, which)
+        edits, letters = edits + corpus.edit_distance(said, text), letters + len(text)
+        ends.append(abs(end - int(n)))
+    return {"synthetic_cer": edits / max(letters, 1), "synthetic_end_frames": float(np.mean(ends))}
+
+
 class Evaluation:
     """The run's periodic looks at the model. Every host joins each (the weights are sharded over all
     of them); process 0 writes what they find."""
@@ -1041,8 +1054,9 @@ class Evaluation:
                                           np.median(plan.silence_latent.astype(np.float32), axis=0))
 
     def evaluate(self, step, state):
-        """val_loss (and val_loss_ema) on the held-out batches, synthetic_nmse where the corpus is
-        synthetic: one eval event. Returns its fields."""
+        """val_loss (and val_loss_ema) on the held-out batches; where the corpus is synthetic,
+        synthetic_nmse, synthetic_cer and synthetic_end_frames (and their _ema): one eval event.
+        Returns its fields."""
         fields = {"step": step, "event": "eval"}
         with self.setup.sharding():
             for name, key in (("val_loss", "params"), ("val_loss_ema", "ema_params")):
@@ -1050,20 +1064,23 @@ class Evaluation:
                     losses = [self.loss(state[key], b, np.int32(i)) for i, b in enumerate(self.batches)]
                     fields[name] = float(np.mean([float(v) for v in losses]))
             if self.held_out is not None:
-                fields["synthetic_nmse"] = self.synthetic_nmse(state["params"])
-                if "ema_params" in state:
-                    fields["synthetic_nmse_ema"] = self.synthetic_nmse(state["ema_params"])
+                for suffix, key in (("", "params"), ("_ema", "ema_params")):
+                    if key in state:
+                        scores = self.synthetic_scores(state[key])
+                        fields.update({name + suffix: value for name, value in scores.items()})
         self.metrics.write(**fields)
         return fields
 
-    def synthetic_nmse(self, params):
+    def synthetic_scores(self, params):
         """Generate the held-out texts with inference.py's sampler and score them."""
         held_out, args = self.held_out, self.args
         generated = inference.sample_latents(
             self.setup.module, params, held_out["text_ids"], held_out["text_mask"], held_out["speaker_latent"],
             held_out["speaker_mask"], steps=args.sample_steps, cfg_scale=args.sample_cfg, seed=args.seed + 7,
             num_frames=args.max_latent_len, progress=False)
-        return nmse(generated, held_out["latent"], held_out["frames"])
+        return {"synthetic_nmse": nmse(generated, held_out["latent"], held_out["frames"]),
+                **recognition_scores(generated, held_out["latent"], held_out["frames"], args.seed,
+                                     args.synthetic_corpus)}
 
     def sample_audio(self, step, state):
         """Generate the fixed prompts (EMA weights where there are some); process 0 decodes them in

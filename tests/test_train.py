@@ -19,6 +19,7 @@ from conftest import PATIENT_COLLECTIVES, REPO
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
 import checkpoint
+import corpus
 import dacvae
 import full_disk
 import inference
@@ -85,11 +86,31 @@ def test_loss_decreases_and_metrics_parse(tmp_path):
     assert {"compiled", "eval", "checkpoint"} <= events
     evals = [m for m in metrics if m.get("event") == "eval"]
     assert all(np.isfinite(e["val_loss"]) and np.isfinite(e["synthetic_nmse"]) for e in evals)
+    assert all(e["synthetic_cer"] >= 0 and e["synthetic_end_frames"] >= 0 for e in evals)
     # The weights-only file loads into the model.
     payload = checkpoint.load_checkpoint_file(str(run_dir / "checkpoints" / "step_0000060.params.pkl"))
     config = checkpoint.config_from_checkpoint(payload)
     assert config.model_size == echo.PRESETS["tiny"].model_size
     checkpoint.params_from_checkpoint(payload, config)
+
+
+def test_recognition_scores_count_edits_and_misplaced_ends():
+    """The eval's synthetic_cer and synthetic_end_frames, on held-out samples of a corpus: its own
+    frames score 0 and 0; silence scores every letter missing and every end off by the speech's
+    length; a sample that says a letter too many scores one edit."""
+    silence = corpus.synthetic_tables(0)[2]
+    texts = ["abcdefgh", "hgfedcbadc"]
+    true = [corpus.synthetic_latent(t, i, 0, "short").astype(np.float32) for i, t in enumerate(texts)]
+    frames = np.array([len(t) for t in true])
+    truth = np.stack([np.concatenate([t, np.tile(silence, (32 - len(t), 1))]) for t in true])
+    exact = train_pretrain.recognition_scores(truth, truth, frames, 0, "short")
+    assert exact == {"synthetic_cer": 0.0, "synthetic_end_frames": 0.0}
+    quiet = train_pretrain.recognition_scores(np.tile(silence, (2, 32, 1)), truth, frames, 0, "short")
+    assert quiet == {"synthetic_cer": 1.0, "synthetic_end_frames": float(frames.mean())}
+    longer = truth.copy()
+    longer[0, frames[0]:frames[0] + 2] = corpus.synthetic_latent("a", 0, 0, "short")
+    assert train_pretrain.recognition_scores(longer, truth, frames, 0, "short") == {
+        "synthetic_cer": 1 / 18, "synthetic_end_frames": 1.0}
 
 
 @pytest.fixture(scope="module")
