@@ -240,8 +240,10 @@ def rope(x, positions=None, theta=10000.0):
     _, s, _, hd = x.shape
     freqs = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)  # (hd/2,)
     positions = np.arange(s) if positions is None else positions
-    angles = jnp.asarray(positions, jnp.float32)[..., None] * freqs  # (S or B, S, hd/2)
-    angles = jnp.broadcast_to(angles, (x.shape[0], s, hd // 2))
+    # Known positions (numpy) stay constants of the program; only per-row start positions are traced.
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    angles = positions.astype(xp.float32)[..., None] * freqs  # (S, hd/2) or (B, S, hd/2)
+    angles = angles[None] if angles.ndim == 2 else angles
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], hd // 2, 2)
     re_, im = x32[..., 0], x32[..., 1]
@@ -616,7 +618,8 @@ class EchoDiT(nn.Module):
                        self.cond_dense_global_gate(s))
         h = self.in_proj(x.astype(c.compute_dtype))
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
-        positions = jnp.reshape(jnp.asarray(start_pos), (-1, 1)) + jnp.arange(x.shape[1])  # (1 or B, S)
+        positions = start_pos + np.arange(x.shape[1]) if isinstance(start_pos, (int, np.integer)) else \
+            jnp.reshape(start_pos, (-1, 1)) + jnp.arange(x.shape[1])  # (S,), or (B, S) for per-row starts
         if c.scan_layers:
             body = lambda block, carry, kv: block(carry, kv, cond["mask"], global_mods, positions)
             scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
