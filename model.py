@@ -580,31 +580,28 @@ class EchoDiT(nn.Module):
         speaker_state = self.speaker_norm(self.speaker_encoder(speaker_latent))
         mask = jnp.concatenate([text_mask.astype(bool),
                                 speaker_mask[:, ::c.encoder_patch_size].astype(bool)], axis=1)
-        if c.scan_layers:
-            kv_fn = lambda block, carry, _: (carry, block.condition_kv(text_state, speaker_state))
-            scan = nn.scan(kv_fn, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
-                           unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
-            _, (k, v) = scan(self.layers, None, None)
-        else:
-            kvs = [blk.condition_kv(text_state, speaker_state) for blk in self.blocks]
-            k, v = jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs])
+        k, v = self.per_layer_kv(lambda block: block.condition_kv(text_state, speaker_state))
         return {"k": k, "v": v, "mask": mask}
+
+    def per_layer_kv(self, kv_of_block):
+        """Every decoder block's (k, v) = kv_of_block(block), stacked: (L, B, S, H, hd) each."""
+        c = self.config
+        if c.scan_layers:
+            scan = nn.scan(lambda block, carry, _: (carry, kv_of_block(block)), variable_axes={"params": 0},
+                           split_rngs={"params": True}, length=c.num_layers, unroll=scan_unroll(c, c.num_layers),
+                           metadata_params={nn.PARTITION_NAME: "layers"})
+            _, (k, v) = scan(self.layers, None, None)
+            return k, v
+        kvs = [kv_of_block(blk) for blk in self.blocks]
+        return jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs])
 
     def encode_prefix(self, prefix_latent):
         """Already generated (or given) frames -> per-layer keys/values, once per prefix (blockwise
         models). prefix_latent (B, Sp, D), Sp a multiple of the patch size; patch j's keys sit at
         frame position j * patch. Returns {"k", "v": (L, B, Sp/p, H, hd)}; `with_prefix` joins them
         to the conditions."""
-        c = self.config
         state = self.latent_norm(self.latent_encoder(prefix_latent))
-        if c.scan_layers:
-            kv_fn = lambda block, carry, _: (carry, block.prefix_kv(state))
-            scan = nn.scan(kv_fn, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
-                           unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
-            _, (k, v) = scan(self.layers, None, None)
-        else:
-            kvs = [blk.prefix_kv(state) for blk in self.blocks]
-            k, v = jnp.stack([kv[0] for kv in kvs]), jnp.stack([kv[1] for kv in kvs])
+        k, v = self.per_layer_kv(lambda block: block.prefix_kv(state))
         return {"k": k, "v": v}
 
     def decode(self, x, t, cond, start_pos=0):
