@@ -23,9 +23,11 @@ Sections:
           dispatch cost; compile time cold and from a warm cache.
   tpu_aot the 1.3B train step compiled for a v4-64 with libtpu: per-chip memory at global batch
           256 and 448, compile time.
-  learn   the demo preset on today's harder synthetic corpus (`--synthetic_corpus words`, 10-40
-          bytes over ~40 characters) for up to an hour: steps and minutes until synthetic_nmse < 0.5,
-          or the curve if it never gets there. Not part of the default run (`python bench.py learn`).
+  learn   the demo preset on a synthetic corpus (`--corpus`, default `words`: 10-40 bytes over ~40
+          characters; `durations`: letters of their own lengths) for up to `--minutes` (60): the
+          held-out curve, and the steps and minutes until synthetic_cer < 0.1 with
+          synthetic_end_frames < 2, or the curve if it never gets there. Not part of the default run
+          (`python bench.py learn --corpus durations`).
   sampler the demo model (a default `--data synthetic` run: $ECHO_DEMO_RUN, else trained first) on
           held-out texts: sampling on the trained canvas and trimming vs on a shorter canvas, and
           8/16/32 Euler steps on the uniform grid vs sway sampling. Not in the default run either.
@@ -466,30 +468,37 @@ def bench_tpu_aot():
     return {"section": "tpu_aot", "runs": runs}
 
 
-def bench_learn(corpus="words", minutes=60.0, eval_every=250, threshold=0.5):
-    """The demo preset trained on a synthetic corpus (default: today's 10-40-byte `words`) for up
-    to `minutes`: the synthetic_nmse curve, and the step and minute it first falls below `threshold`."""
+def bench_learn(which="words", minutes=60.0, steps=None, preset="demo", eval_every=250):
+    """A preset (default: demo) trained on a synthetic corpus (default: the 10-40-byte `words`) for up to
+    `minutes`, on a schedule of `steps` (default: what 0.15 s steps fill the budget with): the
+    held-out curve (val_loss, synthetic_nmse, synthetic_cer, synthetic_end_frames), and the step
+    and minute where the goal is first met: CER < LEARN_CER, speech ending within LEARN_END_FRAMES."""
     run_dir = tempfile.mkdtemp(prefix="bench-learn-")
     try:
-        steps = int(minutes * 60 / 0.15)  # the demo's step takes ~0.1-0.2 s here: the clock stops the run
+        steps = steps or int(minutes * 60 / 0.15)  # the demo's step takes ~0.1-0.2 s here: the clock stops the run
         args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
-            ["--data", "synthetic", "--synthetic_corpus", corpus, "--run_dir", run_dir, "--steps", str(steps),
-             "--eval_every", str(eval_every), "--checkpoint_every", str(10 ** 9), "--log_every", "50"]))
+            ["--data", "synthetic", "--synthetic_corpus", which, "--preset", preset, "--run_dir", run_dir,
+             "--steps", str(steps), "--eval_every", str(eval_every), "--checkpoint_every", str(10 ** 9),
+             "--log_every", "50",
+             "--full_eval_samples", "0"]))
         curve, start, reached = [], time.perf_counter(), None
 
         def on_eval(step, fields):
             nonlocal reached
             elapsed = (time.perf_counter() - start) / 60
             curve.append({"step": step, "minutes": round(elapsed, 2), "val_loss": round(fields["val_loss"], 4),
-                          "synthetic_nmse": round(fields["synthetic_nmse"], 3)})
-            if reached is None and fields["synthetic_nmse"] < threshold:
+                          **{k: round(fields[k], 3) for k in ("synthetic_nmse", "synthetic_cer",
+                                                              "synthetic_end_frames")}})
+            if reached is None and fields["synthetic_cer"] < LEARN_CER and \
+                    fields["synthetic_end_frames"] < LEARN_END_FRAMES:
                 reached = curve[-1]
             return reached is not None or elapsed >= minutes  # True: stop training
 
         train_pretrain.train(args, on_eval=on_eval)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return {"section": "learn", "corpus": corpus, "preset": args.preset, "threshold": threshold,
+    return {"section": "learn", "corpus": which, "preset": args.preset, "steps_scheduled": steps,
+            "goal": {"synthetic_cer_below": LEARN_CER, "synthetic_end_frames_below": LEARN_END_FRAMES},
             "reached": reached, "budget_minutes": minutes, "curve": curve}
 
 
@@ -543,6 +552,8 @@ def bench_sampler(samples=64, seed=0):
             "canvas": dict(canvas, texts=len(rows)), "schedules_synthetic_nmse": schedules}
 
 
+LEARN_CER, LEARN_END_FRAMES = 0.1, 2.0  # bench_learn's goal: the words said, ending where they should
+
 SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "build": bench_build,
             "train": bench_train, "inference": bench_inference, "tpu_aot": bench_tpu_aot, "learn": bench_learn,
             "sampler": bench_sampler}
@@ -551,12 +562,23 @@ SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "b
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sections", nargs="*", help=f"sections to run (default: all of {', '.join(SECTIONS)})")
+    parser.add_argument("--corpus", default="words", help="learn: the synthetic corpus to train (default words; "
+                        f"one of {', '.join(corpus.SYNTHETIC_CORPORA)})")
+    parser.add_argument("--minutes", type=float, default=60.0, help="learn: the budget in minutes (default 60)")
+    parser.add_argument("--steps", type=int, default=None, help="learn: the run's --steps, which its learning rate "
+                        "schedule spans (default: as many as 0.15 s steps fill the budget with)")
+    parser.add_argument("--preset", default="demo", help="learn: the model preset (default demo)")
     args = parser.parse_args()
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         sys.exit(f"bench.py: unknown section {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    if args.corpus not in corpus.SYNTHETIC_CORPORA:
+        sys.exit(f"bench.py: --corpus must be one of {', '.join(corpus.SYNTHETIC_CORPORA)}, got {args.corpus!r}")
+    if not args.minutes > 0:
+        sys.exit(f"bench.py: --minutes must be positive, got {args.minutes}")
     for name in args.sections or [s for s in SECTIONS if s not in ("learn", "sampler")]:
-        print(json.dumps(SECTIONS[name]()), flush=True)
+        result = bench_learn(args.corpus, args.minutes, args.steps, args.preset) if name == "learn" else SECTIONS[name]()
+        print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

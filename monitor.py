@@ -33,6 +33,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FIELDS = ("step", "time", "loss", "lr", "grad_norm", "samples_per_sec", "latent_seconds_per_sec", "step_time",
           "data_wait", "mfu")
+# The eval fields the dashboard draws, from "eval" events and the "full_eval" one (with its controls).
+EVAL_FIELDS = ("val_loss", "val_loss_ema", "synthetic_nmse", "synthetic_cer", "synthetic_cer_ema",
+               "synthetic_end_frames", "synthetic_cer_shuffled", "synthetic_cer_other_text")
 MARKER_EVENTS = ("checkpoint", "resumed", "preempted", "disk_critical", "init_from")
 READ_CHUNK = 64 * 1024 * 1024  # bytes parsed per poll at most: a huge file loads over a few polls
 DEFAULT_POINTS, MAX_POINTS = 2000, 20000
@@ -50,7 +53,7 @@ class MetricsStore:
         self.offset, self.inode, self.partial = 0, None, b""
         self.columns = {f: array.array("d") for f in FIELDS}
         self.buckets = {}  # loss by timestep bucket: name -> array, aligned with the columns
-        self.evals = []  # (step, time, val_loss, synthetic_nmse, val_loss_ema)
+        self.evals = []  # {"step", "time", "event", *EVAL_FIELDS} of each eval and full eval
         self.markers = []  # {"event", "step", "time", ...} for checkpoints, resumes, ...
         self.sample_events = {}  # step -> {"index", "weights", "time"} of the audio samples
         self.nan_steps = 0
@@ -99,9 +102,9 @@ class MetricsStore:
         step = _number(record.get("step"))
         if event is None and step is not None and _number(record.get("loss")) is not None:
             self.add_step(record)
-        elif event == "eval":
-            self.evals.append((step, _number(record.get("time")), _number(record.get("val_loss")),
-                               _number(record.get("synthetic_nmse")), _number(record.get("val_loss_ema"))))
+        elif event in ("eval", "full_eval"):
+            self.evals.append({"step": step, "time": _number(record.get("time")), "event": event,
+                               **{f: _number(record.get(f)) for f in EVAL_FIELDS}})
         elif event == "nan_step":
             self.nan_steps += 1
         elif event == "start":
@@ -139,7 +142,7 @@ class MetricsStore:
         if keep < len(self.columns["step"]):
             for column in list(self.columns.values()) + list(self.buckets.values()):
                 del column[keep:]
-            self.evals = [e for e in self.evals if e[0] is None or e[0] <= step]
+            self.evals = [e for e in self.evals if e["step"] is None or e["step"] <= step]
             self.generation += 1
 
     # -- answering
@@ -174,8 +177,7 @@ class MetricsStore:
                 "last_checkpoint": checkpoints[-1] if checkpoints else None,
                 "skipped": self.skipped, "nan_steps": self.nan_steps, "bad_lines": self.bad_lines,
                 "series": series,
-                "evals": [{"step": e[0], "time": e[1], "val_loss": e[2], "synthetic_nmse": e[3], "val_loss_ema": e[4]}
-                          for e in self.evals if since is None or (e[0] is not None and e[0] > since)],
+                "evals": [e for e in self.evals if since is None or (e["step"] is not None and e["step"] > since)],
                 "markers": [m for m in self.markers if since is None or (m.get("step") or 0) > since],
             }
 
@@ -326,6 +328,7 @@ PAGE = r"""<!doctype html>
 </div>
 <div id="grid">
  <div class="card"><h3>Loss (raw, EMA, validation)</h3><canvas id="chart-loss"></canvas></div>
+ <div class="card" id="card-cer" hidden><h3>Character error rate, held-out texts (synthetic corpora)</h3><canvas id="chart-cer"></canvas></div>
  <div class="card"><h3>Loss by timestep bucket (EMA)</h3><canvas id="chart-loss_by_t"></canvas></div>
  <div class="card"><h3>Throughput</h3><canvas id="chart-throughput"></canvas></div>
  <div class="card"><h3>Step time: compute and data wait (s)</h3><canvas id="chart-step_time"></canvas></div>
@@ -493,13 +496,27 @@ function render() {
   const markers = state.markers.filter(m => m.event === "checkpoint" || m.event === "resumed" || m.event === "preempted")
     .map(m => ({x: markerX(m), color: m.event === "checkpoint" ? "#9ca3af" : "#f59e0b"}));
   const lossEma = ema(s.loss, alpha);
-  const evals = state.evals.filter(e => e.val_loss !== null);
+  const evals = state.evals.filter(e => e.event === "eval" && e.val_loss !== null);
   draw(document.getElementById("chart-loss"), [
     {name: "loss (raw)", xs, ys: s.loss, color: COLORS[0], alpha: 0.25, width: 1},
     {name: "loss EMA", xs, ys: lossEma, color: COLORS[0], width: 2},
     {name: "validation", xs: evals.map(e => (xmode === "time" ? e.time : e.step)), ys: evals.map(e => e.val_loss), color: COLORS[1], dots: true},
     {name: "validation, EMA weights", xs: evals.map(e => (xmode === "time" ? e.time : e.step)), ys: evals.map(e => e.val_loss_ema === undefined ? null : e.val_loss_ema), color: COLORS[4], dots: true},
   ], {logy, xmode, markers});
+  const evalX = e => (xmode === "time" ? e.time : e.step);
+  const cerEvals = state.evals.filter(e => e.event === "eval" && e.synthetic_cer !== null);
+  const fullEvals = state.evals.filter(e => e.event === "full_eval" && e.synthetic_cer !== null);
+  document.getElementById("card-cer").hidden = !cerEvals.length && !fullEvals.length;
+  if (cerEvals.length || fullEvals.length) draw(document.getElementById("chart-cer"), [
+    {name: "CER", xs: cerEvals.map(evalX), ys: cerEvals.map(e => e.synthetic_cer), color: COLORS[1], dots: true},
+    {name: "CER, EMA weights", xs: cerEvals.map(evalX), ys: cerEvals.map(e => e.synthetic_cer_ema), color: COLORS[4], dots: true},
+    {name: "full eval", xs: fullEvals.map(evalX), ys: fullEvals.map(e => e.synthetic_cer), color: COLORS[0], dots: true},
+    {name: "full eval, letters shuffled", xs: fullEvals.map(evalX), ys: fullEvals.map(e => e.synthetic_cer_shuffled), color: COLORS[3], dots: true},
+    {name: "full eval, another text", xs: fullEvals.map(evalX), ys: fullEvals.map(e => e.synthetic_cer_other_text), color: COLORS[5], dots: true},
+  ], {logy: false, xmode, markers});
+  const lastFull = fullEvals[fullEvals.length - 1];
+  document.getElementById("chart-cer").dataset.fullEval = lastFull ? [lastFull.synthetic_cer,
+    lastFull.synthetic_cer_shuffled, lastFull.synthetic_cer_other_text].join(" ") : "";
   const lossCanvas = document.getElementById("chart-loss");
   const lastEma = lossEma.filter(v => v !== null).pop();
   lossCanvas.dataset.emaLast = lastEma === undefined ? "" : lastEma;

@@ -156,6 +156,10 @@ def build_parser(suppress_defaults=False):
       "/ (10 + step)); 0 turns them off (default 0.9999; synthetic 0.99)")
     a("--eval_batches", type=int, default=4, help="global batches of held-out samples averaged into val_loss")
     a("--eval_samples", type=int, default=32, help="held-out texts sampled at each synthetic eval")
+    a("--full_eval_every", type=int, default=0, help="steps between full evals of a synthetic corpus (0: only at "
+      "the run's end): --full_eval_samples held-out texts, 2 noise seeds, the sampler's defaults, and two controls "
+      "(each text's letters shuffled; another sample's text)")
+    a("--full_eval_samples", type=int, default=128, help="held-out texts of each full eval (0: no full eval)")
     a("--sample_steps", type=int, default=16, help="Euler steps when sampling at eval")
     a("--sample_cfg", type=float, default=2.0, help="joint guidance scale when sampling at eval")
     a("--sample_every", type=int, default=None, help="steps between audio samples of fixed prompts, generated "
@@ -185,7 +189,7 @@ FREE_FLAGS = frozenset({"log_every", "eval_every", "checkpoint_every", "keep_che
                         "metrics_file",
                         "checkpoint_dir", "run_dir", "compile_cache_dir", "distributed_timeout", "tensorboard_dir",
                         "sample_every", "sample_texts", "dacvae_weights", "eval_data", "eval_batches", "eval_samples",
-                        "sample_steps", "sample_cfg", "max_bad_steps"})
+                        "full_eval_every", "full_eval_samples", "sample_steps", "sample_cfg", "max_bad_steps"})
 PER_INVOCATION_FLAGS = frozenset({"run_steps", "resume", "init_from", "aot_topology", "profile_steps",
                                   "accept_data_change", "override"})
 checkpoint.RUN_FLAGS_FILE = "run_flags.json"  # beside the checkpoints: the flags the run started with
@@ -292,8 +296,9 @@ def resolve_defaults(args):
         raise TrainError(f"--weight_decay must not be negative, got {args.weight_decay}")
     if not 0 <= args.ema_decay < 1:
         raise TrainError(f"--ema_decay must lie in [0, 1) (0 turns EMA off), got {args.ema_decay}")
-    if args.sample_every < 0:
-        raise TrainError(f"--sample_every must not be negative (0: no audio samples), got {args.sample_every}")
+    for name in ("sample_every", "full_eval_every", "full_eval_samples"):
+        if getattr(args, name) < 0:
+            raise TrainError(f"--{name} must not be negative, got {getattr(args, name)}")
     weights = args.dacvae_weights
     looks_local = weights and (weights.endswith((".pth", ".pt")) or weights.startswith((".", "/")))
     if looks_local and not os.path.exists(weights):
@@ -823,8 +828,8 @@ class Metrics:
             self.file.write(json.dumps(fields) + "\n")
             self.file.flush()
             event = fields.get("event")
-            if self.tensorboard and "step" in fields and event in (None, "eval"):
-                prefix = "eval/" if event else "train/"
+            if self.tensorboard and "step" in fields and event in (None, "eval", "full_eval"):
+                prefix = f"{event or 'train'}/"
                 for tag, value in _numbers(fields, ("step", "time", "event")):
                     self.tensorboard.add_scalar(prefix + tag, value, fields["step"], walltime=fields["time"])
 
@@ -1003,17 +1008,31 @@ def nmse(generated, truth, frames):
     return float(err / max(base, 1e-12))
 
 
-def recognition_scores(generated, truth, frames, seed, which):
+def recognition_scores(generated, texts, frames, seed, which):
     """synthetic_cer (edits over letters, all samples together) and synthetic_end_frames (mean
     |where the generated speech ends - where the true speech ends|): corpus.recognise on each whole
-    generated canvas, against what it reads in the true frames."""
+    generated canvas, against each sample's text as read in its true frames."""
     edits, letters, ends = 0, 0, []
-    for g, t, n in zip(generated, truth, frames):
-        text, _ = corpus.recognise(t[:n], seed, which)
+    for g, text, n in zip(generated, texts, frames):
         said, end = corpus.recognise(g, seed, which)
         edits, letters = edits + corpus.edit_distance(said, text), letters + len(text)
         ends.append(abs(end - int(n)))
     return {"synthetic_cer": edits / max(letters, 1), "synthetic_end_frames": float(np.mean(ends))}
+
+
+FULL_EVAL_SEEDS = 2  # noise seeds per text in a full eval
+TEXT_START = 1 + len("[S1] ")  # a synthetic text's first letter in its ids: after BOS and the speaker tag
+
+
+def text_controls(held_out, seed):
+    """The controls of a full eval, as (text_ids, text_mask): each text's letters in a shuffled order
+    (a seeded permutation), and the next sample's text (its own speaker)."""
+    rng = np.random.default_rng(seed)
+    shuffled = held_out["text_ids"].copy()
+    for ids, length in zip(shuffled, held_out["text_mask"].sum(axis=1)):
+        ids[TEXT_START:length] = rng.permutation(ids[TEXT_START:length])
+    return {"_shuffled": (shuffled, held_out["text_mask"]),
+            "_other_text": (np.roll(held_out["text_ids"], -1, axis=0), np.roll(held_out["text_mask"], -1, axis=0))}
 
 
 class Evaluation:
@@ -1022,21 +1041,25 @@ class Evaluation:
 
     def __init__(self, args, setup, plan, metrics, listings):
         self.args, self.setup, self.metrics = args, setup, metrics
-        self.batches, self.held_out, self.prompts, self.audio = [], None, None, None
+        self.batches, self.held_out, self.full, self.prompts, self.audio = [], None, None, None, None
         eval_sets = []
         if plan.eval_source:
-            eval_sets = fixed_batches(plan, args, plan.eval_source, plan.eval_split, args.eval_batches, "--eval_data",
+            samples = max(args.eval_samples, args.full_eval_samples) if args.data == "synthetic" else 0
+            eval_sets = fixed_batches(plan, args, plan.eval_source, plan.eval_split,
+                                      max(args.eval_batches, -(-samples // args.global_batch_size)), "--eval_data",
                                       listings)
             rows = slice(jax.process_index() * plan.config.batch_size, (jax.process_index() + 1) *
                          plan.config.batch_size)
-            self.batches = [global_batch(setup, args, {k: v[rows] for k, v in b.items()}) for b in eval_sets]
+            self.batches = [global_batch(setup, args, {k: v[rows] for k, v in b.items()})
+                            for b in eval_sets[:args.eval_batches]]
             self.loss = jax.jit(build_eval_loss(setup.module, args), in_shardings=(
                 setup.state_shardings["params"], setup.batch_sharding, setup.replicated))
         else:
             log.warning("no held-out data (--eval_data, or a synthetic corpus): no val_loss is reported")
         if args.data == "synthetic":
-            held_out = {k: np.concatenate([b[k] for b in eval_sets])[:args.eval_samples] for k in eval_sets[0]}
-            self.held_out = dict(held_out, frames=held_out["latent_mask"].sum(axis=1))
+            self.held_out = self.held_out_set(eval_sets, args.eval_samples)
+            if args.full_eval_samples:
+                self.full = self.held_out_set(eval_sets, args.full_eval_samples)
         if args.sample_every and not args.dacvae_weights:
             log.warning("no --dacvae_weights (or $DACVAE_WEIGHTS): no audio samples are written")
         elif args.sample_every:
@@ -1052,6 +1075,18 @@ class Evaluation:
                 truth = (batch_texts(reference)[0], reference["latent"][0, :frames])
                 self.audio = AudioSamples(args, metrics, texts, truth,
                                           np.median(plan.silence_latent.astype(np.float32), axis=0))
+
+    def at(self, step, state):
+        """The looks at the model that fall on `step`: eval, full eval, audio samples. Returns the
+        eval's fields, or None where none falls here."""
+        args, fields = self.args, None
+        if self.batches and itstime(step, args.eval_every, args.steps):
+            fields = self.evaluate(step, state)
+        if self.full is not None and itstime(step, args.full_eval_every, args.steps):
+            self.full_evaluate(step, state)
+        if self.prompts is not None and itstime(step, args.sample_every):
+            self.sample_audio(step, state)
+        return fields
 
     def evaluate(self, step, state):
         """val_loss (and val_loss_ema) on the held-out batches; where the corpus is synthetic,
@@ -1071,6 +1106,15 @@ class Evaluation:
         self.metrics.write(**fields)
         return fields
 
+    def held_out_set(self, eval_sets, count):
+        """The first `count` held-out samples, their valid frames and their texts as the recogniser
+        reads them in the true frames (read once here, not at every eval)."""
+        held_out = {k: np.concatenate([b[k] for b in eval_sets])[:count] for k in eval_sets[0]}
+        frames = held_out["latent_mask"].sum(axis=1)
+        texts = [corpus.recognise(t[:n], self.args.seed, self.args.synthetic_corpus)[0]
+                 for t, n in zip(held_out["latent"], frames)]
+        return dict(held_out, frames=frames, texts=texts)
+
     def synthetic_scores(self, params):
         """Generate the held-out texts with inference.py's sampler and score them."""
         held_out, args = self.held_out, self.args
@@ -1078,9 +1122,38 @@ class Evaluation:
             self.setup.module, params, held_out["text_ids"], held_out["text_mask"], held_out["speaker_latent"],
             held_out["speaker_mask"], steps=args.sample_steps, cfg_scale=args.sample_cfg, seed=args.seed + 7,
             num_frames=args.max_latent_len, progress=False)
-        return {"synthetic_nmse": nmse(generated, held_out["latent"], held_out["frames"]),
-                **recognition_scores(generated, held_out["latent"], held_out["frames"], args.seed,
+        return self.scores(generated, held_out)
+
+    def scores(self, generated, held_out, copies=1):
+        """synthetic_nmse, synthetic_cer and synthetic_end_frames of latents generated for `copies`
+        passes over the held-out samples, one after the other."""
+        tile = lambda a: np.concatenate([a] * copies)
+        args = self.args
+        return {"synthetic_nmse": nmse(generated, tile(held_out["latent"]), tile(held_out["frames"])),
+                **recognition_scores(generated, held_out["texts"] * copies, tile(held_out["frames"]), args.seed,
                                      args.synthetic_corpus)}
+
+    def full_evaluate(self, step, state):
+        """The full eval: --full_eval_samples held-out texts, FULL_EVAL_SEEDS noise seeds, the
+        sampler's defaults (inference.py's), the raw weights; and the same with the controls of
+        text_controls, scored against each sample's own text and frames. A model that reads the text
+        scores far worse under both. One full_eval event; returns its fields."""
+        held_out, args = self.full, self.args
+        variants = {"": (held_out["text_ids"], held_out["text_mask"]), **text_controls(held_out, args.seed + 17)}
+        rows = len(held_out["frames"])
+        speaker = [np.concatenate([held_out[k]] * len(variants)) for k in ("speaker_latent", "speaker_mask")]
+        with self.setup.sharding():
+            generated = [inference.sample_latents(
+                self.setup.module, state["params"], np.concatenate([ids for ids, _ in variants.values()]),
+                np.concatenate([mask for _, mask in variants.values()]), *speaker, seed=args.seed + 13 + k,
+                num_frames=args.max_latent_len, progress=False) for k in range(FULL_EVAL_SEEDS)]
+        fields = {"step": step, "event": "full_eval", "samples": rows, "seeds": FULL_EVAL_SEEDS}
+        for i, suffix in enumerate(variants):
+            latents = np.concatenate([g[i * rows:(i + 1) * rows] for g in generated])
+            fields.update({name + suffix: value
+                           for name, value in self.scores(latents, held_out, FULL_EVAL_SEEDS).items()})
+        self.metrics.write(**fields)
+        return fields
 
     def sample_audio(self, step, state):
         """Generate the fixed prompts (EMA weights where there are some); process 0 decodes them in
@@ -1307,13 +1380,9 @@ def train(args, on_eval=None):
             profile.after(step, out)
             steps_log.dispatched(step, out, data_wait, local, pipeline, samples_seen)
             slot_done = args.run_steps is not None and step - start_step >= args.run_steps
-            if itstime(step, args.eval_every, args.steps) and evaluation.batches:
-                with steps_log.pause():
-                    fields = evaluation.evaluate(step, state)
-                    slot_done = slot_done or (on_eval is not None and bool(on_eval(step, fields)))
-            if evaluation.prompts is not None and itstime(step, args.sample_every):
-                with steps_log.pause():
-                    evaluation.sample_audio(step, state)
+            with steps_log.pause():
+                fields = evaluation.at(step, state)
+                slot_done = slot_done or (fields is not None and on_eval is not None and bool(on_eval(step, fields)))
             # On a pod every host reaches the agreed step, then all checkpoint there.
             preempted = multihost_utils.reached_preemption_sync_point(step) if jax.process_count() > 1 \
                 else sigterm.is_set()

@@ -16,7 +16,7 @@ import train_pretrain
 
 TINY = ["--preset", "tiny", "--data", "synthetic", "--synthetic_corpus", "short", "--global_batch_size", "8",
         "--max_latent_len", "48", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_samples", "2",
-        "--sample_steps", "2"]
+        "--full_eval_samples", "2", "--sample_steps", "2"]
 
 
 def free_port():

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+import bench
 import checkpoint
 import corpus
 import data
@@ -21,6 +22,7 @@ import train_pretrain
 
 BOUNDED_STEPS = 3250  # the default run (its schedule) stopped 450 steps after its switch to `medium`: ~7 min
 BOUNDED_NMSE = 0.5  # a model that ignores the text scores ~2 (random bytes); seed 0 reaches ~0.20 here
+BOUNDED_CER = 0.1  # the full eval CER at 3250 steps (seed 0: 0.001; controls 0.72, 1.04)
 CORPUS = "synthetic-medium-0-0"  # the default corpus, seed 0, host 0
 
 
@@ -43,12 +45,15 @@ def demo(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("demo")
     start = time.perf_counter()
     train_demo(run_dir, "--run_steps", str(BOUNDED_STEPS), "--eval_every", str(BOUNDED_STEPS // 2),
-               "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))
+               "--full_eval_every", str(BOUNDED_STEPS), "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))
     minutes = (time.perf_counter() - start) / 60
-    evals = [m for m in read_metrics(run_dir / "metrics.jsonl") if m.get("event") == "eval"]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    evals = [m for m in metrics if m.get("event") == "eval"]
+    full = [m for m in metrics if m.get("event") == "full_eval"]
     print(f"demo, {BOUNDED_STEPS} steps in {minutes:.1f} min: synthetic_nmse "
-          + " ".join(f"{e['synthetic_nmse']:.3f}" for e in evals))
-    return {"run_dir": run_dir, "evals": evals}
+          + " ".join(f"{e['synthetic_nmse']:.3f}" for e in evals) + "; full eval: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in full[-1].items() if k.startswith("synthetic_")))
+    return {"run_dir": run_dir, "evals": evals, "full_eval": full[-1]}
 
 
 def corpus_texts(paths):
@@ -87,6 +92,18 @@ def test_the_bounded_demo_run_learns_held_out_texts(demo):
     assert nmse[-1] < BOUNDED_NMSE, nmse
     val = [e["val_loss"] for e in demo["evals"]]
     assert val[-1] < val[0], val
+
+
+def test_the_words_matter_in_the_full_eval(demo):
+    """128 held-out texts, 2 noise seeds, the sampler's defaults: the model says its own text, and
+    far from it when the text's letters are shuffled or another sample's text is given."""
+    full = demo["full_eval"]
+    assert full["samples"] == 128 and full["seeds"] == 2
+    cer = full["synthetic_cer"]
+    for control in ("_shuffled", "_other_text"):
+        assert full["synthetic_cer" + control] > max(0.5, 3 * cer), full
+        assert full["synthetic_nmse" + control] > 2 * full["synthetic_nmse"], full
+    assert cer < BOUNDED_CER, full
 
 
 def x0_errors(run_dir, t=0.9):
@@ -137,3 +154,16 @@ def test_the_default_demo_reaches_nmse_0_3_within_10_minutes(tmp_path, seed):
     minutes = (time.perf_counter() - start) / 60
     evals = [m for m in read_metrics(tmp_path / "metrics.jsonl") if m.get("event") == "eval"]
     assert evals[-1]["synthetic_nmse"] < 0.3 and minutes <= 10, (minutes, [e["synthetic_nmse"] for e in evals])
+
+
+def test_bench_learn_trains_the_named_corpus_and_reports_its_curve(monkeypatch):
+    result = bench.bench_learn("starter", minutes=10, steps=8, preset="tiny", eval_every=4)
+    assert result["corpus"] == "starter" and result["preset"] == "tiny" and result["steps_scheduled"] == 8
+    assert [point["step"] for point in result["curve"]] == [4, 8]
+    for point in result["curve"]:
+        assert {"minutes", "val_loss", "synthetic_nmse", "synthetic_cer", "synthetic_end_frames"} <= point.keys()
+    assert result["goal"] == {"synthetic_cer_below": 0.1, "synthetic_end_frames_below": 2.0}
+    assert result["reached"] is None  # 8 steps say nothing yet
+    monkeypatch.setattr(sys, "argv", ["bench.py", "learn", "--corpus", "nonsense"])
+    with pytest.raises(SystemExit, match="--corpus must be one of"):
+        bench.main()

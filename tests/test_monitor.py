@@ -30,7 +30,8 @@ def write_run(path, steps, events=True):
         for s in range(1, steps + 1):
             f.write(step_line(s))
             if events and s % 20 == 0:
-                f.write(json.dumps({"event": "eval", "step": s, "time": 1_700_000_000 + s, "val_loss": 0.8}) + "\n")
+                f.write(json.dumps({"event": "eval", "step": s, "time": 1_700_000_000 + s, "val_loss": 0.8,
+                                    "synthetic_cer": 1 - s / 100}) + "\n")
                 f.write(json.dumps({"event": "checkpoint", "step": s, "time": 1_700_000_000 + s}) + "\n")
 
 
@@ -273,6 +274,9 @@ def test_dashboard_in_headless_chromium(tmp_path):
         pytest.skip("apt-get install chromium chromium-driver")
     path = tmp_path / "metrics.jsonl"
     write_run(path, 60)
+    with open(path, "a") as f:
+        f.write(json.dumps({"event": "full_eval", "step": 60, "time": 1_700_000_060, "synthetic_cer": 0.05,
+                            "synthetic_cer_shuffled": 0.8, "synthetic_cer_other_text": 0.9}) + "\n")
     write_samples(path, 40, texts=("an older sample",))
     write_samples(path, 60)
     server = start_process([sys.executable, os.path.join(REPO, "monitor.py"), "--metrics", str(path), "--port", "0",
@@ -295,6 +299,9 @@ def test_dashboard_in_headless_chromium(tmp_path):
             f"return Number(document.getElementById('chart-{chart}').dataset.points || -1)")
         wait.until(lambda d: points() == 60)  # every step line, drawn
         assert points("lr") == 60 and points("throughput") == 60
+        # Beside the loss, the held-out CER of each eval (3) and the last full eval with its two controls.
+        assert points("cer") == 3 and driver.find_element("id", "card-cer").is_displayed()
+        assert driver.execute_script("return document.getElementById('chart-cer').dataset.fullEval") == "0.05 0.8 0.9"
         assert "step 60 / 1000" in driver.find_element("id", "progress").text
         assert "checkpoint 60" in driver.find_element("id", "ckpt").text
         assert "empty_text 2" in driver.find_element("id", "skipped").text

@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing import plugin_event_accumulator
 
 import checkpoint
 import corpus
+import data
 import dacvae
 import full_disk
 import inference
@@ -33,7 +34,7 @@ from shards import npy, write_shard
 STEP_EXPORT = re.compile(r"^step_\d{7}\.params\.pkl$")
 FAST = ["--preset", "tiny", "--synthetic_corpus", "short", "--steps", "12", "--global_batch_size", "8",
         "--max_latent_len", "80", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6",
-        "--eval_samples", "4", "--sample_steps", "2", "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
+        "--eval_samples", "4", "--full_eval_samples", "4", "--sample_steps", "2", "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
 
 
 def read_metrics(path):
@@ -87,6 +88,11 @@ def test_loss_decreases_and_metrics_parse(tmp_path):
     evals = [m for m in metrics if m.get("event") == "eval"]
     assert all(np.isfinite(e["val_loss"]) and np.isfinite(e["synthetic_nmse"]) for e in evals)
     assert all(e["synthetic_cer"] >= 0 and e["synthetic_end_frames"] >= 0 for e in evals)
+    # One full eval, at the run's end: the three scores, and each under both controls.
+    full = [m for m in metrics if m.get("event") == "full_eval"]
+    assert [(m["step"], m["samples"], m["seeds"]) for m in full] == [(60, 4, 2)]
+    for name in ("synthetic_nmse", "synthetic_cer", "synthetic_end_frames"):
+        assert all(np.isfinite(full[0][name + suffix]) for suffix in ("", "_shuffled", "_other_text")), name
     # The weights-only file loads into the model.
     payload = checkpoint.load_checkpoint_file(str(run_dir / "checkpoints" / "step_0000060.params.pkl"))
     config = checkpoint.config_from_checkpoint(payload)
@@ -103,14 +109,30 @@ def test_recognition_scores_count_edits_and_misplaced_ends():
     true = [corpus.synthetic_latent(t, i, 0, "short").astype(np.float32) for i, t in enumerate(texts)]
     frames = np.array([len(t) for t in true])
     truth = np.stack([np.concatenate([t, np.tile(silence, (32 - len(t), 1))]) for t in true])
-    exact = train_pretrain.recognition_scores(truth, truth, frames, 0, "short")
+    exact = train_pretrain.recognition_scores(truth, texts, frames, 0, "short")
     assert exact == {"synthetic_cer": 0.0, "synthetic_end_frames": 0.0}
-    quiet = train_pretrain.recognition_scores(np.tile(silence, (2, 32, 1)), truth, frames, 0, "short")
+    quiet = train_pretrain.recognition_scores(np.tile(silence, (2, 32, 1)), texts, frames, 0, "short")
     assert quiet == {"synthetic_cer": 1.0, "synthetic_end_frames": float(frames.mean())}
     longer = truth.copy()
     longer[0, frames[0]:frames[0] + 2] = corpus.synthetic_latent("a", 0, 0, "short")
-    assert train_pretrain.recognition_scores(longer, truth, frames, 0, "short") == {
+    assert train_pretrain.recognition_scores(longer, texts, frames, 0, "short") == {
         "synthetic_cer": 1 / 18, "synthetic_end_frames": 1.0}
+
+
+def test_the_full_eval_controls_shuffle_each_text_and_swap_texts():
+    """The controls keep BOS, the speaker tag and each text's letters and length, in another order;
+    the other-text control gives each sample the next one's text."""
+    texts = ["abcdefgh", "ponmlkji", "abab"]
+    encoded = [data.encode_text(t, 24) for t in texts]
+    held_out = {"text_ids": np.stack([ids for ids, _ in encoded]), "text_mask": np.stack([m for _, m in encoded])}
+    controls = train_pretrain.text_controls(held_out, seed=3)
+    (shuffled, shuffled_mask), (other, other_mask) = controls["_shuffled"], controls["_other_text"]
+    decoded = train_pretrain.batch_texts({"text_ids": shuffled, "text_mask": shuffled_mask})
+    assert [t[:5] for t in decoded] == ["[S1] "] * 3 and np.all(shuffled[:, 0] == 0)
+    assert [sorted(t[5:]) for t in decoded] == [sorted(t) for t in texts]
+    assert decoded[0][5:] != texts[0] and decoded[1][5:] != texts[1]
+    assert train_pretrain.batch_texts({"text_ids": other, "text_mask": other_mask}) == [
+        "[S1] " + t for t in texts[1:] + texts[:1]]
 
 
 @pytest.fixture(scope="module")
@@ -715,6 +737,8 @@ def test_tensorboard_holds_every_step_the_evals_the_audio_and_a_profile(sampled_
     reader = plugin_event_accumulator.EventAccumulator(str(sampled_run[1]), size_guidance={"tensors": 0})
     reader.Reload()
     assert len(reader.Tensors("train/loss")) == 4 and len(reader.Tensors("eval/val_loss_ema")) == 2
+    assert len(reader.Tensors("eval/synthetic_cer")) == 2
+    assert len(reader.Tensors("full_eval/synthetic_cer_shuffled")) == 1
     assert any(t.startswith("train/loss_by_t/") for t in reader.PluginTagToContent("scalars"))
     assert len(reader.PluginTagToContent("audio")) == 3
     assert glob.glob(str(sampled_run[1] / "plugins" / "profile" / "*" / "*.xplane.pb"))
