@@ -34,7 +34,8 @@ from shards import npy, write_shard
 STEP_EXPORT = re.compile(r"^step_\d{7}\.params\.pkl$")
 FAST = ["--preset", "tiny", "--synthetic_corpus", "short", "--steps", "12", "--global_batch_size", "8",
         "--max_latent_len", "80", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6",
-        "--eval_samples", "4", "--full_eval_samples", "4", "--sample_steps", "2", "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
+        "--eval_samples", "4", "--full_eval_samples", "4", "--sample_steps", "2",
+        "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
 
 
 def read_metrics(path):
