@@ -1076,16 +1076,21 @@ class Evaluation:
                 self.audio = AudioSamples(args, metrics, texts, truth,
                                           np.median(plan.silence_latent.astype(np.float32), axis=0))
 
+    def due(self, step):
+        """The looks at the model that fall on `step`, in order: eval, full eval, audio samples."""
+        args = self.args
+        return [look for look, falls in (
+            (self.evaluate, self.batches and itstime(step, args.eval_every, args.steps)),
+            (self.full_evaluate, self.full is not None and itstime(step, args.full_eval_every, args.steps)),
+            (self.sample_audio, self.prompts is not None and itstime(step, args.sample_every))) if falls]
+
     def at(self, step, state):
-        """The looks at the model that fall on `step`: eval, full eval, audio samples. Returns the
-        eval's fields, or None where none falls here."""
-        args, fields = self.args, None
-        if self.batches and itstime(step, args.eval_every, args.steps):
-            fields = self.evaluate(step, state)
-        if self.full is not None and itstime(step, args.full_eval_every, args.steps):
-            self.full_evaluate(step, state)
-        if self.prompts is not None and itstime(step, args.sample_every):
-            self.sample_audio(step, state)
+        """Take the looks that fall on `step`. Returns the eval's fields, or None where none falls."""
+        fields = None
+        for look in self.due(step):
+            result = look(step, state)
+            if look == self.evaluate:
+                fields = result
         return fields
 
     def evaluate(self, step, state):
@@ -1380,9 +1385,11 @@ def train(args, on_eval=None):
             profile.after(step, out)
             steps_log.dispatched(step, out, data_wait, local, pipeline, samples_seen)
             slot_done = args.run_steps is not None and step - start_step >= args.run_steps
-            with steps_log.pause():
-                fields = evaluation.at(step, state)
-                slot_done = slot_done or (fields is not None and on_eval is not None and bool(on_eval(step, fields)))
+            if evaluation.due(step):  # a pause logs the step in flight: only when something falls here
+                with steps_log.pause():
+                    fields = evaluation.at(step, state)
+                    if fields is not None and on_eval is not None:
+                        slot_done = slot_done or bool(on_eval(step, fields))
             # On a pod every host reaches the agreed step, then all checkpoint there.
             preempted = multihost_utils.reached_preemption_sync_point(step) if jax.process_count() > 1 \
                 else sigterm.is_set()
