@@ -479,8 +479,7 @@ def bench_learn(which="words", minutes=60.0, steps=None, preset="demo", eval_eve
         args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
             ["--data", "synthetic", "--synthetic_corpus", which, "--preset", preset, "--run_dir", run_dir,
              "--steps", str(steps), "--eval_every", str(eval_every), "--checkpoint_every", str(10 ** 9),
-             "--log_every", "50",
-             "--full_eval_samples", "0"]))
+             "--log_every", "50", "--full_eval_samples", "0"]))
         curve, start, reached = [], time.perf_counter(), None
 
         def on_eval(step, fields):
@@ -577,7 +576,10 @@ def main():
     if not args.minutes > 0:
         sys.exit(f"bench.py: --minutes must be positive, got {args.minutes}")
     for name in args.sections or [s for s in SECTIONS if s not in ("learn", "sampler")]:
-        result = bench_learn(args.corpus, args.minutes, args.steps, args.preset) if name == "learn" else SECTIONS[name]()
+        if name == "learn":
+            result = bench_learn(args.corpus, args.minutes, args.steps, args.preset)
+        else:
+            result = SECTIONS[name]()
         print(json.dumps(result), flush=True)
 
 

@@ -496,14 +496,14 @@ function render() {
   const markers = state.markers.filter(m => m.event === "checkpoint" || m.event === "resumed" || m.event === "preempted")
     .map(m => ({x: markerX(m), color: m.event === "checkpoint" ? "#9ca3af" : "#f59e0b"}));
   const lossEma = ema(s.loss, alpha);
+  const evalX = e => (xmode === "time" ? e.time : e.step);
   const evals = state.evals.filter(e => e.event === "eval" && e.val_loss !== null);
   draw(document.getElementById("chart-loss"), [
     {name: "loss (raw)", xs, ys: s.loss, color: COLORS[0], alpha: 0.25, width: 1},
     {name: "loss EMA", xs, ys: lossEma, color: COLORS[0], width: 2},
-    {name: "validation", xs: evals.map(e => (xmode === "time" ? e.time : e.step)), ys: evals.map(e => e.val_loss), color: COLORS[1], dots: true},
-    {name: "validation, EMA weights", xs: evals.map(e => (xmode === "time" ? e.time : e.step)), ys: evals.map(e => e.val_loss_ema === undefined ? null : e.val_loss_ema), color: COLORS[4], dots: true},
+    {name: "validation", xs: evals.map(evalX), ys: evals.map(e => e.val_loss), color: COLORS[1], dots: true},
+    {name: "validation, EMA weights", xs: evals.map(evalX), ys: evals.map(e => e.val_loss_ema), color: COLORS[4], dots: true},
   ], {logy, xmode, markers});
-  const evalX = e => (xmode === "time" ? e.time : e.step);
   const cerEvals = state.evals.filter(e => e.event === "eval" && e.synthetic_cer !== null);
   const fullEvals = state.evals.filter(e => e.event === "full_eval" && e.synthetic_cer !== null);
   document.getElementById("card-cer").hidden = !cerEvals.length && !fullEvals.length;
