@@ -80,3 +80,15 @@ def gcs():
     yield GCS_BUCKET
     server.terminate()
     server.wait(timeout=10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compilations():
+    """The suite runs in one process: drop each module's compiled programs when it ends, so that
+    executables and their code mappings do not pile up over the whole run (a 45-minute run compiles
+    hundreds of programs; vm.max_map_count and memory are finite)."""
+    yield
+    if "jax" in sys.modules:
+        import gc
+        sys.modules["jax"].clear_caches()
+        gc.collect()
