@@ -423,15 +423,17 @@ def bench_inference(frames=375, steps=32):
         decode = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c, method=model.EchoDiT.decode))
         row = {}
         for mode, passes in (("joint", 2), ("independent", 3)):
-            _, step = inference._compiled(module, mode, params, tuple(jnp.asarray(a) for a in inputs), frames)
-            encode, _ = inference._build(module, mode)
-            cond = encode(params, *inputs)
+            inputs_on_device = tuple(jnp.asarray(a) for a in inputs)
+            encode = inference.compiled_encode(module, mode, passes, params, inputs_on_device)
+            cond = encode(params, *inputs_on_device)
+            step = inference.compiled_step(module, params, 1, frames, cond, inputs[0].shape[1])
             holder = [jnp.zeros((1, frames, config.latent_size), jnp.float32)]
-            scales = jnp.asarray([3.0] * (passes - 1), jnp.float32)
+            scales = np.full((1, passes - 1), 3.0, np.float32)
 
             def guided_step(rescale_on=False):
-                holder[0] = step(params, holder[0], cond, np.float32(0.5), np.float32(0.4), scales, np.bool_(True),
-                                 jnp.asarray([1.2, 3.0], jnp.float32), np.bool_(rescale_on))
+                holder[0] = step(params, holder[0], cond, np.full(1, 0.5, np.float32), np.full(1, 0.4, np.float32),
+                                 scales, np.ones(1, bool), np.asarray([[1.2, 3.0]], np.float32),
+                                 np.full(1, rescale_on), np.asarray([[1.0, 2.0, 0.0]], np.float32))
                 return holder[0]
 
             step_s = best_time(guided_step, repeats=7, reduce=np.median)
@@ -443,7 +445,7 @@ def bench_inference(frames=375, steps=32):
                          "step_over_forward": round(step_s / forward_s, 3),
                          "step_with_rescaling_over_forward": round(rescaled_s / forward_s, 3)}
             if mode == "joint":
-                encode_s = best_time(encode, params, *inputs)
+                encode_s = best_time(encode, params, *inputs_on_device)
                 noop = jax.jit(lambda p, x, c, *rest: x)  # the cost of dispatching a step with these arguments
                 dispatch_s = best_time(lambda: noop(params, holder[0], cond, scales), repeats=20)
                 sampling_s = encode_s + steps * step_s

@@ -109,6 +109,11 @@ def prepare_text(text, max_text_len=DEFAULT_MAX_LEN):
     return [data.encode_text(piece, max_text_len) for piece in pieces]
 
 
+def sentences(text):
+    """The text's sentences (normalized as the model reads text), in order."""
+    return [s for s in re.split(_SPLITS[0], data.normalize_text(text)) if s]
+
+
 def _split_to_fit(text, fits, separators, max_text_len):
     if fits(text):
         return [text]
@@ -258,7 +263,10 @@ def temporal_score_rescale(v, x, t, k, sigma):
     ratio = (snr * sigma ** 2 + 1) / (snr * sigma ** 2 / k + 1)
     return (ratio * ((1 - t) * v + x) - x) / (1 - t)
 
+
 _COMPILED = {}
+# The conditions each guidance pass sees: the first pass is conditional, each later one drops a part.
+GUIDANCE_PASSES = {"joint": ("all", "none"), "independent": ("all", "speaker", "text")}
 
 
 def _guidance(cfg_scale, cfg_text, cfg_speaker):
@@ -277,9 +285,9 @@ def _replicated(params):
     return None
 
 
-def _build(module, mode, replicated=None):
-    """(encode, step) for one guidance mode: encode runs once per utterance, step once per Euler step.
-    With `replicated`, the latents and conditions are pinned to it (params sharded over a mesh)."""
+def _build_encode(module, mode, passes, replicated=None):
+    """encode runs once per utterance: the text and speaker keys/values of each of `passes` guidance
+    passes (the mode's own, then conditional ones that a guidance weight of 0 leaves unused)."""
 
     def encode(params, text_ids, text_mask, speaker_latent, speaker_mask):
         cond = module.apply({"params": params}, text_ids, text_mask, speaker_latent, speaker_mask,
@@ -287,62 +295,132 @@ def _build(module, mode, replicated=None):
         # Zeroing part of the key mask is exactly CFG dropout of that condition, so every
         # guidance pass shares the keys and values computed here.
         is_speaker = jnp.arange(cond["mask"].shape[1]) >= text_ids.shape[1]
-        if mode == "joint":
-            masks = [cond["mask"], jnp.zeros_like(cond["mask"])]
-        else:
-            masks = [cond["mask"], cond["mask"] & is_speaker, cond["mask"] & ~is_speaker]
-        passes = len(masks)
+        seen = {"all": cond["mask"], "none": jnp.zeros_like(cond["mask"]), "speaker": cond["mask"] & is_speaker,
+                "text": cond["mask"] & ~is_speaker}
+        masks = [seen[part] for part in GUIDANCE_PASSES[mode]]
+        masks += [cond["mask"]] * (passes - len(masks))
         return {"k": jnp.concatenate([cond["k"]] * passes, axis=1),
                 "v": jnp.concatenate([cond["v"]] * passes, axis=1), "mask": jnp.concatenate(masks, axis=0)}
 
-    def step(params, x, cond, t, t_next, scales, guided, rescale, rescale_on):
+    return jax.jit(encode, out_shardings=replicated)
+
+
+def _build_step(module, text_len, replicated=None):
+    """step runs once per Euler step over B rows, each at its own place in a schedule of its own:
+    t and t_next (B,); guidance weights (B, passes - 1) and whether guidance applies (B,); temporal
+    score rescaling's k and sigma (B, 2) and whether it applies (B,); the speaker force (B, 3): its
+    scale, the t from which it applies, the layers it reaches. The conditions' first text_len
+    positions are text, the rest speaker; their rows go pass by pass (B rows of each pass)."""
+
+    def step(params, x, cond, t, t_next, weights, guided, rescale, rescale_on, force):
         b = x.shape[0]
         passes = cond["mask"].shape[0] // b
+        forced = (force[:, 0] != 1) & (t >= force[:, 1])
+
+        def forced_cond():
+            layers, _, length = cond["k"].shape[:3]
+            rows = jnp.where((jnp.arange(layers)[:, None] < force[None, :, 2]) & forced[None], force[None, :, 0], 1.0)
+            factor = jnp.where(jnp.arange(length) >= text_len, jnp.tile(rows, (1, passes))[..., None], 1.0)
+            factor = factor[..., None, None].astype(cond["k"].dtype)
+            return {"k": cond["k"] * factor, "v": cond["v"] * factor, "mask": cond["mask"]}
+
+        step_cond = jax.lax.cond(forced.any(), forced_cond, lambda: cond)
 
         def guided_velocity():
-            v = module.apply({"params": params}, jnp.concatenate([x] * passes), jnp.full((passes * b,), t), cond,
-                             method=model.EchoDiT.decode).reshape((passes,) + x.shape)
-            return v[0] + sum(scales[i] * (v[0] - v[i + 1]) for i in range(passes - 1))
+            v = module.apply({"params": params}, jnp.concatenate([x] * passes), jnp.concatenate([t] * passes),
+                             step_cond, method=model.EchoDiT.decode).reshape((passes,) + x.shape)
+            mixed = v[0] + sum(weights[:, i, None, None] * (v[0] - v[i + 1]) for i in range(passes - 1))
+            return jnp.where(guided[:, None, None], mixed, v[0])
 
         def conditional_velocity():
-            first = {"k": cond["k"][:, :b], "v": cond["v"][:, :b], "mask": cond["mask"][:b]}
-            return module.apply({"params": params}, x, jnp.full((b,), t), first, method=model.EchoDiT.decode)
+            first = {"k": step_cond["k"][:, :b], "v": step_cond["v"][:, :b], "mask": step_cond["mask"][:b]}
+            return module.apply({"params": params}, x, t, first, method=model.EchoDiT.decode)
 
-        v = jax.lax.cond(guided, guided_velocity, conditional_velocity)
+        v = jax.lax.cond(guided.any(), guided_velocity, conditional_velocity)
+        column = lambda a: a[:, None, None]
         # Off (the default), v passes through untouched: the output is bit-identical to no rescaling.
-        v = jnp.where(rescale_on & (t < 1), temporal_score_rescale(v, x, t, rescale[0], rescale[1]), v)
-        return x + (t_next - t) * v
+        v = jnp.where(column(rescale_on & (t < 1)),
+                      temporal_score_rescale(v, x, column(t), column(rescale[:, 0]), column(rescale[:, 1])), v)
+        return x + column(t_next - t) * v
 
-    return jax.jit(encode, out_shardings=replicated), jax.jit(step, out_shardings=replicated, donate_argnums=(1,))
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def scale_speaker_kv(cond, scale, max_layers, text_len):
-    """Echo's speaker "force": the speaker keys and values of the first max_layers layers times scale."""
-    layers, _, length = cond["k"].shape[:3]
-    hit = (jnp.arange(layers) < max_layers)[:, None, None, None, None] & \
-        (jnp.arange(length) >= text_len)[None, None, :, None, None]
-    factor = jnp.where(hit, scale, 1.0).astype(cond["k"].dtype)
-    return {"k": cond["k"] * factor, "v": cond["v"] * factor, "mask": cond["mask"]}
+    return jax.jit(step, out_shardings=replicated, donate_argnums=(1,))
 
 
-def _compiled(module, mode, params, inputs, num_frames):
-    """AOT-compiled (encode, step) for these shapes, built once per process."""
-    shapes = tuple(a.shape for a in inputs)
+def compiled_encode(module, mode, passes, params, inputs):
+    """encode (above) AOT-compiled for these inputs' shapes, once per process."""
     replicated = _replicated(params)
-    key = (module, mode, shapes, num_frames, replicated)
+    key = ("encode", module, mode, passes, tuple(a.shape for a in inputs), replicated)
     if key not in _COMPILED:
-        encode, step = _build(module, mode, replicated)
-        encode_c = encode.lower(params, *inputs).compile()
-        abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-        cond = jax.tree.map(lambda a: abstract(a.shape, a.dtype), jax.eval_shape(encode, params, *inputs))
-        x = abstract((shapes[0][0], num_frames, module.config.latent_size), jnp.float32)
-        scalar, flag = abstract((), jnp.float32), abstract((), jnp.bool_)
-        scales = abstract((1 if mode == "joint" else 2,), jnp.float32)
-        step_c = step.lower(params, x, cond, scalar, scalar, scales, flag, abstract((2,), jnp.float32),
-                            flag).compile()
-        _COMPILED[key] = (encode_c, step_c)
+        _COMPILED[key] = _build_encode(module, mode, passes, replicated).lower(params, *inputs).compile()
     return _COMPILED[key]
+
+
+def compiled_step(module, params, rows, num_frames, cond, text_len):
+    """step (above) AOT-compiled for `rows` rows of num_frames frames whose conditions are shaped like
+    `cond` (arrays or shapes: k and v (layers, passes * rows, ...), mask (passes * rows, length)),
+    once per process."""
+    replicated = _replicated(params)
+    abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    cond = jax.tree.map(lambda a: abstract(a.shape, a.dtype), cond)
+    passes = cond["mask"].shape[0] // rows
+    key = ("step", module, rows, num_frames, tuple((k, a.shape, a.dtype) for k, a in sorted(cond.items())), text_len,
+           replicated)
+    if key not in _COMPILED:
+        per_row = lambda *shape, dtype=jnp.float32: abstract((rows,) + shape, dtype)
+        flags = per_row(dtype=jnp.bool_)
+        _COMPILED[key] = _build_step(module, text_len, replicated).lower(
+            params, per_row(num_frames, module.config.latent_size), cond, per_row(), per_row(),
+            per_row(passes - 1), flags, per_row(2), flags, per_row(3)).compile()
+    return _COMPILED[key]
+
+
+@dataclasses.dataclass
+class RowSchedule:
+    """One row's sampler knobs as the step reads them at each of its steps."""
+    grid: np.ndarray  # steps + 1 times, from noise towards 0
+    weights: tuple  # guidance weights, one per guidance pass after the first
+    cfg_min_t: float
+    cfg_max_t: float
+    rescale: tuple  # (k, sigma), or None: off
+    force: tuple  # (scale, from t, layers); scale 1: off
+
+    @classmethod
+    def from_knobs(cls, knobs, num_layers, passes=None):
+        """From SAMPLER_DEFAULTS' knobs -> (mode, RowSchedule); weights padded with zeros to passes - 1."""
+        mode, weights = _guidance(knobs["cfg_scale"], knobs["cfg_text"], knobs["cfg_speaker"])
+        passes = passes or len(GUIDANCE_PASSES[mode])
+        rescale = None
+        if knobs["rescale_k"] is not None and knobs["rescale_sigma"] is not None:
+            rescale = (float(knobs["rescale_k"]), float(knobs["rescale_sigma"]))
+        layers = num_layers if knobs["speaker_kv_max_layers"] is None else knobs["speaker_kv_max_layers"]
+        force = (1.0, 2.0, 0) if knobs["speaker_kv_scale"] is None else \
+            (float(knobs["speaker_kv_scale"]), float(knobs["speaker_kv_min_t"]), int(layers))
+        return mode, cls(timestep_grid(knobs["steps"], knobs["t_scale"], knobs["sway"]),
+                         weights + (0.0,) * (passes - 1 - len(weights)), float(knobs["cfg_min_t"]),
+                         float(knobs["cfg_max_t"]), rescale, force)
+
+    @property
+    def steps(self):
+        return len(self.grid) - 1
+
+    def at(self, k):
+        """(t, t_next, weights, guided, rescale, rescale_on, force) of step k, as numpy values."""
+        t = self.grid[k]
+        guided = any(w != 0 for w in self.weights) and self.cfg_min_t <= t <= self.cfg_max_t
+        return (t, self.grid[k + 1], np.asarray(self.weights, np.float32), np.bool_(guided),
+                np.asarray(self.rescale or (1.0, 1.0), np.float32), np.bool_(self.rescale is not None),
+                np.asarray(self.force, np.float32))
+
+
+def step_inputs(schedules, ks):
+    """The step's per-row inputs for rows at steps `ks` of their `schedules`, stacked."""
+    columns = zip(*(schedule.at(k) for schedule, k in zip(schedules, ks)))
+    return tuple(np.stack(column) for column in columns)
+
+
+def initial_noise(seed, rows, num_frames, latent_size, truncation=1.0):
+    x = jax.random.normal(jax.random.key(seed), (rows, num_frames, latent_size), jnp.float32)
+    return x * truncation if truncation != 1.0 else x
 
 
 def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_mask, *, steps=32, cfg_scale=3.0,
@@ -358,36 +436,25 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
     times `speaker_kv_scale` while t >= `speaker_kv_min_t`; the grid times `t_scale`; `sway`.
     """
     timings = {} if timings is None else timings
-    mode, scales = _guidance(cfg_scale, cfg_text, cfg_speaker)
+    knobs = {k: v for k, v in locals().items() if k in SAMPLER_DEFAULTS}
+    mode, schedule = RowSchedule.from_knobs(knobs, module.config.num_layers)
     inputs = tuple(jnp.asarray(a) for a in (np.asarray(text_ids, np.int32), np.asarray(text_mask, np.int32),
                                             np.asarray(speaker_latent, np.float32),
                                             np.asarray(speaker_mask, np.int32)))
+    rows = inputs[0].shape[0]
     t0 = time.perf_counter()
-    encode, step = _compiled(module, mode, params, inputs, num_frames)
+    encode = compiled_encode(module, mode, len(GUIDANCE_PASSES[mode]), params, inputs)
+    cond = encode(params, *inputs)
+    step = compiled_step(module, params, rows, num_frames, cond, inputs[0].shape[1])
     t1 = time.perf_counter()
     timings["compile"] = timings.get("compile", 0.0) + t1 - t0
-    cond = encode(params, *inputs)
-    forced = None
-    if speaker_kv_scale is not None:
-        layers = module.config.num_layers if speaker_kv_max_layers is None else speaker_kv_max_layers
-        forced = scale_speaker_kv(cond, jnp.float32(speaker_kv_scale), layers, inputs[0].shape[1])
-    x = jax.random.normal(jax.random.key(seed), (inputs[0].shape[0], num_frames, module.config.latent_size),
-                          jnp.float32)
-    if truncation != 1.0:
-        x = x * truncation
+    x = initial_noise(seed, rows, num_frames, module.config.latent_size, truncation)
     replicated = _replicated(params)
     if replicated is not None:  # the same noise on every host, as one replicated global array
         noise = np.asarray(x)
         x = jax.make_array_from_callback(noise.shape, replicated, lambda index: noise[index])
-    ts = timestep_grid(steps, t_scale, sway)
-    scales_arr = jnp.asarray(scales, jnp.float32)
-    rescale_on = rescale_k is not None and rescale_sigma is not None
-    rescale = jnp.asarray([rescale_k, rescale_sigma] if rescale_on else [1.0, 1.0], jnp.float32)
-    any_guidance = any(s != 0 for s in scales)
     for k in tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False):
-        guided = bool(any_guidance and cfg_min_t <= ts[k] <= cfg_max_t)
-        step_cond = forced if forced is not None and ts[k] >= speaker_kv_min_t else cond
-        x = step(params, x, step_cond, ts[k], ts[k + 1], scales_arr, np.bool_(guided), rescale, np.bool_(rescale_on))
+        x = step(params, x, cond, *step_inputs([schedule] * rows, [k] * rows))
     if not x.is_fully_addressable:  # params sharded over several hosts (the trainer's eval)
         x = multihost_utils.process_allgather(x, tiled=True)
     x = np.array(x)  # a writable copy on the host
@@ -539,15 +606,48 @@ def sampler_presets(args):
 
 def resolve_sampler(args):
     """The sampler knobs: defaults, then the preset's values, then the flags given explicitly."""
-    preset = {}
-    if args.sampler_preset is not None:
-        presets = sampler_presets(args)
-        if args.sampler_preset not in presets:
-            raise InferenceError(f"unknown --sampler_preset {args.sampler_preset!r}; known presets: "
-                                 f"{', '.join(presets)}")
-        preset = presets[args.sampler_preset]
     explicit = {k: getattr(args, k) for k in SAMPLER_DEFAULTS if getattr(args, k) is not None}
+    return resolve_knobs(args.sampler_preset, sampler_presets(args), explicit)
+
+
+def resolve_knobs(preset_name, presets, explicit, flag=lambda name: f"--{name}"):
+    """SAMPLER_DEFAULTS, then preset `preset_name`'s values (None: none), then the `explicit` knobs.
+    `flag` spells a knob's name in an error (serve.py's are JSON fields, not flags)."""
+    preset = {}
+    if preset_name is not None:
+        if preset_name not in presets:
+            raise InferenceError(f"unknown {flag('sampler_preset')} {preset_name!r}; known presets: "
+                                 f"{', '.join(presets)}")
+        preset = presets[preset_name]
     return {**SAMPLER_DEFAULTS, **preset, **explicit}
+
+
+def check_knobs(sampler, duration, trim_tolerance, flag=lambda name: f"--{name}"):
+    """Every sampler knob (and the output's duration and trim tolerance) in range, else InferenceError."""
+    if sampler["steps"] < 1:
+        raise InferenceError(f"{flag('steps')} must be at least 1, got {sampler['steps']}")
+    checked = [(k, sampler[k]) for k in SAMPLER_DEFAULTS] + [("duration", duration), ("trim_tolerance", trim_tolerance)]
+    for name, value in checked:
+        if value is not None and not np.isfinite(value):
+            raise InferenceError(f"{flag(name)} must be a finite number, got {value}")
+    if not duration > 0:
+        raise InferenceError(f"{flag('duration')} must be positive, got {duration}")
+    if not 0 <= sampler["cfg_min_t"] <= sampler["cfg_max_t"] <= 1:
+        raise InferenceError(f"{flag('cfg_min_t')} {sampler['cfg_min_t']} and {flag('cfg_max_t')} "
+                             f"{sampler['cfg_max_t']} must satisfy 0 <= min <= max <= 1")
+    if (sampler["rescale_k"] is None) != (sampler["rescale_sigma"] is None):
+        raise InferenceError(f"{flag('rescale_k')} and {flag('rescale_sigma')} go together: give both, or neither")
+    if sampler["rescale_k"] is not None and not (sampler["rescale_k"] > 0 and sampler["rescale_sigma"] > 0):
+        raise InferenceError(f"{flag('rescale_k')} and {flag('rescale_sigma')} must be positive")
+    if not 0 < sampler["truncation"] or not 0 < sampler["t_scale"] <= 1:
+        raise InferenceError(f"{flag('truncation')} must be positive and {flag('t_scale')} in (0, 1]")
+    if sampler["speaker_kv_scale"] is not None and not sampler["speaker_kv_scale"] > 0:
+        raise InferenceError(f"{flag('speaker_kv_scale')} must be positive, got {sampler['speaker_kv_scale']}")
+    if sampler["speaker_kv_max_layers"] is not None and sampler["speaker_kv_max_layers"] < 1:
+        raise InferenceError(f"{flag('speaker_kv_max_layers')} must be at least 1, got "
+                             f"{sampler['speaker_kv_max_layers']}")
+    if sampler["sway"] is not None and not -1 <= sampler["sway"] <= 1:
+        raise InferenceError(f"{flag('sway')} must be in [-1, 1] (F5-TTS uses -1), got {sampler['sway']}")
 
 
 def validate(args):
@@ -557,28 +657,7 @@ def validate(args):
     if args.text is None and args.text_file is None and args.input_jsonl is None:
         raise InferenceError("say what to speak: --text, --text_file or --input_jsonl")
     sampler = resolve_sampler(args)
-    if sampler["steps"] < 1:
-        raise InferenceError(f"--steps must be at least 1, got {sampler['steps']}")
-    if not args.duration > 0:
-        raise InferenceError(f"--duration must be positive, got {args.duration}")
-    if not 0 <= sampler["cfg_min_t"] <= sampler["cfg_max_t"] <= 1:
-        raise InferenceError(f"--cfg_min_t {sampler['cfg_min_t']} and --cfg_max_t {sampler['cfg_max_t']} must "
-                             "satisfy 0 <= min <= max <= 1")
-    for name, value in [(k, sampler[k]) for k in SAMPLER_DEFAULTS] + [("trim_tolerance", args.trim_tolerance)]:
-        if value is not None and not np.isfinite(value):
-            raise InferenceError(f"--{name} must be a finite number, got {value}")
-    if (sampler["rescale_k"] is None) != (sampler["rescale_sigma"] is None):
-        raise InferenceError("--rescale_k and --rescale_sigma go together: give both, or neither")
-    if sampler["rescale_k"] is not None and not (sampler["rescale_k"] > 0 and sampler["rescale_sigma"] > 0):
-        raise InferenceError("--rescale_k and --rescale_sigma must be positive")
-    if not 0 < sampler["truncation"] or not 0 < sampler["t_scale"] <= 1:
-        raise InferenceError("--truncation must be positive and --t_scale in (0, 1]")
-    if sampler["speaker_kv_scale"] is not None and not sampler["speaker_kv_scale"] > 0:
-        raise InferenceError(f"--speaker_kv_scale must be positive, got {sampler['speaker_kv_scale']}")
-    if sampler["speaker_kv_max_layers"] is not None and sampler["speaker_kv_max_layers"] < 1:
-        raise InferenceError(f"--speaker_kv_max_layers must be at least 1, got {sampler['speaker_kv_max_layers']}")
-    if sampler["sway"] is not None and not -1 <= sampler["sway"] <= 1:
-        raise InferenceError(f"--sway must be in [-1, 1] (F5-TTS uses -1), got {sampler['sway']}")
+    check_knobs(sampler, args.duration, args.trim_tolerance)
     if "://" not in args.checkpoint and not os.path.exists(args.checkpoint):  # gs:// is looked up when loaded
         raise InferenceError(f"checkpoint {args.checkpoint} does not exist")
     for flag in ("speaker_ref", "speaker_latent"):
