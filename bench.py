@@ -31,6 +31,10 @@ Sections:
   sampler the demo model (a default `--data synthetic` run: $ECHO_DEMO_RUN, else trained first) on
           held-out texts: sampling on the trained canvas and trimming vs on a shorter canvas, and
           8/16/32 Euler steps on the uniform grid vs sway sampling. Not in the default run either.
+  serve   serve.py (demo preset, tiny codec, a model trained 3 steps) under 1, 4, 8 and 16 concurrent
+          clients streaming pcm: p50/p99 time to first audio and total latency, audio seconds per wall
+          second, each against the same requests one at a time; the goal at 8 clients: 3x the
+          throughput, p50 first audio within 2x the idle figure. Not in the default run either.
 """
 
 import argparse
@@ -38,6 +42,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import glob
+import http.client
 import io
 import json
 import multiprocessing
@@ -49,7 +54,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
+import urllib.request
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -553,11 +560,118 @@ def bench_sampler(samples=64, seed=0):
             "canvas": dict(canvas, texts=len(rows)), "schedules_synthetic_nmse": schedules}
 
 
+SERVE_TEXT = "The quick brown fox jumps over the lazy dog. It was a bright cold day in April."
+SERVE_GOAL = {"clients": 8, "throughput_over_one_at_a_time": 3.0, "first_audio_p50_over_idle": 2.0}
+
+
+def serve_request(port, seed):
+    """One streamed pcm request to serve.py: (seconds to the first audio byte, seconds to the last, audio seconds)."""
+    body = json.dumps({"model": "echo", "input": SERVE_TEXT, "voice": "random", "response_format": "pcm",
+                       "seed": seed}).encode()
+    started = time.perf_counter()
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    connection.request("POST", "/v1/audio/speech", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    first = response.read(1)
+    first_audio = time.perf_counter() - started
+    rest = response.read()
+    connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"serve.py answered {response.status}: {(first + rest)[:200]!r}")
+    return first_audio, time.perf_counter() - started, (len(first) + len(rest)) / 2 / 24000
+
+
+def serve_figures(port, seeds, clients):
+    """`seeds` requested by `clients` concurrent clients: latency percentiles and audio seconds per second."""
+    queue = list(seeds)
+    results, errors, lock = [], [], threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                seed = queue.pop()
+            try:
+                results.append(serve_request(port, seed))
+            except (OSError, RuntimeError) as e:
+                errors.append(e)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(seeds)} requests failed, e.g. {errors[0]}")
+    first, total, audio = (np.array(column) for column in zip(*results))
+    return {"requests": len(results), "first_audio_p50_s": round(float(np.percentile(first, 50)), 3),
+            "first_audio_p99_s": round(float(np.percentile(first, 99)), 3),
+            "latency_p50_s": round(float(np.percentile(total, 50)), 3),
+            "latency_p99_s": round(float(np.percentile(total, 99)), 3),
+            "audio_seconds_per_second": round(float(audio.sum() / wall), 2)}
+
+
+def bench_serve(levels=(1, 4, 8, 16), requests_per_client=2):
+    """serve.py with the demo preset and the tiny codec: for each number of concurrent clients, the
+    latencies and throughput of their streamed requests, against the same requests one at a time."""
+    work = tempfile.mkdtemp(prefix="bench-serve-")
+    here = os.path.dirname(os.path.abspath(__file__))
+    server = None
+    try:
+        subprocess.run([sys.executable, os.path.join(here, "train_pretrain.py"), "--preset", "demo", "--data",
+                        "synthetic", "--run_dir", os.path.join(work, "run"), "--steps", "3", "--eval_every", "1000",
+                        "--full_eval_samples", "0"], check=True, capture_output=True)
+        subprocess.run([sys.executable, os.path.join(here, "dacvae.py"), "init-random", os.path.join(work, "codec.pth"),
+                        "--size", "tiny"], check=True, capture_output=True)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = subprocess.Popen([sys.executable, os.path.join(here, "serve.py"), "--checkpoint",
+                                   os.path.join(work, "run", "checkpoints"), "--dacvae_weights",
+                                   os.path.join(work, "codec.pth"), "--port", str(port), "--voices_dir",
+                                   os.path.join(work, "voices"), "--max_batch", str(max(levels))],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        started = time.perf_counter()
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.perf_counter() - started > 900:
+                    raise RuntimeError("serve.py did not become ready")
+                time.sleep(1)
+        ready_s = time.perf_counter() - started
+        serve_request(port, 0)  # the first request warms what compilation leaves cold
+        rows = []
+        for clients in levels:
+            seeds = range(1000 * clients, 1000 * clients + clients * requests_per_client)
+            alone = serve_figures(port, seeds, 1)
+            together = serve_figures(port, seeds, clients)
+            rows.append({"clients": clients, "together": together, "one_at_a_time": alone,
+                         "throughput_over_one_at_a_time": round(together["audio_seconds_per_second"]
+                                                                / alone["audio_seconds_per_second"], 2),
+                         "first_audio_p50_over_idle": round(together["first_audio_p50_s"]
+                                                            / alone["first_audio_p50_s"], 2)})
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+    goal_row = next((r for r in rows if r["clients"] == SERVE_GOAL["clients"]), None)
+    met = goal_row is not None and \
+        goal_row["throughput_over_one_at_a_time"] >= SERVE_GOAL["throughput_over_one_at_a_time"] and \
+        goal_row["first_audio_p50_over_idle"] <= SERVE_GOAL["first_audio_p50_over_idle"]
+    return {"section": "serve", "preset": "demo", "codec": "tiny", "text": SERVE_TEXT, "format": "pcm",
+            "ready_s": round(ready_s, 1), "levels": rows, "goal": SERVE_GOAL, "goal_met": met}
+
+
 LEARN_CER, LEARN_END_FRAMES = 0.1, 2.0  # bench_learn's goal: the words said, ending where they should
 
 SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "build": bench_build,
             "train": bench_train, "inference": bench_inference, "tpu_aot": bench_tpu_aot, "learn": bench_learn,
-            "sampler": bench_sampler}
+            "sampler": bench_sampler, "serve": bench_serve}
 
 
 def main():
@@ -577,7 +691,7 @@ def main():
         sys.exit(f"bench.py: --corpus must be one of {', '.join(corpus.SYNTHETIC_CORPORA)}, got {args.corpus!r}")
     if not args.minutes > 0:
         sys.exit(f"bench.py: --minutes must be positive, got {args.minutes}")
-    for name in args.sections or [s for s in SECTIONS if s not in ("learn", "sampler")]:
+    for name in args.sections or [s for s in SECTIONS if s not in ("learn", "sampler", "serve")]:
         if name == "learn":
             result = bench_learn(args.corpus, args.minutes, args.steps, args.preset)
         else:
