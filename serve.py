@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import re
+import signal
 import socket
 import struct
 import sys
@@ -434,9 +435,10 @@ class Scheduler:
                         row.deliver(ServeError(499, "the request was cancelled", None, "cancelled"))
                     else:
                         arrivals.append(row)
-            self.metrics["queue"].set(len(self.waiting))
-            for row in arrivals:
-                self.join(row)
+            deferred = [row for row in arrivals if not self.join(row)]
+            with self.wakeup:
+                self.waiting.extendleft(reversed(deferred))
+                self.metrics["queue"].set(len(self.waiting))
             for lane in self.lanes.values():
                 for row in lane.rows:
                     if row.cancelled.is_set():
@@ -447,21 +449,20 @@ class Scheduler:
             self.metrics["rows"].set(self.busy_rows())
 
     def join(self, row):
-        """Encode the row's conditions and draw its noise; it steps from the next turn on."""
-        loaded = self.loaded
+        """Encode the row's conditions and draw its noise; it steps from the next turn on. Returns
+        False where its lane is full (it waits for a later turn)."""
+        loaded, lane = self.loaded, self.lanes[row.canvas]
+        if len(lane.rows) >= self.max_batch:
+            return False
         try:
             inputs = tuple(jnp.asarray(a) for a in row.inputs)
             row.cond = self.encoders[row.mode](loaded.params, *inputs)
             row.x = inference.initial_noise(row.seed, 1, row.canvas, loaded.config.latent_size, row.truncation)
-            lane = self.lanes[row.canvas]
-            if len(lane.rows) >= self.max_batch:  # this lane is full: wait for the next turn
-                with self.wakeup:
-                    self.waiting.appendleft(row)
-                return
             lane.rows.append(row)
         except Exception as e:  # one request's failure never stops the others
             log.exception("a request could not start")
             row.deliver(ServeError(500, f"the request could not start ({type(e).__name__})"))
+        return True
 
     def advance(self, lane):
         """One step over the lane's rows; the rows it finishes are delivered and leave."""
@@ -560,7 +561,12 @@ class Server:
     def start(self):
         """Compile in the background (/health answers 503 until then), then schedule."""
         def compile_then_run():
-            self.scheduler.warm()
+            try:
+                self.scheduler.warm()
+            except Exception as e:  # nothing can be served: end the process as SIGTERM would
+                log.error("the programs could not be compiled (%s: %s); stopping", type(e).__name__, e)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             log.info("ready: %s on http://%s:%d", self.settings.model_name, self.settings.host, self.settings.port)
             self.scheduler.run()
         threading.Thread(target=compile_then_run, name="scheduler", daemon=True).start()
