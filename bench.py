@@ -431,7 +431,7 @@ def bench_inference(frames=375, steps=32):
         row = {}
         for mode, passes in (("joint", 2), ("independent", 3)):
             inputs_on_device = tuple(jnp.asarray(a) for a in inputs)
-            encode = inference.compiled_encode(module, mode, passes, params, inputs_on_device)
+            encode = inference.compiled_encode(module, mode, params, inputs_on_device)
             cond = encode(params, *inputs_on_device)
             step = inference.compiled_step(module, params, 1, frames, cond, inputs[0].shape[1])
             holder = [jnp.zeros((1, frames, config.latent_size), jnp.float32)]

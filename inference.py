@@ -285,9 +285,8 @@ def _replicated(params):
     return None
 
 
-def _build_encode(module, mode, passes, replicated=None):
-    """encode runs once per utterance: the text and speaker keys/values of each of `passes` guidance
-    passes (the mode's own, then conditional ones that a guidance weight of 0 leaves unused)."""
+def _build_encode(module, mode, replicated=None):
+    """encode runs once per utterance: the text and speaker keys/values of each guidance pass."""
 
     def encode(params, text_ids, text_mask, speaker_latent, speaker_mask):
         cond = module.apply({"params": params}, text_ids, text_mask, speaker_latent, speaker_mask,
@@ -298,7 +297,7 @@ def _build_encode(module, mode, passes, replicated=None):
         seen = {"all": cond["mask"], "none": jnp.zeros_like(cond["mask"]), "speaker": cond["mask"] & is_speaker,
                 "text": cond["mask"] & ~is_speaker}
         masks = [seen[part] for part in GUIDANCE_PASSES[mode]]
-        masks += [cond["mask"]] * (passes - len(masks))
+        passes = len(masks)
         return {"k": jnp.concatenate([cond["k"]] * passes, axis=1),
                 "v": jnp.concatenate([cond["v"]] * passes, axis=1), "mask": jnp.concatenate(masks, axis=0)}
 
@@ -346,12 +345,12 @@ def _build_step(module, text_len, replicated=None):
     return jax.jit(step, out_shardings=replicated, donate_argnums=(1,))
 
 
-def compiled_encode(module, mode, passes, params, inputs):
+def compiled_encode(module, mode, params, inputs):
     """encode (above) AOT-compiled for these inputs' shapes, once per process."""
     replicated = _replicated(params)
-    key = ("encode", module, mode, passes, tuple(a.shape for a in inputs), replicated)
+    key = ("encode", module, mode, tuple(a.shape for a in inputs), replicated)
     if key not in _COMPILED:
-        _COMPILED[key] = _build_encode(module, mode, passes, replicated).lower(params, *inputs).compile()
+        _COMPILED[key] = _build_encode(module, mode, replicated).lower(params, *inputs).compile()
     return _COMPILED[key]
 
 
@@ -385,19 +384,17 @@ class RowSchedule:
     force: tuple  # (scale, from t, layers); scale 1: off
 
     @classmethod
-    def from_knobs(cls, knobs, num_layers, passes=None):
-        """From SAMPLER_DEFAULTS' knobs -> (mode, RowSchedule); weights padded with zeros to passes - 1."""
+    def from_knobs(cls, knobs, num_layers):
+        """From SAMPLER_DEFAULTS' knobs -> (guidance mode, RowSchedule)."""
         mode, weights = _guidance(knobs["cfg_scale"], knobs["cfg_text"], knobs["cfg_speaker"])
-        passes = passes or len(GUIDANCE_PASSES[mode])
         rescale = None
         if knobs["rescale_k"] is not None and knobs["rescale_sigma"] is not None:
             rescale = (float(knobs["rescale_k"]), float(knobs["rescale_sigma"]))
         layers = num_layers if knobs["speaker_kv_max_layers"] is None else knobs["speaker_kv_max_layers"]
         force = (1.0, 2.0, 0) if knobs["speaker_kv_scale"] is None else \
             (float(knobs["speaker_kv_scale"]), float(knobs["speaker_kv_min_t"]), int(layers))
-        return mode, cls(timestep_grid(knobs["steps"], knobs["t_scale"], knobs["sway"]),
-                         weights + (0.0,) * (passes - 1 - len(weights)), float(knobs["cfg_min_t"]),
-                         float(knobs["cfg_max_t"]), rescale, force)
+        return mode, cls(timestep_grid(knobs["steps"], knobs["t_scale"], knobs["sway"]), weights,
+                         float(knobs["cfg_min_t"]), float(knobs["cfg_max_t"]), rescale, force)
 
     @property
     def steps(self):
@@ -443,7 +440,7 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
                                             np.asarray(speaker_mask, np.int32)))
     rows = inputs[0].shape[0]
     t0 = time.perf_counter()
-    encode = compiled_encode(module, mode, len(GUIDANCE_PASSES[mode]), params, inputs)
+    encode = compiled_encode(module, mode, params, inputs)
     cond = encode(params, *inputs)
     step = compiled_step(module, params, rows, num_frames, cond, inputs[0].shape[1])
     t1 = time.perf_counter()

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import signal
 import socket
@@ -330,9 +331,6 @@ def parse_speech(body, settings, voices, loaded, presets):
 # ----------------------------------------------------------------------------
 # The scheduler: continuous batching over the sampler's step
 
-PASSES = 3  # every row gets the guidance passes of independent guidance; joint rows leave the third unused
-
-
 @dataclasses.dataclass(eq=False)
 class Row:
     """One generation (a sentence of a request) in the scheduler."""
@@ -355,10 +353,11 @@ def batch_sizes(max_batch):
 
 
 class Lane:
-    """The rows of one canvas length, stepped together as one batch (padded to a compiled size)."""
+    """The rows of one canvas length and one guidance mode (joint: 2 passes per row, independent: 3),
+    stepped together as one batch (padded to a compiled size)."""
 
-    def __init__(self, canvas):
-        self.canvas = canvas
+    def __init__(self, canvas, mode):
+        self.canvas, self.mode = canvas, mode
         self.rows = []
         self.members = []  # the rows that x and cond below hold, in order
         self.batch = []  # the same, padded to a compiled size (padding repeats the first row)
@@ -373,7 +372,8 @@ class Scheduler:
     def __init__(self, loaded, canvases, max_batch, metrics):
         self.loaded, self.canvases, self.max_batch, self.metrics = loaded, sorted(canvases), max_batch, metrics
         self.sizes = batch_sizes(max_batch)
-        self.lanes = {canvas: Lane(canvas) for canvas in self.canvases}
+        self.lanes = {(canvas, mode): Lane(canvas, mode) for canvas in self.canvases
+                      for mode in inference.GUIDANCE_PASSES}
         self.waiting = collections.deque()
         self.wakeup = threading.Condition()
         self.ready = threading.Event()
@@ -392,18 +392,19 @@ class Scheduler:
                   np.zeros((1, loaded.max_speaker_len), np.int32))
         inputs = tuple(jnp.asarray(a) for a in silent)
         for mode in inference.GUIDANCE_PASSES:
-            self.encoders[mode] = inference.compiled_encode(loaded.module, mode, PASSES, loaded.params, inputs)
-        cond = self.encoders["joint"](loaded.params, *inputs)
-        _, schedule = inference.RowSchedule.from_knobs(inference.SAMPLER_DEFAULTS, loaded.config.num_layers, PASSES)
-        for canvas in self.canvases:
-            for size in self.sizes:
-                started = time.perf_counter()
-                step = self.compiled_step(size, canvas, cond)
-                x = jnp.zeros((size, canvas, loaded.config.latent_size), jnp.float32)
-                jax.block_until_ready(step(loaded.params, x, stack_conds([cond] * size),
-                                           *inference.step_inputs([schedule] * size, [0] * size)))
-                log.info("compiled the step for %d rows of %d frames in %.1f s", size, canvas,
-                         time.perf_counter() - started)
+            self.encoders[mode] = inference.compiled_encode(loaded.module, mode, loaded.params, inputs)
+            cond = self.encoders[mode](loaded.params, *inputs)
+            knobs = dict(inference.SAMPLER_DEFAULTS, cfg_text=3.0 if mode == "independent" else None)
+            _, schedule = inference.RowSchedule.from_knobs(knobs, loaded.config.num_layers)
+            for canvas in self.canvases:
+                for size in self.sizes:
+                    started = time.perf_counter()
+                    step = self.compiled_step(size, canvas, cond)
+                    x = jnp.zeros((size, canvas, loaded.config.latent_size), jnp.float32)
+                    jax.block_until_ready(step(loaded.params, x, stack_conds([cond] * size),
+                                               *inference.step_inputs([schedule] * size, [0] * size)))
+                    log.info("compiled the %s-guidance step for %d rows of %d frames in %.1f s", mode, size, canvas,
+                             time.perf_counter() - started)
         self.ready.set()
 
     def compiled_step(self, size, canvas, cond):
@@ -429,7 +430,7 @@ class Scheduler:
                 while not self.waiting and not self.busy_rows() and not self.stopping.is_set():
                     self.wakeup.wait()
                 arrivals = []
-                while self.waiting and self.busy_rows() + len(arrivals) < self.max_batch * len(self.lanes):
+                while self.waiting and self.busy_rows() + len(arrivals) < self.max_batch * len(self.canvases):
                     row = self.waiting.popleft()
                     if row.cancelled.is_set():
                         row.deliver(ServeError(499, "the request was cancelled", None, "cancelled"))
@@ -451,7 +452,7 @@ class Scheduler:
     def join(self, row):
         """Encode the row's conditions and draw its noise; it steps from the next turn on. Returns
         False where its lane is full (it waits for a later turn)."""
-        loaded, lane = self.loaded, self.lanes[row.canvas]
+        loaded, lane = self.loaded, self.lanes[row.canvas, row.mode]
         if len(lane.rows) >= self.max_batch:
             return False
         try:
@@ -524,6 +525,46 @@ def stack_conds(conds, shapes_only=False):
 # ----------------------------------------------------------------------------
 # The HTTP side
 
+class BatchDecoder:
+    """The codec in a thread of its own. Latents that wait together are decoded as one batch, those of
+    one length each (no padding: each gets the audio it would get alone, to float rounding), which
+    spreads the codec's fixed cost per call over the requests served together."""
+
+    def __init__(self, codec):
+        self.codec = codec
+        self.jobs = queue.Queue()
+        threading.Thread(target=self.run, name="decode", daemon=True).start()
+
+    def submit(self, latent):
+        """A (frames, latent_size) latent -> a concurrent.futures.Future of its waveform."""
+        future = concurrent.futures.Future()
+        self.jobs.put((latent, future))
+        return future
+
+    def run(self):
+        import torch  # the codec's
+        while True:
+            jobs = [self.jobs.get()]
+            while not self.jobs.empty():
+                jobs.append(self.jobs.get_nowait())
+            by_length = collections.defaultdict(list)
+            for latent, future in jobs:
+                if future.set_running_or_notify_cancel():  # False: its request is gone
+                    by_length[len(latent)].append((latent, future))
+            for group in by_length.values():
+                try:
+                    batch = torch.from_numpy(np.stack([latent.T for latent, _ in group]).astype(np.float32))
+                    waves = self.codec.decode(batch, progress=False)[:, 0].numpy()
+                except Exception as e:  # one batch's failure fails its requests alone
+                    log.exception("decoding %d latents failed", len(group))
+                    waves = [ServeError(500, f"decoding failed ({type(e).__name__})")] * len(group)
+                for (_, future), wave in zip(group, waves):
+                    if isinstance(wave, Exception):
+                        future.set_exception(wave)
+                    else:
+                        future.set_result(wave)
+
+
 def make_metrics():
     """The server's Prometheus metrics, in a registry of their own."""
     registry = prometheus_client.CollectorRegistry()
@@ -555,7 +596,8 @@ class Server:
         canvases = {min(int(round(s * inference.FRAMES_PER_SECOND)), loaded.max_latent_len)
                     for s in settings.canvas_seconds}
         self.scheduler = Scheduler(loaded, canvases, settings.max_batch, self.metrics)
-        self.audio_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self.decoder = BatchDecoder(codec)
+        self.voice_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voices")
         self.active = 0  # speech requests being answered
 
     def start(self):
@@ -577,12 +619,11 @@ class Server:
             raise ServeError(401, "a valid API key is required: send Authorization: Bearer KEY", None,
                              "invalid_api_key")
 
-    def decode(self, latent, speech):
+    async def decode(self, latent, speech):
         """A finished latent -> its 48 kHz waveform: trimmed as inference.synthesize trims it."""
-        import torch  # the codec's
         with np.errstate(over="ignore", invalid="ignore"):  # a latent out of range is refused below
             latent = inference.trim_trailing_silence(latent, self.silence, speech.trim_tolerance)[:speech.frames]
-        wave = self.codec.decode(torch.from_numpy(np.ascontiguousarray(latent.T))[None], progress=False)[0, 0].numpy()
+        wave = await asyncio.wrap_future(self.decoder.submit(latent))
         if not np.isfinite(wave).all():
             raise ServeError(500, "the model produced non-finite audio for this request; another seed or smaller "
                              "knobs may work", None, "non_finite_output")
@@ -601,7 +642,7 @@ class Server:
         reference = speech.reference or (np.zeros((loaded.max_speaker_len, loaded.config.latent_size), np.float32),
                                          np.zeros(loaded.max_speaker_len, np.int32))
         ids, mask = speech.pieces[index]
-        mode, schedule = inference.RowSchedule.from_knobs(speech.knobs, loaded.config.num_layers, PASSES)
+        mode, schedule = inference.RowSchedule.from_knobs(speech.knobs, loaded.config.num_layers)
         self.scheduler.submit(Row((ids[None], mask[None], reference[0][None], reference[1][None]), mode, schedule,
                                   speech.seed + index, speech.knobs["truncation"],
                                   self.scheduler.canvas_for(speech.frames), deliver, cancelled))
@@ -618,7 +659,7 @@ class Server:
             latent = await asyncio.wait_for(upcoming, max(0.0, deadline - time.monotonic()))
             if index + 1 < len(speech.pieces):
                 upcoming = self.generate(speech, index + 1, loop, cancelled)
-            wave = await loop.run_in_executor(self.audio_work, self.decode, latent, speech)
+            wave = await self.decode(latent, speech)
             self.metrics["audio"].inc(len(wave) / SAMPLE_RATE)
             yield encoder.feed(joiner.add(wave))
         yield encoder.feed(joiner.finish()) + encoder.finish()
@@ -774,7 +815,7 @@ async def add_voice(server, request):
         recording.write(data)
         recording.flush()
         loop = asyncio.get_running_loop()
-        seconds = await loop.run_in_executor(server.audio_work, server.voices.add, name, recording.name,
+        seconds = await loop.run_in_executor(server.voice_work, server.voices.add, name, recording.name,
                                              server.codec)
     log.info("voice %s added: %.1f s of reference", name, seconds)
     return JSONResponse({"name": name, "seconds": seconds}, status_code=201)

@@ -24,6 +24,8 @@ import serve
 import train_pretrain
 
 TEXT = "The first sentence is here. A second one follows it."
+# A server thread that dies (the scheduler's, the decoder's) fails the test that killed it.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
 
 def free_port():
