@@ -433,14 +433,14 @@ def bench_inference(frames=375, steps=32):
             inputs_on_device = tuple(jnp.asarray(a) for a in inputs)
             encode = inference.compiled_encode(module, mode, params, inputs_on_device)
             cond = encode(params, *inputs_on_device)
-            step = inference.compiled_step(module, params, 1, frames, cond, inputs[0].shape[1])
+            step = inference.compiled_step(module, params, 1, frames, cond)
             holder = [jnp.zeros((1, frames, config.latent_size), jnp.float32)]
             scales = np.full((1, passes - 1), 3.0, np.float32)
 
             def guided_step(rescale_on=False):
                 holder[0] = step(params, holder[0], cond, np.full(1, 0.5, np.float32), np.full(1, 0.4, np.float32),
                                  scales, np.ones(1, bool), np.asarray([[1.2, 3.0]], np.float32),
-                                 np.full(1, rescale_on), np.asarray([[1.0, 2.0, 0.0]], np.float32))
+                                 np.full(1, rescale_on))
                 return holder[0]
 
             step_s = best_time(guided_step, repeats=7, reduce=np.median)

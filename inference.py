@@ -304,26 +304,15 @@ def _build_encode(module, mode, replicated=None):
     return jax.jit(encode, out_shardings=replicated)
 
 
-def _build_step(module, text_len, replicated=None):
+def _build_step(module, replicated=None):
     """step runs once per Euler step over B rows, each at its own place in a schedule of its own:
     t and t_next (B,); guidance weights (B, passes - 1) and whether guidance applies (B,); temporal
-    score rescaling's k and sigma (B, 2) and whether it applies (B,); the speaker force (B, 3): its
-    scale, the t from which it applies, the layers it reaches. The conditions' first text_len
-    positions are text, the rest speaker; their rows go pass by pass (B rows of each pass)."""
+    score rescaling's k and sigma (B, 2) and whether it applies (B,). The conditions' rows go pass
+    by pass (B rows of each pass)."""
 
-    def step(params, x, cond, t, t_next, weights, guided, rescale, rescale_on, force):
+    def step(params, x, step_cond, t, t_next, weights, guided, rescale, rescale_on):
         b = x.shape[0]
-        passes = cond["mask"].shape[0] // b
-        forced = (force[:, 0] != 1) & (t >= force[:, 1])
-
-        def forced_cond():
-            layers, _, length = cond["k"].shape[:3]
-            rows = jnp.where((jnp.arange(layers)[:, None] < force[None, :, 2]) & forced[None], force[None, :, 0], 1.0)
-            factor = jnp.where(jnp.arange(length) >= text_len, jnp.tile(rows, (1, passes))[..., None], 1.0)
-            factor = factor[..., None, None].astype(cond["k"].dtype)
-            return {"k": cond["k"] * factor, "v": cond["v"] * factor, "mask": cond["mask"]}
-
-        step_cond = jax.lax.cond(forced.any(), forced_cond, lambda: cond)
+        passes = step_cond["mask"].shape[0] // b
 
         def guided_velocity():
             v = module.apply({"params": params}, jnp.concatenate([x] * passes), jnp.concatenate([t] * passes),
@@ -354,7 +343,17 @@ def compiled_encode(module, mode, params, inputs):
     return _COMPILED[key]
 
 
-def compiled_step(module, params, rows, num_frames, cond, text_len):
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def scale_speaker_kv(cond, scale, max_layers, text_len):
+    """Echo's speaker "force": the speaker keys and values of the first max_layers layers times scale."""
+    layers, _, length = cond["k"].shape[:3]
+    hit = (jnp.arange(layers) < max_layers)[:, None, None, None, None] & \
+        (jnp.arange(length) >= text_len)[None, None, :, None, None]
+    factor = jnp.where(hit, scale, 1.0).astype(cond["k"].dtype)
+    return {"k": cond["k"] * factor, "v": cond["v"] * factor, "mask": cond["mask"]}
+
+
+def compiled_step(module, params, rows, num_frames, cond):
     """step (above) AOT-compiled for `rows` rows of num_frames frames whose conditions are shaped like
     `cond` (arrays or shapes: k and v (layers, passes * rows, ...), mask (passes * rows, length)),
     once per process."""
@@ -362,14 +361,13 @@ def compiled_step(module, params, rows, num_frames, cond, text_len):
     abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
     cond = jax.tree.map(lambda a: abstract(a.shape, a.dtype), cond)
     passes = cond["mask"].shape[0] // rows
-    key = ("step", module, rows, num_frames, tuple((k, a.shape, a.dtype) for k, a in sorted(cond.items())), text_len,
-           replicated)
+    key = ("step", module, rows, num_frames, tuple((k, a.shape, a.dtype) for k, a in sorted(cond.items())), replicated)
     if key not in _COMPILED:
         per_row = lambda *shape, dtype=jnp.float32: abstract((rows,) + shape, dtype)
         flags = per_row(dtype=jnp.bool_)
-        _COMPILED[key] = _build_step(module, text_len, replicated).lower(
+        _COMPILED[key] = _build_step(module, replicated).lower(
             params, per_row(num_frames, module.config.latent_size), cond, per_row(), per_row(),
-            per_row(passes - 1), flags, per_row(2), flags, per_row(3)).compile()
+            per_row(passes - 1), flags, per_row(2), flags).compile()
     return _COMPILED[key]
 
 
@@ -381,7 +379,7 @@ class RowSchedule:
     cfg_min_t: float
     cfg_max_t: float
     rescale: tuple  # (k, sigma), or None: off
-    force: tuple  # (scale, from t, layers); scale 1: off
+    force: tuple  # the speaker force: (scale, from t, layers), or None: off
 
     @classmethod
     def from_knobs(cls, knobs, num_layers):
@@ -391,7 +389,7 @@ class RowSchedule:
         if knobs["rescale_k"] is not None and knobs["rescale_sigma"] is not None:
             rescale = (float(knobs["rescale_k"]), float(knobs["rescale_sigma"]))
         layers = num_layers if knobs["speaker_kv_max_layers"] is None else knobs["speaker_kv_max_layers"]
-        force = (1.0, 2.0, 0) if knobs["speaker_kv_scale"] is None else \
+        force = None if knobs["speaker_kv_scale"] is None else \
             (float(knobs["speaker_kv_scale"]), float(knobs["speaker_kv_min_t"]), int(layers))
         return mode, cls(timestep_grid(knobs["steps"], knobs["t_scale"], knobs["sway"]), weights,
                          float(knobs["cfg_min_t"]), float(knobs["cfg_max_t"]), rescale, force)
@@ -401,12 +399,20 @@ class RowSchedule:
         return len(self.grid) - 1
 
     def at(self, k):
-        """(t, t_next, weights, guided, rescale, rescale_on, force) of step k, as numpy values."""
+        """(t, t_next, weights, guided, rescale, rescale_on) of step k, as numpy values."""
         t = self.grid[k]
         guided = any(w != 0 for w in self.weights) and self.cfg_min_t <= t <= self.cfg_max_t
         return (t, self.grid[k + 1], np.asarray(self.weights, np.float32), np.bool_(guided),
-                np.asarray(self.rescale or (1.0, 1.0), np.float32), np.bool_(self.rescale is not None),
-                np.asarray(self.force, np.float32))
+                np.asarray(self.rescale or (1.0, 1.0), np.float32), np.bool_(self.rescale is not None))
+
+    def forced(self, k):
+        """Whether step k reads the speaker-forced conditions."""
+        return self.force is not None and self.grid[k] >= self.force[1]
+
+    def forced_cond(self, cond, text_len):
+        """`cond` with the speaker force applied (computed once, read by the steps it falls on)."""
+        scale, _, layers = self.force
+        return scale_speaker_kv(cond, jnp.float32(scale), layers, text_len)
 
 
 def step_inputs(schedules, ks):
@@ -442,7 +448,8 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
     t0 = time.perf_counter()
     encode = compiled_encode(module, mode, params, inputs)
     cond = encode(params, *inputs)
-    step = compiled_step(module, params, rows, num_frames, cond, inputs[0].shape[1])
+    forced = schedule.forced_cond(cond, inputs[0].shape[1]) if schedule.force is not None else None
+    step = compiled_step(module, params, rows, num_frames, cond)
     t1 = time.perf_counter()
     timings["compile"] = timings.get("compile", 0.0) + t1 - t0
     x = initial_noise(seed, rows, num_frames, module.config.latent_size, truncation)
@@ -451,7 +458,7 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
         noise = np.asarray(x)
         x = jax.make_array_from_callback(noise.shape, replicated, lambda index: noise[index])
     for k in tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False):
-        x = step(params, x, cond, *step_inputs([schedule] * rows, [k] * rows))
+        x = step(params, x, forced if schedule.forced(k) else cond, *step_inputs([schedule] * rows, [k] * rows))
     if not x.is_fully_addressable:  # params sharded over several hosts (the trainer's eval)
         x = multihost_utils.process_allgather(x, tiled=True)
     x = np.array(x)  # a writable copy on the host

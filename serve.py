@@ -343,6 +343,7 @@ class Row:
     deliver: object  # called once from the scheduler's thread: the (canvas, latent_size) latent, or a ServeError
     cancelled: threading.Event
     cond: dict = None  # its keys and values, encoded when it joins
+    forced_cond: dict = None  # the same with its speaker force applied, where it has one
     x: object = None  # (1, canvas, latent_size) until it joins a batch
     k: int = 0  # steps done
 
@@ -361,6 +362,7 @@ class Lane:
         self.rows = []
         self.members = []  # the rows that x and cond below hold, in order
         self.batch = []  # the same, padded to a compiled size (padding repeats the first row)
+        self.forced = []  # per member: whether its conditions in cond are the speaker-forced ones
         self.x = self.cond = self.step = None
 
 
@@ -409,7 +411,7 @@ class Scheduler:
 
     def compiled_step(self, size, canvas, cond):
         return inference.compiled_step(self.loaded.module, self.loaded.params, size, canvas,
-                                       stack_conds([cond] * size, shapes_only=True), self.loaded.max_text_len)
+                                       stack_conds([cond] * size, shapes_only=True))
 
     def submit(self, row):
         with self.wakeup:
@@ -458,6 +460,8 @@ class Scheduler:
         try:
             inputs = tuple(jnp.asarray(a) for a in row.inputs)
             row.cond = self.encoders[row.mode](loaded.params, *inputs)
+            if row.schedule.force is not None:
+                row.forced_cond = row.schedule.forced_cond(row.cond, loaded.max_text_len)
             row.x = inference.initial_noise(row.seed, 1, row.canvas, loaded.config.latent_size, row.truncation)
             lane.rows.append(row)
         except Exception as e:  # one request's failure never stops the others
@@ -469,8 +473,9 @@ class Scheduler:
         """One step over the lane's rows; the rows it finishes are delivered and leave."""
         loaded = self.loaded
         try:
-            if lane.rows != lane.members:
-                self.regroup(lane)
+            forced = [row.schedule.forced(row.k) for row in lane.rows]
+            if lane.rows != lane.members or forced != lane.forced:
+                self.regroup(lane, forced)
             lane.x = lane.step(loaded.params, lane.x, lane.cond,
                                *inference.step_inputs([r.schedule for r in lane.batch], [r.k for r in lane.batch]))
             self.metrics["step_rows"].observe(len(lane.rows))
@@ -489,13 +494,14 @@ class Scheduler:
             log.exception("a step over %d rows failed", len(lane.rows))
             for row in lane.rows:
                 row.deliver(ServeError(500, f"sampling failed ({type(e).__name__})"))
-            lane.rows, lane.members, lane.batch = [], [], []
+            lane.rows, lane.members, lane.batch, lane.forced = [], [], [], []
 
     def size_for(self, rows):
         return next(size for size in self.sizes if size >= rows)
 
-    def regroup(self, lane):
-        """Rebuild the lane's batch for its current rows: rows that stay keep their place in x."""
+    def regroup(self, lane, forced):
+        """Rebuild the lane's batch for its current rows, each with its conditions as its next step
+        reads them (`forced`: the speaker force's, per row); rows that stay keep their place in x."""
         place = {id(row): i for i, row in enumerate(lane.members)}
         rows = lane.rows
         size = self.size_for(len(rows))
@@ -504,9 +510,10 @@ class Scheduler:
             row.x = None
         batch = rows + [rows[0]] * (size - len(rows))
         lane.x = jnp.concatenate(xs + [xs[0]] * (size - len(rows)))
-        lane.cond = stack_conds([row.cond for row in batch])
+        conds = [row.forced_cond if force else row.cond for row, force in zip(rows, forced)]
+        lane.cond = stack_conds(conds + [conds[0]] * (size - len(rows)))
         lane.step = self.compiled_step(size, lane.canvas, rows[0].cond)
-        lane.members, lane.batch = list(rows), batch
+        lane.members, lane.batch, lane.forced = list(rows), batch, forced
 
 
 def stack_conds(conds, shapes_only=False):
