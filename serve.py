@@ -883,11 +883,11 @@ def parse_args(argv=None):
     a("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     a("--port", type=int, default=8000)
     a("--model_name", default="echo", help="the `model` requests must name")
-    a("--api_key", default=os.environ.get("ECHO_API_KEY"), help="require Authorization: Bearer KEY on every "
-      "request (default $ECHO_API_KEY; none: open)")
+    a("--api_key", default=os.environ.get("ECHO_API_KEY"), help="require Authorization: Bearer KEY on the speech "
+      "and voice routes (/health and /metrics stay open; default $ECHO_API_KEY; none: open)")
     a("--voices_dir", default="voices", help="where uploaded voices are kept (their speaker latents)")
     a("--max_batch", type=int, default=16, help="rows sampled together; the step is compiled for every power of "
-      "two up to it")
+      "two up to it, for each guidance mode")
     a("--canvas_seconds", default="15", help="comma-separated canvas lengths compiled at start (capped at the "
       "model's trained length); a request samples the smallest that holds its duration")
     a("--max_requests", type=int, default=64, help="speech requests answered at once; beyond, 429")
