@@ -109,6 +109,11 @@ def prepare_text(text, max_text_len=DEFAULT_MAX_LEN):
     return [data.encode_text(piece, max_text_len) for piece in pieces]
 
 
+def frames_for(duration, max_latent_len):
+    """The most latent frames `duration` seconds of output may have: at least 1, at most the trained length."""
+    return max(1, min(int(round(duration * FRAMES_PER_SECOND)), max_latent_len))
+
+
 def sentences(text):
     """The text's sentences (normalized as the model reads text), in order."""
     return [s for s in re.split(_SPLITS[0], data.normalize_text(text)) if s]
@@ -509,7 +514,7 @@ def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, seed=42
                      np.zeros(loaded.max_speaker_len, np.int32))
     if canvas not in CANVASES:
         raise InferenceError(f"canvas must be one of {', '.join(CANVASES)}, got {canvas!r}")
-    cap = max(1, min(int(round(duration * FRAMES_PER_SECOND)), loaded.max_latent_len))
+    cap = frames_for(duration, loaded.max_latent_len)
     num_frames = loaded.max_latent_len if canvas == "trained" else cap
     silence = loaded.silence_frame
     if silence is None:

@@ -56,7 +56,6 @@ from starlette.routing import Route
 
 import dacvae
 import inference
-import storage
 
 log = logging.getLogger("serve")
 
@@ -225,9 +224,11 @@ class Voices:
                              "digital silence: upload a few seconds of speech", "file", "invalid_audio")
         latent, mask = encoded
         frames = int(mask.sum())
-        stored = latent[:frames].astype(np.float16)
         with self.lock:
-            storage.write_atomically(self.path(name), lambda f: np.save(f, stored, allow_pickle=False))
+            try:
+                inference.save_latent(self.path(name), latent[:frames])
+            except inference.InferenceError as e:
+                raise ServeError(500, f"the voice could not be stored: {e}", "name", "storage_error") from None
         return round(frames / inference.FRAMES_PER_SECOND, 2)
 
     def remove(self, name):
@@ -324,7 +325,7 @@ def parse_speech(body, settings, voices, loaded, presets):
     seed = given.get("seed", DEFAULT_SEED)
     if not 0 <= seed < 2 ** 31:
         raise ServeError(400, f"seed must be in [0, 2^31), got {seed}", "seed", "invalid_value")
-    frames = max(1, min(int(round(duration * inference.FRAMES_PER_SECOND)), loaded.max_latent_len))
+    frames = inference.frames_for(duration, loaded.max_latent_len)
     return Speech(pieces, reference, knobs, seed, frames, trim_tolerance, fmt, stream_format == "sse", len(text))
 
 
@@ -600,8 +601,7 @@ class Server:
             inference.codec_silence_frame(codec)
         self.voices = Voices(settings.voices_dir, loaded.max_speaker_len, loaded.config.latent_size)
         self.metrics = make_metrics()
-        canvases = {min(int(round(s * inference.FRAMES_PER_SECOND)), loaded.max_latent_len)
-                    for s in settings.canvas_seconds}
+        canvases = {inference.frames_for(s, loaded.max_latent_len) for s in settings.canvas_seconds}
         self.scheduler = Scheduler(loaded, canvases, settings.max_batch, self.metrics)
         self.decoder = BatchDecoder(codec)
         self.voice_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voices")

@@ -33,7 +33,7 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("DACVAE_WEIGHTS", None)
 
-def _free_port():
+def free_port():
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,7 +42,7 @@ def _free_port():
 
 # gs:// goes to a local Cloud Storage emulator (started by the `gcs` fixture); gcsfs and tensorstore
 # (orbax) read these variables at first use.
-GCS_PORT = _free_port()
+GCS_PORT = free_port()
 os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
 os.environ["TENSORSTORE_GCS_HTTP_URL"] = f"http://127.0.0.1:{GCS_PORT}"
 GCS_BUCKET = "echo-test-bucket"

@@ -17,7 +17,7 @@ import openai
 import pytest
 import soundfile
 import soxr
-from conftest import REPO
+from conftest import REPO, free_port
 
 import dacvae
 import serve
@@ -26,12 +26,6 @@ import train_pretrain
 TEXT = "The first sentence is here. A second one follows it."
 # A server thread that dies (the scheduler's, the decoder's) fails the test that killed it.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
