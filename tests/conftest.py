@@ -54,23 +54,6 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs; skipped unless -m slow is given")
 
 
-# The longest runs: pytest.ini's two workers (pytest-xdist) start these first, so that no worker is
-# left with one of them while the other has finished.
-FIRST = ("test_learning.py", "test_launch.py", "test_train.py")
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config, items):
-    """Tests that share a module-scoped fixture (one shared run) go to one xdist worker together, so
-    the run is made once; every other test goes wherever a worker is free."""
-    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
-    for item in items:
-        shared = sorted(name for name, defs in item._fixtureinfo.name2fixturedefs.items()
-                        if defs[-1].scope == "module" and defs[-1].func.__module__ == item.module.__name__)
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(f"{item.path.name}::{'+'.join(shared)}"))
-
-
 @pytest.fixture(scope="session")
 def hub():
     """The loopback Hub (HF_ENDPOINT points at it): add repos with hub.add_file(...)."""
