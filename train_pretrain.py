@@ -155,7 +155,7 @@ def build_parser(suppress_defaults=False):
     a("--ema_decay", type=float, default=None, help="decay of the EMA weights, warmed up as min(decay, (1 + step) "
       "/ (10 + step)); 0 turns them off (default 0.9999; synthetic 0.99)")
     a("--eval_batches", type=int, default=4, help="global batches of held-out samples averaged into val_loss")
-    a("--eval_samples", type=int, default=32, help="held-out texts sampled at each synthetic eval")
+    a("--eval_samples", type=int, default=32, help="held-out texts sampled at each synthetic eval (0: val_loss only)")
     a("--full_eval_every", type=int, default=0, help="steps between full evals of a synthetic corpus (0: only at "
       "the run's end): --full_eval_samples held-out texts, 2 noise seeds, the sampler's defaults, and two controls "
       "(each text's letters shuffled; another sample's text)")
@@ -281,7 +281,7 @@ def resolve_defaults(args):
     if args.preset not in model.PRESETS:
         raise TrainError(f"--preset must be one of {', '.join(model.PRESETS)}, got {args.preset!r}")
     for name in ("steps", "global_batch_size", "grad_accum", "checkpoint_every", "log_every", "eval_every",
-                 "eval_batches", "eval_samples", "sample_steps", "max_latent_len", "max_text_len", "max_speaker_len",
+                 "eval_batches", "sample_steps", "max_latent_len", "max_text_len", "max_speaker_len",
                  "mesh_data", "max_bad_steps"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -296,7 +296,7 @@ def resolve_defaults(args):
         raise TrainError(f"--weight_decay must not be negative, got {args.weight_decay}")
     if not 0 <= args.ema_decay < 1:
         raise TrainError(f"--ema_decay must lie in [0, 1) (0 turns EMA off), got {args.ema_decay}")
-    for name in ("sample_every", "full_eval_every", "full_eval_samples"):
+    for name in ("sample_every", "eval_samples", "full_eval_every", "full_eval_samples"):
         if getattr(args, name) < 0:
             raise TrainError(f"--{name} must not be negative, got {getattr(args, name)}")
     weights = args.dacvae_weights
@@ -1056,7 +1056,7 @@ class Evaluation:
                 setup.state_shardings["params"], setup.batch_sharding, setup.replicated))
         else:
             log.warning("no held-out data (--eval_data, or a synthetic corpus): no val_loss is reported")
-        if args.data == "synthetic":
+        if args.data == "synthetic" and args.eval_samples:
             self.held_out = self.held_out_set(eval_sets, args.eval_samples)
             if args.full_eval_samples:
                 self.full = self.held_out_set(eval_sets, args.full_eval_samples)

@@ -29,7 +29,8 @@ def run(tmp_path_factory):
     code = train_pretrain.main(["--preset", "tiny", "--synthetic_corpus", "short", "--run_dir", str(root / "run"),
                                 "--steps", "3", "--global_batch_size", "8",
                                 "--max_latent_len", str(MAX_LATENT), "--max_text_len", str(MAX_TEXT),
-                                "--max_speaker_len", str(MAX_SPEAKER), "--eval_every", "100", "--full_eval_samples", "0",
+                                "--max_speaker_len", str(MAX_SPEAKER), "--eval_every", "100", "--eval_samples", "0",
+                                "--full_eval_samples", "0",
                                 "--compile_cache_dir", os.path.join(REPO, ".jax_cache")])
     assert code == 0
     weights = root / "codec.pth"

@@ -35,7 +35,7 @@ def files(tmp_path_factory):
     assert train_pretrain.main(["--preset", "tiny", "--synthetic_corpus", "short", "--run_dir", str(root / "run"),
                                 "--steps", "3", "--global_batch_size", "8", "--max_latent_len", "40",
                                 "--max_text_len", "32", "--max_speaker_len", "48", "--eval_every", "100",
-                                "--full_eval_samples", "0"]) == 0
+                                "--eval_samples", "0", "--full_eval_samples", "0"]) == 0
     assert dacvae.main(["init-random", str(root / "codec.pth"), "--size", "tiny", "--seed", "1"]) in (0, None)
     return {"root": root, "checkpoint": str(root / "run" / "checkpoints"), "codec": str(root / "codec.pth")}
 

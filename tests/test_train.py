@@ -32,10 +32,13 @@ import train_pretrain
 from shards import npy, write_shard
 
 STEP_EXPORT = re.compile(r"^step_\d{7}\.params\.pkl$")
+# The tests' runs: tiny, and their evals give val_loss only (no sampling to trace and compile); the
+# runs that check the synthetic scores ask for them with SCORED.
 FAST = ["--preset", "tiny", "--synthetic_corpus", "short", "--steps", "12", "--global_batch_size", "8",
         "--max_latent_len", "80", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6",
-        "--eval_samples", "4", "--full_eval_samples", "4", "--sample_steps", "2",
+        "--eval_samples", "0", "--full_eval_samples", "0", "--sample_steps", "2",
         "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
+SCORED = ["--eval_samples", "4", "--full_eval_samples", "4"]
 
 
 def read_metrics(path):
@@ -73,7 +76,7 @@ def run_inprocess(tmp_path, name, *extra):
 
 
 def test_loss_decreases_and_metrics_parse(tmp_path):
-    run_dir = run_inprocess(tmp_path, "a", "--steps", "60", "--lr", "3e-3", "--eval_every", "30")
+    run_dir = run_inprocess(tmp_path, "a", "--steps", "60", "--lr", "3e-3", "--eval_every", "30", *SCORED)
     metrics = read_metrics(run_dir / "metrics.jsonl")
     steps = [m for m in metrics if "event" not in m]
     assert [m["step"] for m in steps] == list(range(1, 61))
@@ -381,6 +384,7 @@ def test_bad_flags_fail_before_anything_compiles(tmp_path):
                            (["--data", str(tmp_path / "nothing")], "no .tar shards"),
                            (["--init_from", str(tmp_path / "none.pkl")], "--init_from"),
                            (["--ema_decay", "1"], "--ema_decay"), (["--weight_decay", "-1"], "--weight_decay"),
+                           (["--eval_samples", "-1"], "--eval_samples must not be negative"),
                            (["--profile_steps", "5:2"], "--profile_steps"),
                            (["--sample_texts", str(tmp_path / "none.txt")], "--sample_texts"),
                            (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
@@ -684,7 +688,7 @@ def sampled_run(tmp_path_factory):
                         "--export_every", "1",
                         "--ema_decay", "0.5", "--sample_every", "2", "--sample_texts", str(texts),
                         "--dacvae_weights", str(codec), "--tensorboard_dir", str(tmp_path / "tb"),
-                        "--profile_steps", "2:3", "--eval_every", "2")
+                        "--profile_steps", "2:3", "--eval_every", "2", *SCORED)
     return run, tmp_path / "tb"
 
 
@@ -883,6 +887,14 @@ def test_step_time_leaves_out_the_pauses_for_evaluation(paced_run):
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     assert steps[5]["step_time"] < 2.0, steps[5]
     assert steps[5]["samples_per_sec"] > 8 / 2.0
+
+
+def test_evals_without_samples_give_val_loss_only(paced_run):
+    """--eval_samples 0 --full_eval_samples 0 (FAST): evals score held-out batches, nothing is sampled."""
+    metrics, _ = paced_run
+    evals = [m for m in metrics if m.get("event") in ("eval", "full_eval")]
+    assert [m["step"] for m in evals] == [4, 6] and all(np.isfinite(m["val_loss"]) for m in evals), evals
+    assert not [k for m in evals for k in m if k.startswith("synthetic_")], evals
 
 
 def test_a_step_is_logged_once_the_next_is_dispatched(paced_run):
