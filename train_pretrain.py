@@ -1058,8 +1058,8 @@ class Evaluation:
             log.warning("no held-out data (--eval_data, or a synthetic corpus): no val_loss is reported")
         if args.data == "synthetic" and args.eval_samples:
             self.held_out = self.held_out_set(eval_sets, args.eval_samples)
-            if args.full_eval_samples:
-                self.full = self.held_out_set(eval_sets, args.full_eval_samples)
+        if args.data == "synthetic" and args.full_eval_samples:
+            self.full = self.held_out_set(eval_sets, args.full_eval_samples)
         if args.sample_every and not args.dacvae_weights:
             log.warning("no --dacvae_weights (or $DACVAE_WEIGHTS): no audio samples are written")
         elif args.sample_every:

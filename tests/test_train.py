@@ -866,7 +866,8 @@ def paced_run(tmp_path_factory):
     import data
     run_dir = tmp_path_factory.mktemp("paced")
     args = train_pretrain.resolve_defaults(train_pretrain.parse_args(
-        ["--run_dir", str(run_dir), *FAST, "--steps", "6", "--eval_every", "4", "--checkpoint_every", "6"]))
+        ["--run_dir", str(run_dir), *FAST, "--steps", "6", "--eval_every", "4", "--checkpoint_every", "6",
+         "--full_eval_samples", "4"]))
     lines_at_fetch, fetch = [], data.Pipeline.__next__
 
     def counting_fetch(pipeline):
@@ -890,11 +891,14 @@ def test_step_time_leaves_out_the_pauses_for_evaluation(paced_run):
 
 
 def test_evals_without_samples_give_val_loss_only(paced_run):
-    """--eval_samples 0 --full_eval_samples 0 (FAST): evals score held-out batches, nothing is sampled."""
+    """--eval_samples 0 (FAST): the periodic evals score held-out batches and sample nothing; the full
+    eval at the run's end (--full_eval_samples 4) still samples and scores."""
     metrics, _ = paced_run
-    evals = [m for m in metrics if m.get("event") in ("eval", "full_eval")]
+    evals = [m for m in metrics if m.get("event") == "eval"]
     assert [m["step"] for m in evals] == [4, 6] and all(np.isfinite(m["val_loss"]) for m in evals), evals
     assert not [k for m in evals for k in m if k.startswith("synthetic_")], evals
+    full = [m for m in metrics if m.get("event") == "full_eval"]
+    assert [(m["step"], m["samples"]) for m in full] == [(6, 4)] and np.isfinite(full[0]["synthetic_cer"]), full
 
 
 def test_a_step_is_logged_once_the_next_is_dispatched(paced_run):
