@@ -244,11 +244,16 @@ def config_from_checkpoint(payload, path="checkpoint"):
                               f"(missing or odd {e})") from None
 
 
-def params_from_checkpoint(payload, config: model.EchoConfig, path="checkpoint", key="params"):
+def params_from_checkpoint(payload, config: model.EchoConfig, path="checkpoint", key="params",
+                           prefix_path_optional=False):
     """Parameters of a loaded checkpoint (`key`: "params", or "ema_params" for the EMA weights) in
-    this model's layout (stacked or reference per-layer)."""
+    this model's layout (stacked or reference per-layer). With prefix_path_optional, a blockwise
+    config also takes a checkpoint trained without the latent-prefix path: the tree then lacks
+    those parameters, for the caller to initialise."""
     params = payload[key]
     flat = model.flatten(params)
+    if prefix_path_optional and config.blockwise and not any(k.startswith("latent_encoder/") for k in flat):
+        config = dataclasses.replace(config, blockwise=False)
     try:
         if any(k.startswith("TransformerBlock_") for k in flat):
             return model.import_reference_params(flat, config)

@@ -696,6 +696,7 @@ _LAYER_PREFIXES = (  # (reference per-layer prefix, our parent path, layer count
     ("TransformerBlock_", "", "num_layers"),
     ("text_encoder/TextTransformerBlock_", "text_encoder/", "text_num_layers"),
     ("speaker_encoder/EncoderTransformerBlock_", "speaker_encoder/", "encoder_num_layers"),
+    ("latent_encoder/EncoderTransformerBlock_", "latent_encoder/", "encoder_num_layers"),
 )
 _HEAD_PROJ = re.compile(r"(/attention/w[a-z_]+)/kernel$")
 

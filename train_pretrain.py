@@ -70,6 +70,7 @@ PEAK_FLOPS = (("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), 
               ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("H100 PCIe", 756e12),
               ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 TIMESTEP_BUCKETS = 5
+PREFIX_STREAM = 1  # fold_in(step key, this): the prefix splits' randomness, apart from the step's own three
 # The largest model a simulated pod compiles with unrolled scans: the demo sizes. Unrolled, the 840M
 # step's temporaries grow from 4.0 to 8.8 GB per host, more than two hosts of a 24 GB machine hold.
 UNROLL_MAX_PARAMS = 100_000_000
@@ -119,6 +120,9 @@ def build_parser(suppress_defaults=False):
     a("--steps", type=int, default=None, help="optimizer steps (default: 1,000,000; synthetic: 4000)")
     a("--global_batch_size", type=int, default=None, help="samples per step over all hosts (default 256; synthetic 32)")
     a("--grad_accum", type=int, default=1, help="split each step into this many micro-batches (same result)")
+    a("--prefix_prob", type=float, default=0.0, help="blockwise presets (e.g. demo-blockwise): the fraction of "
+      "samples that learn to continue from a clean prefix of themselves, as blockwise generation asks (the canvas "
+      "split at a random multiple of 4 frames; 0: none)")
     a("--lr", type=float, default=None, help="peak learning rate (default 1e-4; synthetic 2e-3)")
     a("--warmup_frac", type=float, default=0.05, help="linear warmup over this fraction of steps, then cosine to 0")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms, AdaLN, gates)")
@@ -287,6 +291,7 @@ def resolve_defaults(args):
             raise TrainError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_speaker_len % 4:
         raise TrainError(f"--max_speaker_len must be a multiple of 4, got {args.max_speaker_len}")
+    check_prefix_training(args)
     if args.global_batch_size % args.grad_accum:
         raise TrainError(f"--global_batch_size {args.global_batch_size} must divide into --grad_accum "
                          f"{args.grad_accum} micro-batches")
@@ -324,6 +329,19 @@ def resolve_defaults(args):
     if args.silence_latent and not os.path.isfile(args.silence_latent):
         raise TrainError(f"--silence_latent {args.silence_latent}: no such file")
     return args
+
+
+def check_prefix_training(args):
+    config = model.PRESETS[args.preset]
+    if not 0 <= args.prefix_prob <= 1:
+        raise TrainError(f"--prefix_prob must lie in [0, 1], got {args.prefix_prob}")
+    if args.prefix_prob and not config.blockwise:
+        raise TrainError(f"--prefix_prob trains the latent-prefix path, which --preset {args.preset} lacks: use "
+                         f"--preset {args.preset}-blockwise (--init_from starts it from a checkpoint without it)")
+    patch = config.encoder_patch_size
+    if args.prefix_prob and (args.max_latent_len % patch or args.max_latent_len < 2 * patch):
+        raise TrainError(f"--prefix_prob needs --max_latent_len a multiple of {patch} frames and at least "
+                         f"{2 * patch} (a prefix and a block), got {args.max_latent_len}")
 
 
 # ----------------------------------------------------------------------------
@@ -394,6 +412,35 @@ def cfg_dropout(rng, batch):
     return keep_text, keep_spk
 
 
+def prefix_splits(rng, batch, frames, patch, prob):
+    """Where each sample's clean prefix ends (0: no prefix): with probability `prob`, uniform over
+    the multiples of `patch` in [patch, frames - patch], every place a block boundary can fall."""
+    r_use, r_at = jax.random.split(rng)
+    at = jax.random.randint(r_at, (batch,), 1, frames // patch) * patch
+    return jnp.where(jax.random.uniform(r_use, (batch,)) < prob, at, 0)
+
+
+def continuation(x0, split):
+    """Each row's frames from its split on, moved to the front: the block that follows its prefix,
+    in a static shape so that one compiled step serves every split. Places past the canvas repeat
+    its last frame; the weight (B, S) keeps them out of the loss."""
+    frames = x0.shape[1]
+    index = jnp.arange(frames)[None, :] + split[:, None]
+    block = jnp.take_along_axis(x0, jnp.minimum(index, frames - 1)[:, :, None], axis=1)
+    return block, (index < frames).astype(jnp.float32)
+
+
+def prefix_inputs(rng, x0, patch, prob):
+    """Blockwise training (--prefix_prob): (the model's prefix inputs, the target frames, their
+    loss weight). The prefix is the sample's own clean frames before its split (what generated
+    blocks give at inference); the frames after it, at their own positions (start_pos), are the
+    block to generate. The prefix is kept in CFG's unconditional samples, as a sampler keeps it."""
+    split = prefix_splits(rng, x0.shape[0], x0.shape[1], patch, prob)
+    before = (jnp.arange(x0.shape[1])[None, :] < split[:, None])[:, :, None]
+    block, weight = continuation(x0, split)
+    return {"prefix_latent": x0 * before, "start_pos": split}, block, weight
+
+
 def build_train_step(module, tx, args):
     """(state, batch) -> (state, metrics). state = {params, opt_state, step}; all randomness from
     fold_in(seed, step). Non-finite steps leave params and moments untouched."""
@@ -404,19 +451,24 @@ def build_train_step(module, tx, args):
         r_t, r_noise, r_cfg = jax.random.split(rng, 3)
         x0 = batch["latent"]
         b = x0.shape[0]
+        prefix, weight = {}, jnp.ones(x0.shape[:2], jnp.float32)
+        if args.prefix_prob:
+            prefix, x0, weight = prefix_inputs(jax.random.fold_in(rng, PREFIX_STREAM), x0,
+                                               module.config.encoder_patch_size, args.prefix_prob)
         t = stratified_timesteps(r_t, b)
         x_t, target = flow_matching_pair(x0, jax.random.normal(r_noise, x0.shape, jnp.float32), t)
         keep_text, keep_spk = cfg_dropout(r_cfg, b)
         inputs = dict(x=x_t, t=t, text_ids=batch["text_ids"], text_mask=batch["text_mask"] * keep_text[:, None],
                       speaker_latent=batch["speaker_latent"] * keep_spk[:, None, None].astype(jnp.float32),
-                      speaker_mask=batch["speaker_mask"] * keep_spk[:, None], target=target)
+                      speaker_mask=batch["speaker_mask"] * keep_spk[:, None], target=target, weight=weight, **prefix)
         valid_fraction = jnp.maximum(jnp.mean(batch["latent_mask"].astype(jnp.float32)), 1e-6)
         norm = x0.size * valid_fraction
 
         def micro_loss(params, micro):
             pred = module.apply({"params": params}, micro["x"], micro["t"], micro["text_ids"], micro["text_mask"],
-                                micro["speaker_latent"], micro["speaker_mask"])
-            per_sample = jnp.sum((pred - micro["target"]) ** 2, axis=(1, 2))
+                                micro["speaker_latent"], micro["speaker_mask"], micro.get("prefix_latent"),
+                                micro.get("start_pos", 0))
+            per_sample = jnp.sum(micro["weight"][:, :, None] * (pred - micro["target"]) ** 2, axis=(1, 2))
             return jnp.sum(per_sample) / norm, per_sample
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -729,20 +781,39 @@ def init_state(setup, seed):
         return jax.jit(init, out_shardings=setup.state_shardings)()
 
 
-def state_from_numpy(setup, params, opt_state, step, ema_params=None):
-    """Host numpy trees -> the sharded train state, one array at a time: each device receives only
-    its shards. A fresh optimizer where opt_state is None; EMA weights start from the params where
-    none are given."""
-    opt_template = jax.eval_shape(setup.tx.init, params)
-    opt_state = flax.serialization.from_state_dict(opt_template, opt_state) if opt_state is not None \
-        else setup.tx.init(params)
-    put = lambda tree, shardings: jax.tree.map(
-        lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]), tree, shardings)
-    state = {"params": put(params, setup.state_shardings["params"]),
-             "opt_state": put(opt_state, setup.state_shardings["opt_state"]),
-             "step": put(np.asarray(step, np.int32), setup.replicated)}
+def params_on_devices(setup, params, seed):
+    """A host numpy tree of parameters -> sharded arrays, one at a time: each device receives only
+    its shards. Parameters the tree lacks (the latent-prefix path of a blockwise model started from
+    a checkpoint without it) start from their init with `seed`."""
+    shardings, loaded = model.flatten(setup.state_shardings["params"]), model.flatten(params)
+    fresh = {}
+    if set(loaded) != set(shardings):
+        with setup.sharding():
+            fresh = model.flatten(jax.jit(lambda: nn.unbox(model.init_params(setup.config, jax.random.key(seed))),
+                                          out_shardings=setup.state_shardings["params"])())
+    return model.unflatten({path: put_on_devices(loaded[path], sharding) if path in loaded else fresh[path]
+                            for path, sharding in shardings.items()})
+
+
+def put_on_devices(array, sharding):
+    return jax.make_array_from_callback(np.shape(array), sharding, lambda idx: np.asarray(array)[idx])
+
+
+def state_from_numpy(setup, params, opt_state, step, ema_params=None, seed=0):
+    """Host numpy trees -> the sharded train state (params_on_devices). A fresh optimizer where
+    opt_state is None; EMA weights start from the params where none are given."""
+    state = {"params": params_on_devices(setup, params, seed),
+             "step": put_on_devices(np.asarray(step, np.int32), setup.replicated)}
+    if opt_state is None:
+        with setup.sharding():
+            state["opt_state"] = jax.jit(setup.tx.init, out_shardings=setup.state_shardings["opt_state"])(
+                state["params"])
+    else:
+        template = jax.eval_shape(setup.tx.init, params)
+        state["opt_state"] = jax.tree.map(put_on_devices, flax.serialization.from_state_dict(template, opt_state),
+                                          setup.state_shardings["opt_state"])
     if "ema_params" in setup.abstract_state:
-        state["ema_params"] = put(params if ema_params is None else ema_params, setup.state_shardings["params"])
+        state["ema_params"] = params_on_devices(setup, params if ema_params is None else ema_params, seed)
     return state
 
 
@@ -787,10 +858,11 @@ def start_state(args, setup, manager, metrics):
     if args.init_from:
         payload = read_pickle(args.init_from)
         key = "ema_params" if "ema_params" in payload else "params"
-        params = checkpoint.params_from_checkpoint(payload, setup.config, args.init_from, key=key)
+        params = checkpoint.params_from_checkpoint(payload, setup.config, args.init_from, key=key,
+                                                   prefix_path_optional=True)
         log.info("starting from the %s weights of %s", "EMA" if key == "ema_params" else "raw", args.init_from)
         metrics.write(event="init_from", path=args.init_from, step=0)
-        return state_from_numpy(setup, params, None, 0), None, 0
+        return state_from_numpy(setup, params, None, 0, seed=args.seed), None, 0
     return init_state(setup, args.seed), None, 0
 
 

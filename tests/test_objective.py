@@ -48,6 +48,27 @@ def test_cfg_dropout_drops_text_and_speaker_ten_percent_each_independently():
     assert abs(((1 - keep_text) * (1 - keep_spk)).mean() - 0.01) < 0.001  # independent
 
 
+def test_prefix_training_splits_on_patches_and_moves_the_block_to_the_front():
+    x0 = jnp.arange(2 * 12, dtype=jnp.float32).reshape(2, 12, 1)
+    block, weight = train_pretrain.continuation(x0, jnp.array([0, 8]))
+    np.testing.assert_array_equal(block[0, :, 0], np.arange(12))
+    np.testing.assert_array_equal(block[1, :4, 0], np.arange(20, 24))  # frames 8-11 of row 1, at the front
+    np.testing.assert_array_equal(weight, [[1] * 12, [1] * 4 + [0] * 8])  # past the canvas: out of the loss
+    # Splits: none with probability 1 - prob, else uniform over the patch boundaries inside the canvas.
+    splits = np.asarray(train_pretrain.prefix_splits(jax.random.key(0), 40_000, 12, 4, 0.5))
+    assert abs(np.mean(splits == 0) - 0.5) < 0.01
+    assert abs(np.mean(splits == 4) - 0.25) < 0.01 and abs(np.mean(splits == 8) - 0.25) < 0.01
+    for seed in range(4):
+        prefix, block, weight = train_pretrain.prefix_inputs(jax.random.key(seed), x0, 4, 1.0)
+        for row in range(2):
+            s = int(prefix["start_pos"][row])
+            assert s in (4, 8)
+            np.testing.assert_array_equal(prefix["prefix_latent"][row, :, 0],
+                                          np.where(np.arange(12) < s, x0[row, :, 0], 0))  # clean, and only before
+            np.testing.assert_array_equal(block[row, :12 - s, 0], x0[row, s:, 0])
+            assert float(weight[row].sum()) == 12 - s
+
+
 def optimizer_args(**kw):
     return argparse.Namespace(**dict(dict(lr=2e-3, steps=1000, warmup_frac=0.05, weight_decay=0.01), **kw))
 

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 import soundfile
@@ -385,6 +387,7 @@ def test_bad_flags_fail_before_anything_compiles(tmp_path):
                            (["--init_from", str(tmp_path / "none.pkl")], "--init_from"),
                            (["--ema_decay", "1"], "--ema_decay"), (["--weight_decay", "-1"], "--weight_decay"),
                            (["--eval_samples", "-1"], "--eval_samples must not be negative"),
+                           (["--prefix_prob", "0.5"], "--preset tiny-blockwise"),
                            (["--profile_steps", "5:2"], "--profile_steps"),
                            (["--sample_texts", str(tmp_path / "none.txt")], "--sample_texts"),
                            (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
@@ -394,6 +397,40 @@ def test_bad_flags_fail_before_anything_compiles(tmp_path):
         assert out.returncode == 2, (flags, out.stderr[-500:])
         assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-500:]
         assert time.perf_counter() - start < 60
+
+
+def test_prefix_training_needs_a_blockwise_preset_and_a_canvas_of_whole_patches():
+    for flags, message in ((["--prefix_prob", "1.5"], "--prefix_prob must lie in [0, 1]"),
+                           (["--prefix_prob", "0.5", "--preset", "840M"], "--preset 840M-blockwise"),
+                           (["--preset", "tiny-blockwise", "--prefix_prob", "0.5", "--max_latent_len", "30"],
+                            "a multiple of 4")):
+        with pytest.raises(train_pretrain.TrainError, match=re.escape(message)):
+            train_pretrain.resolve_defaults(train_pretrain.parse_args(flags))
+
+
+def test_a_blockwise_run_starts_from_a_plain_checkpoint_and_trains_its_prefix_path(tmp_path):
+    plain = run_inprocess(tmp_path, "plain", "--steps", "2")
+    source = str(plain / "checkpoints" / "step_0000002.params.pkl")
+    ema = echo.flatten(checkpoint.load_checkpoint_file(source)["ema_params"])
+    init = echo.flatten(nn.unbox(echo.init_params(echo.PRESETS["tiny-blockwise"], jax.random.key(0))))
+    # The warm-up's first learning rate is 0: after one step the weights are those the run started from,
+    # the checkpoint's EMA weights and, for the latent-prefix path it lacks, that path's init.
+    first = run_inprocess(tmp_path, "first", "--preset", "tiny-blockwise", "--init_from", source, "--steps", "1",
+                          "--prefix_prob", "1")
+    started = echo.flatten(final_params(str(first / "checkpoints"), 1)["params"])
+    new_parts = sorted(set(started) - set(ema))
+    prefix_path = re.compile(r"latent_(encoder|norm)/|.*/attention/w[kv]_latent/")
+    assert new_parts and all(prefix_path.match(p) for p in new_parts)
+    for path, value in started.items():
+        np.testing.assert_array_equal(value, ema[path] if path in ema else init[path], err_msg=path)
+    # Training then reaches the path: its norm scale (no weight decay) moves only by its gradient.
+    trained = run_inprocess(tmp_path, "trained", "--preset", "tiny-blockwise", "--init_from", source, "--steps", "30",
+                            "--lr", "3e-3", "--prefix_prob", "0.5")
+    after = echo.flatten(final_params(str(trained / "checkpoints"), 30)["params"])
+    assert np.abs(after["latent_norm/weight"] - init["latent_norm/weight"]).max() > 1e-3
+    first_losses, last_losses = losses(read_metrics(trained / "metrics.jsonl"))[:5], \
+        losses(read_metrics(trained / "metrics.jsonl"))[-5:]
+    assert np.mean(last_losses) < np.mean(first_losses)
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_zero(tmp_path):
