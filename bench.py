@@ -440,7 +440,7 @@ def bench_inference(frames=375, steps=32):
             def guided_step(rescale_on=False):
                 holder[0] = step(params, holder[0], cond, np.full(1, 0.5, np.float32), np.full(1, 0.4, np.float32),
                                  scales, np.ones(1, bool), np.asarray([[1.2, 3.0]], np.float32),
-                                 np.full(1, rescale_on))
+                                 np.full(1, rescale_on), np.zeros(1, np.int32))
                 return holder[0]
 
             step_s = best_time(guided_step, repeats=7, reduce=np.median)

@@ -177,23 +177,75 @@ def encode_reference(path, codec, max_speaker_len=DEFAULT_MAX_LEN):
     return speaker_latent, speaker_mask
 
 
-def reference_from_latent(path, max_speaker_len=DEFAULT_MAX_LEN, latent_size=128):
-    """A precomputed reference latent (.npy, (N, latent_size) float, e.g. a shard's .ref.npy) ->
-    (latent, mask) as encode_reference returns them, cropped to the first max_speaker_len frames."""
+def load_latent(path, flag, latent_size=128):
+    """A latent .npy ((frames, latent_size) float) -> float32, every way it can be wrong one sentence."""
     try:
         latent = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise InferenceError(f"--speaker_latent {path}: not a readable .npy file ({e})") from None
+        raise InferenceError(f"{flag} {path}: not a readable .npy file ({e})") from None
     if latent.ndim != 2 or latent.shape[1] != latent_size or latent.shape[0] < 1:
-        raise InferenceError(f"--speaker_latent {path} has shape {latent.shape}; expected (frames, {latent_size})")
+        raise InferenceError(f"{flag} {path} has shape {latent.shape}; expected (frames, {latent_size})")
     if latent.dtype.kind != "f":
-        raise InferenceError(f"--speaker_latent {path} holds {latent.dtype}; expected float16 or float32 latents")
+        raise InferenceError(f"{flag} {path} holds {latent.dtype}; expected float16 or float32 latents")
     if not np.isfinite(latent).all():
-        raise InferenceError(f"--speaker_latent {path} contains NaN or infinite values")
+        raise InferenceError(f"{flag} {path} contains NaN or infinite values")
+    return latent.astype(np.float32)
+
+
+def reference_from_latent(path, max_speaker_len=DEFAULT_MAX_LEN, latent_size=128):
+    """A precomputed reference latent (.npy, (N, latent_size) float, e.g. a shard's .ref.npy) ->
+    (latent, mask) as encode_reference returns them, cropped to the first max_speaker_len frames."""
+    latent = load_latent(path, "--speaker_latent", latent_size)
     frames = min(len(latent), max_speaker_len)
     speaker_latent = np.zeros((max_speaker_len, latent_size), np.float32)
     speaker_latent[:frames] = latent[:frames]
     return speaker_latent, (np.arange(max_speaker_len) < frames).astype(np.int32)
+
+
+def continuation_prefix(path, codec, config):
+    """--continue_from: a recording (any format soundfile reads) or its latent (.npy, (frames, 128))
+    -> its frames (P, 128) float32, P cut down to a multiple of the patch size at the start (the
+    end is where the continuation joins)."""
+    patch = config.encoder_patch_size
+    if path.endswith(".npy"):
+        latent = load_latent(path, "--continue_from", config.latent_size)
+    else:
+        import torch  # the codec's, imported where audio is: the trainer uses the sampler alone
+
+        import dacvae  # with torch, where audio is: the trainer uses the sampler alone
+        try:
+            audio = dacvae.load_audio(path)
+        except dacvae.DACVAEError as e:
+            raise InferenceError(f"--continue_from: {e}") from None
+        latent = codec.encode(torch.from_numpy(audio)[None, None])[0].T.numpy().astype(np.float32)
+    if len(latent) < patch:
+        raise InferenceError(f"--continue_from {path} is {len(latent)} frames long; continuing needs at least "
+                             f"{patch} ({patch / FRAMES_PER_SECOND:.2f} s)")
+    return latent[len(latent) % patch:]
+
+
+def block_frames(spec, canvas, patch=4):
+    """--blocks "N1,N2,...[,rest]" -> the frames of each block on a canvas of `canvas` frames (None:
+    only the form is checked): each a positive multiple of `patch`; the last may be 'rest', what the
+    others leave of the canvas."""
+    names = [part.strip() for part in str(spec).split(",")]
+    frames = []
+    for i, name in enumerate(names):
+        if name == "rest" and i == len(names) - 1:
+            break
+        if not (name.isdigit() and int(name) > 0 and int(name) % patch == 0):
+            raise InferenceError(f"--blocks {spec}: each block is a positive multiple of {patch} frames "
+                                 f"({patch / FRAMES_PER_SECOND:.2f} s) and only the last may be 'rest'; got {name!r}")
+        frames.append(int(name))
+    if canvas is None:
+        return frames
+    if sum(frames) > canvas:
+        raise InferenceError(f"--blocks {spec}: {sum(frames)} frames do not fit the canvas of {canvas} frames "
+                             "(--duration, within the model's trained length)")
+    if names[-1] == "rest" and sum(frames) == canvas:
+        raise InferenceError(f"--blocks {spec}: the blocks before 'rest' fill the canvas of {canvas} frames, so "
+                             "'rest' would be empty")
+    return frames + [canvas - sum(frames)] if names[-1] == "rest" else frames
 
 
 # ----------------------------------------------------------------------------
@@ -312,22 +364,26 @@ def _build_encode(module, mode, replicated=None):
 def _build_step(module, replicated=None):
     """step runs once per Euler step over B rows, each at its own place in a schedule of its own:
     t and t_next (B,); guidance weights (B, passes - 1) and whether guidance applies (B,); temporal
-    score rescaling's k and sigma (B, 2) and whether it applies (B,). The conditions' rows go pass
-    by pass (B rows of each pass)."""
+    score rescaling's k and sigma (B, 2) and whether it applies (B,); the frame position of each
+    row's first frame (B,) int32 (a block of a blockwise model; others ignore it). The conditions'
+    rows go pass by pass (B rows of each pass)."""
 
-    def step(params, x, step_cond, t, t_next, weights, guided, rescale, rescale_on):
+    def step(params, x, step_cond, t, t_next, weights, guided, rescale, rescale_on, start_pos):
         b = x.shape[0]
         passes = step_cond["mask"].shape[0] // b
+        blockwise = module.config.blockwise
 
         def guided_velocity():
             v = module.apply({"params": params}, jnp.concatenate([x] * passes), jnp.concatenate([t] * passes),
-                             step_cond, method=model.EchoDiT.decode).reshape((passes,) + x.shape)
+                             step_cond, jnp.concatenate([start_pos] * passes) if blockwise else 0,
+                             method=model.EchoDiT.decode).reshape((passes,) + x.shape)
             mixed = v[0] + sum(weights[:, i, None, None] * (v[0] - v[i + 1]) for i in range(passes - 1))
             return jnp.where(guided[:, None, None], mixed, v[0])
 
         def conditional_velocity():
             first = {"k": step_cond["k"][:, :b], "v": step_cond["v"][:, :b], "mask": step_cond["mask"][:b]}
-            return module.apply({"params": params}, x, t, first, method=model.EchoDiT.decode)
+            return module.apply({"params": params}, x, t, first, start_pos if blockwise else 0,
+                                method=model.EchoDiT.decode)
 
         v = jax.lax.cond(guided.any(), guided_velocity, conditional_velocity)
         column = lambda a: a[:, None, None]
@@ -372,7 +428,7 @@ def compiled_step(module, params, rows, num_frames, cond):
         flags = per_row(dtype=jnp.bool_)
         _COMPILED[key] = _build_step(module, replicated).lower(
             params, per_row(num_frames, module.config.latent_size), cond, per_row(), per_row(),
-            per_row(passes - 1), flags, per_row(2), flags).compile()
+            per_row(passes - 1), flags, per_row(2), flags, per_row(dtype=jnp.int32)).compile()
     return _COMPILED[key]
 
 
@@ -431,11 +487,35 @@ def initial_noise(seed, rows, num_frames, latent_size, truncation=1.0):
     return x * truncation if truncation != 1.0 else x
 
 
-def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_mask, *, steps=32, cfg_scale=3.0,
-                   cfg_text=None, cfg_speaker=None, cfg_min_t=0.0, cfg_max_t=1.0, seed=42, num_frames=375,
-                   truncation=1.0, rescale_k=None, rescale_sigma=None, speaker_kv_scale=None, speaker_kv_min_t=0.9,
-                   speaker_kv_max_layers=None, t_scale=1.0, sway=None, timings=None, progress=True):
-    """Euler from t=1 to 0 with classifier-free guidance -> (B, num_frames, 128) float32 numpy.
+@functools.partial(jax.jit, static_argnums=(0,))
+def join_prefix(module, params, cond, canvas, start_pos):
+    """The conditions (every guidance pass) with the keys/values of the frames before start_pos:
+    `canvas` (B, S, 128) holds them, zeros after (the latent encoder is causal). Computed once per
+    block; the prefix stays in every guidance pass, as training keeps it (train_pretrain.prefix_inputs)."""
+    kv = module.apply({"params": params}, canvas, method=model.EchoDiT.encode_prefix)
+    passes = cond["mask"].shape[0] // canvas.shape[0]
+    kv = {name: jnp.concatenate([a] * passes, axis=1) for name, a in kv.items()}
+    return model.with_prefix(cond, kv, start_pos, module.config.encoder_patch_size)
+
+
+def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_mask, *, num_frames=375,
+                   blocks=None, prefix=None, **sampler):
+    """Euler from t=1 to 0 with classifier-free guidance -> (B, frames, 128) float32 numpy: one
+    canvas of num_frames, or, for a blockwise model, `blocks` after `prefix` (sample_blocks)."""
+    parts = list(sample_blocks(module, params, text_ids, text_mask, speaker_latent, speaker_mask,
+                               blocks=blocks or [num_frames], prefix=prefix, **sampler))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
+def sample_blocks(module, params, text_ids, text_mask, speaker_latent, speaker_mask, *, blocks, prefix=None,
+                  steps=32, cfg_scale=3.0, cfg_text=None, cfg_speaker=None, cfg_min_t=0.0, cfg_max_t=1.0, seed=42,
+                  truncation=1.0, rescale_k=None, rescale_sigma=None, speaker_kv_scale=None, speaker_kv_min_t=0.9,
+                  speaker_kv_max_layers=None, t_scale=1.0, sway=None, timings=None, progress=True):
+    """Yields the generated frames block by block, (B, frames, 128) float32 numpy each: `blocks`
+    lists each block's frames. One block is one canvas (any model); several, or a `prefix` (B, P,
+    128) to continue, need a blockwise model: every block but the last, and P, a multiple of the
+    patch size, each block conditioned on every frame before it. A block starting at frame s
+    samples the last frames of the noise of a canvas of s + its frames (serve.py draws it so too).
 
     --cfg_scale alone is joint guidance (v_c + s (v_c - v_uncond)); --cfg_text / --cfg_speaker make
     it independent (three passes batched as one). Guidance applies for t in [cfg_min_t, cfg_max_t].
@@ -445,30 +525,54 @@ def sample_latents(module, params, text_ids, text_mask, speaker_latent, speaker_
     """
     timings = {} if timings is None else timings
     knobs = {k: v for k, v in locals().items() if k in SAMPLER_DEFAULTS}
-    mode, schedule = RowSchedule.from_knobs(knobs, module.config.num_layers)
+    config = module.config
+    mode, schedule = RowSchedule.from_knobs(knobs, config.num_layers)
     inputs = tuple(jnp.asarray(a) for a in (np.asarray(text_ids, np.int32), np.asarray(text_mask, np.int32),
                                             np.asarray(speaker_latent, np.float32),
                                             np.asarray(speaker_mask, np.int32)))
     rows = inputs[0].shape[0]
+    done = 0 if prefix is None else prefix.shape[1]
+    canvas = None  # every frame so far, for the prefix of the next block
+    if prefix is not None or len(blocks) > 1:
+        patch = config.encoder_patch_size
+        if not config.blockwise or done % patch or any(frames % patch for frames in blocks[:-1]):
+            raise ValueError(f"several blocks, or a prefix, need a blockwise model, and the prefix and every block "
+                             f"but the last a multiple of {patch} frames (check_prefix_path, block_frames)")
+        canvas = np.zeros((rows, -(-(done + sum(blocks)) // patch) * patch, config.latent_size), np.float32)
+        if prefix is not None:
+            canvas[:, :done] = prefix
     t0 = time.perf_counter()
     encode = compiled_encode(module, mode, params, inputs)
     cond = encode(params, *inputs)
     forced = schedule.forced_cond(cond, inputs[0].shape[1]) if schedule.force is not None else None
-    step = compiled_step(module, params, rows, num_frames, cond)
-    t1 = time.perf_counter()
-    timings["compile"] = timings.get("compile", 0.0) + t1 - t0
-    x = initial_noise(seed, rows, num_frames, module.config.latent_size, truncation)
+    timings["compile"] = timings.get("compile", 0.0) + time.perf_counter() - t0
     replicated = _replicated(params)
-    if replicated is not None:  # the same noise on every host, as one replicated global array
-        noise = np.asarray(x)
-        x = jax.make_array_from_callback(noise.shape, replicated, lambda index: noise[index])
-    for k in tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False):
-        x = step(params, x, forced if schedule.forced(k) else cond, *step_inputs([schedule] * rows, [k] * rows))
-    if not x.is_fully_addressable:  # params sharded over several hosts (the trainer's eval)
-        x = multihost_utils.process_allgather(x, tiled=True)
-    x = np.array(x)  # a writable copy on the host
-    timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t1
-    return x
+    for frames in blocks:
+        t0 = time.perf_counter()
+        block_cond, block_forced = cond, forced
+        if canvas is not None:
+            start = np.int32(done)
+            block_cond = join_prefix(module, params, cond, canvas, start)
+            block_forced = None if forced is None else join_prefix(module, params, forced, canvas, start)
+        step = compiled_step(module, params, rows, frames, block_cond)
+        t1 = time.perf_counter()
+        timings["compile"] = timings.get("compile", 0.0) + t1 - t0
+        x = initial_noise(seed, rows, done + frames, config.latent_size, truncation)[:, done:]
+        if replicated is not None:  # the same noise on every host, as one replicated global array
+            local = np.asarray(x)
+            x = jax.make_array_from_callback(local.shape, replicated, lambda index: local[index])
+        start_pos = np.full(rows, done, np.int32)
+        for k in tqdm(range(steps), desc="sampling", unit="step", disable=not progress, leave=False):
+            x = step(params, x, block_forced if schedule.forced(k) else block_cond,
+                     *step_inputs([schedule] * rows, [k] * rows), start_pos)
+        if not x.is_fully_addressable:  # params sharded over several hosts (the trainer's eval)
+            x = multihost_utils.process_allgather(x, tiled=True)
+        x = np.array(x)  # a writable copy on the host
+        timings["sampling"] = timings.get("sampling", 0.0) + time.perf_counter() - t1
+        if canvas is not None:
+            canvas[:, done:done + frames] = x
+        done += frames
+        yield x
 
 
 def trim_trailing_silence(latent, silence_frame, tolerance=0.5, tail_frames=TAIL_FRAMES):
@@ -492,14 +596,24 @@ def crossfade_join(segments, sample_rate=SAMPLE_RATE, seconds=CROSSFADE_SECONDS)
     return out
 
 
+def check_prefix_path(loaded, blocks, continue_from):
+    if (blocks is not None or continue_from is not None) and not loaded.config.blockwise:
+        raise InferenceError("this checkpoint has no latent-prefix path (its preset is not -blockwise), so it "
+                             "samples one canvas: drop --blocks and --continue_from")
+
+
 def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, seed=42, duration=30.0, trim_tolerance=0.5,
-               canvas=DEFAULT_CANVAS, timings=None, progress=True, return_latent=False, **sampler):
+               canvas=DEFAULT_CANVAS, blocks=None, continue_from=None, timings=None, progress=True,
+               return_latent=False, **sampler):
     """Text (+ a reference audio path, or an already encoded `reference`) -> 48 kHz float32 waveform,
     or (waveform, latent) with return_latent: the generated latent, trimmed, before decoding.
 
     canvas "trained" samples the model's trained number of frames (what it always saw, padded
     with silence) and cuts the result to `duration`; "duration" samples only `duration` frames.
-    `sampler` takes any knob of SAMPLER_DEFAULTS (steps, cfg_scale, ..., sway)."""
+    A blockwise checkpoint samples the canvas block by block with `blocks` (block_frames' form,
+    e.g. "24,24,rest"), and continues `continue_from` (frames (P, 128), continuation_prefix'):
+    the result then holds those frames and their continuation (a long text's later chunks start
+    afresh). `sampler` takes any knob of SAMPLER_DEFAULTS (steps, cfg_scale, ..., sway)."""
     import torch  # the codec's, imported where audio is: the trainer uses the sampler alone
 
     unknown = set(sampler) - set(SAMPLER_DEFAULTS)
@@ -514,17 +628,26 @@ def synthesize(loaded, codec, text, *, speaker_ref=None, reference=None, seed=42
                      np.zeros(loaded.max_speaker_len, np.int32))
     if canvas not in CANVASES:
         raise InferenceError(f"canvas must be one of {', '.join(CANVASES)}, got {canvas!r}")
-    cap = frames_for(duration, loaded.max_latent_len)
-    num_frames = loaded.max_latent_len if canvas == "trained" else cap
+    check_prefix_path(loaded, blocks, continue_from)
+    # The model continues from the recording's last frames, at most half its trained length, so the
+    # continuation has room within the positions it was trained on.
+    patch = loaded.config.encoder_patch_size
+    context = 0 if continue_from is None else min(len(continue_from), loaded.max_latent_len // 2 // patch * patch)
+    cap = frames_for(duration, loaded.max_latent_len - context)
+    num_frames = loaded.max_latent_len - context if canvas == "trained" else cap
+    frames = [num_frames] if blocks is None else block_frames(blocks, num_frames, patch)
     silence = loaded.silence_frame
     if silence is None:
         silence = codec_silence_frame(codec)
     segments, latents = [], []
     for i, (ids, mask) in enumerate(chunks):
+        given = continue_from if i == 0 and continue_from is not None else np.zeros((0, loaded.config.latent_size))
         latent = sample_latents(loaded.module, loaded.params, ids[None], mask[None], reference[0][None],
-                                reference[1][None], seed=seed + i, num_frames=num_frames, timings=timings,
-                                progress=progress, **sampler)[0]
-        latent = trim_trailing_silence(latent, silence, trim_tolerance)[:cap]
+                                reference[1][None], seed=seed + i, blocks=frames, timings=timings,
+                                prefix=given[None, len(given) - context:] if len(given) else None, progress=progress,
+                                **sampler)[0]
+        latent = np.concatenate([given.astype(np.float32), latent])
+        latent = trim_trailing_silence(latent, silence, trim_tolerance)[:len(given) + cap]
         latents.append(latent)
         t0 = time.perf_counter()
         wave = codec.decode(torch.from_numpy(np.ascontiguousarray(latent.T))[None])[0, 0].numpy()
@@ -595,6 +718,12 @@ def parse_args(argv=None):
       "capped at the model's trained length")
     a("--canvas", default=DEFAULT_CANVAS, choices=CANVASES, help="frames to sample: only --duration's (default; "
       "see README) or the model's trained length, then cut to --duration")
+    a("--blocks", default=None, help="blockwise checkpoints (a -blockwise preset): sample the canvas block by block, "
+      "each block conditioned on every frame before it, so the first audio exists after the first block: frames "
+      "per block, each a multiple of 4 (0.16 s), the last may be 'rest' (e.g. 24,48,rest)")
+    a("--continue_from", default=None, help="blockwise checkpoints: continue this recording (audio, or its latent "
+      ".npy of shape (frames, 128)); --text is then the whole utterance's text, the recording's words included, and "
+      "the output holds the recording (through the codec) and its continuation")
     a("--seed", type=int, default=42, help="noise seed: the same seed gives bit-identical output on one machine")
     a("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     a("--dacvae_weights", default=None, help="local DACVAE weights.pth or Hub repo id (default $DACVAE_WEIGHTS, "
@@ -669,7 +798,9 @@ def validate(args):
     check_knobs(sampler, args.duration, args.trim_tolerance)
     if "://" not in args.checkpoint and not os.path.exists(args.checkpoint):  # gs:// is looked up when loaded
         raise InferenceError(f"checkpoint {args.checkpoint} does not exist")
-    for flag in ("speaker_ref", "speaker_latent"):
+    if args.blocks is not None:
+        block_frames(args.blocks, None)
+    for flag in ("speaker_ref", "speaker_latent", "continue_from"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
             raise InferenceError(f"--{flag} {path} does not exist")
@@ -780,6 +911,10 @@ def run(args):
     if args.speaker_latent:
         latent_reference = reference_from_latent(args.speaker_latent, loaded.max_speaker_len,
                                                  loaded.config.latent_size)
+    check_prefix_path(loaded, args.blocks, args.continue_from)
+    continue_from = None
+    if args.continue_from:
+        continue_from = continuation_prefix(args.continue_from, codec, loaded.config)
     timings = {"load": time.perf_counter() - t0}
     requested = int(round(args.duration * FRAMES_PER_SECOND))
     if requested > loaded.max_latent_len:
@@ -793,7 +928,8 @@ def run(args):
                 references[ref] = encode_reference(ref, codec, loaded.max_speaker_len)
             reference = references.get(ref) if ref is not None else latent_reference
             wave, latent = synthesize(loaded, codec, text, reference=reference, seed=seed, duration=args.duration,
-                                      trim_tolerance=args.trim_tolerance, canvas=args.canvas, timings=timings,
+                                      trim_tolerance=args.trim_tolerance, canvas=args.canvas, blocks=args.blocks,
+                                      continue_from=continue_from, timings=timings,
                                       progress=True, return_latent=True, **sampler)
             dacvae.save_audio(output, wave, SAMPLE_RATE)
             entry.update(ok=True, seconds=round(len(wave) / SAMPLE_RATE, 3))

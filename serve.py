@@ -15,8 +15,9 @@ over a batch of rows: each row is one sentence of one request at its own step of
 schedule, so a request joins at the next step boundary and leaves when its last step is done
 while the others go on. The step is compiled at start for every batch size up to --max_batch (and
 every canvas of --canvas_seconds), so no request waits for a compilation. A request's sentences
-are sampled one after another, each decoded and sent as soon as it is done: pcm, wav and opus
-stream; flac and mp3 need the whole audio before their first byte.
+are sampled one after another, each decoded and sent as soon as it is done (a blockwise checkpoint's,
+block by block: --blocks): pcm, wav and opus stream; flac and mp3 need the whole audio before their
+first byte.
 
 The HTTP side is Starlette on uvicorn: FastAPI's additions (pydantic models, generated docs) would
 answer a bad field with its own 422 shape, while every error here must take OpenAI's shape, so each
@@ -73,6 +74,10 @@ KNOB_FIELDS = {**{name: ("integer" if name in ("steps", "speaker_kv_max_layers")
 OPENAI_FIELDS = ("model", "input", "voice", "response_format", "speed", "stream_format", "instructions")
 DEFAULT_SEED = 42
 DEFAULT_DURATION = 15.0  # as inference.py's --duration
+DEFAULT_BLOCKS = "24,48,rest"  # a blockwise checkpoint's first audio after 24 frames (0.96 s) of sampling
+# The codec's output near a cut depends on the frames after it: a block's last frames are sent with
+# the next block.
+BLOCK_CONTEXT_FRAMES = 8
 
 
 class ServeError(Exception):
@@ -168,6 +173,14 @@ class CrossfadeJoiner:
             joined = np.concatenate([self.held[:keep], self.held[keep:] * (1 - ramp) + segment[:n] * ramp,
                                      segment[n:]])
         self.total += len(joined) - len(self.held)
+        split = max(0, len(joined) - self.fade)
+        out, self.held = joined[:split], joined[split:]
+        return out
+
+    def extend(self, piece):
+        """More of the segment added last (its next block): joined without a crossfade."""
+        joined = np.concatenate([self.held, piece])
+        self.total += len(piece)
         split = max(0, len(joined) - self.fade)
         out, self.held = joined[:split], joined[split:]
         return out
@@ -343,6 +356,8 @@ class Row:
     canvas: int
     deliver: object  # called once from the scheduler's thread: the (canvas, latent_size) latent, or a ServeError
     cancelled: threading.Event
+    start: int = 0  # the position of its first frame in its sentence (a block of a blockwise checkpoint)
+    prefix: np.ndarray = None  # blockwise: (1, prefix frames, latent_size), its sentence's frames before start
     cond: dict = None  # its keys and values, encoded when it joins
     forced_cond: dict = None  # the same with its speaker force applied, where it has one
     x: object = None  # (1, canvas, latent_size) until it joins a batch
@@ -372,8 +387,9 @@ class Scheduler:
     thread, taking one step over each lane's batch per turn. Rows join from `submit` at the next
     step boundary and leave when their last step is done (or their request is cancelled)."""
 
-    def __init__(self, loaded, canvases, max_batch, metrics):
+    def __init__(self, loaded, canvases, max_batch, metrics, prefix_frames=0):
         self.loaded, self.canvases, self.max_batch, self.metrics = loaded, sorted(canvases), max_batch, metrics
+        self.prefix_frames = prefix_frames  # blockwise: every row's conditions hold a prefix this long
         self.sizes = batch_sizes(max_batch)
         self.lanes = {(canvas, mode): Lane(canvas, mode) for canvas in self.canvases
                       for mode in inference.GUIDANCE_PASSES}
@@ -397,6 +413,9 @@ class Scheduler:
         for mode in inference.GUIDANCE_PASSES:
             self.encoders[mode] = inference.compiled_encode(loaded.module, mode, loaded.params, inputs)
             cond = self.encoders[mode](loaded.params, *inputs)
+            if self.prefix_frames:
+                cond = self.with_prefix(cond, np.zeros((1, self.prefix_frames, loaded.config.latent_size),
+                                                       np.float32), 0)
             knobs = dict(inference.SAMPLER_DEFAULTS, cfg_text=3.0 if mode == "independent" else None)
             _, schedule = inference.RowSchedule.from_knobs(knobs, loaded.config.num_layers)
             for canvas in self.canvases:
@@ -405,10 +424,14 @@ class Scheduler:
                     step = self.compiled_step(size, canvas, cond)
                     x = jnp.zeros((size, canvas, loaded.config.latent_size), jnp.float32)
                     jax.block_until_ready(step(loaded.params, x, stack_conds([cond] * size),
-                                               *inference.step_inputs([schedule] * size, [0] * size)))
+                                               *inference.step_inputs([schedule] * size, [0] * size),
+                                               np.zeros(size, np.int32)))
                     log.info("compiled the %s-guidance step for %d rows of %d frames in %.1f s", mode, size, canvas,
                              time.perf_counter() - started)
         self.ready.set()
+
+    def with_prefix(self, cond, prefix, start):
+        return inference.join_prefix(self.loaded.module, self.loaded.params, cond, prefix, np.int32(start))
 
     def compiled_step(self, size, canvas, cond):
         return inference.compiled_step(self.loaded.module, self.loaded.params, size, canvas,
@@ -463,7 +486,13 @@ class Scheduler:
             row.cond = self.encoders[row.mode](loaded.params, *inputs)
             if row.schedule.force is not None:
                 row.forced_cond = row.schedule.forced_cond(row.cond, loaded.max_text_len)
-            row.x = inference.initial_noise(row.seed, 1, row.canvas, loaded.config.latent_size, row.truncation)
+            if row.prefix is not None:
+                row.cond = self.with_prefix(row.cond, row.prefix, row.start)
+                if row.forced_cond is not None:
+                    row.forced_cond = self.with_prefix(row.forced_cond, row.prefix, row.start)
+            # As inference.sample_blocks draws it (a block: the last frames of a canvas that ends with it).
+            row.x = inference.initial_noise(row.seed, 1, row.start + row.canvas, loaded.config.latent_size,
+                                            row.truncation)[:, row.start:]
             lane.rows.append(row)
         except Exception as e:  # one request's failure never stops the others
             log.exception("a request could not start")
@@ -478,7 +507,8 @@ class Scheduler:
             if lane.rows != lane.members or forced != lane.forced:
                 self.regroup(lane, forced)
             lane.x = lane.step(loaded.params, lane.x, lane.cond,
-                               *inference.step_inputs([r.schedule for r in lane.batch], [r.k for r in lane.batch]))
+                               *inference.step_inputs([r.schedule for r in lane.batch], [r.k for r in lane.batch]),
+                               np.asarray([r.start for r in lane.batch], np.int32))
             self.metrics["step_rows"].observe(len(lane.rows))
             for row in lane.rows:
                 row.k += 1
@@ -601,8 +631,15 @@ class Server:
             inference.codec_silence_frame(codec)
         self.voices = Voices(settings.voices_dir, loaded.max_speaker_len, loaded.config.latent_size)
         self.metrics = make_metrics()
-        canvases = {inference.frames_for(s, loaded.max_latent_len) for s in settings.canvas_seconds}
-        self.scheduler = Scheduler(loaded, canvases, settings.max_batch, self.metrics)
+        config = loaded.config
+        # A blockwise checkpoint streams each sentence block by block; every block's prefix holds
+        # the sentence's frames so far, in a canvas as long as the trained one.
+        self.blocks = inference.block_frames(settings.blocks or DEFAULT_BLOCKS, None) if config.blockwise else []
+        patch = config.encoder_patch_size
+        prefix_frames = -(-loaded.max_latent_len // patch) * patch if config.blockwise else 0
+        canvases = {size for seconds in settings.canvas_seconds
+                    for size in self.block_plan(inference.frames_for(seconds, loaded.max_latent_len))}
+        self.scheduler = Scheduler(loaded, canvases, settings.max_batch, self.metrics, prefix_frames)
         self.decoder = BatchDecoder(codec)
         self.voice_work = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="voices")
         self.active = 0  # speech requests being answered
@@ -626,18 +663,39 @@ class Server:
             raise ServeError(401, "a valid API key is required: send Authorization: Bearer KEY", None,
                              "invalid_api_key")
 
-    async def decode(self, latent, speech):
-        """A finished latent -> its 48 kHz waveform: trimmed as inference.synthesize trims it."""
-        with np.errstate(over="ignore", invalid="ignore"):  # a latent out of range is refused below
-            latent = inference.trim_trailing_silence(latent, self.silence, speech.trim_tolerance)[:speech.frames]
+    def block_plan(self, frames):
+        """A sentence's blocks: the --blocks sizes that leave a patch or more after them, then the rest
+        (one block, the whole sentence, for a checkpoint without the latent-prefix path)."""
+        plan, patch = [], self.loaded.config.encoder_patch_size
+        for size in self.blocks:
+            if sum(plan) + size + patch > frames:
+                break
+            plan.append(size)
+        return plan + [frames - sum(plan)]
+
+    async def decode(self, latent, speech, emitted=0, last=True):
+        """A sentence's latent so far -> the 48 kHz audio of its frames from `emitted` on, and where
+        that audio ends (in frames). The last block's audio runs to the end, trimmed as
+        inference.synthesize trims it; an earlier block's stops BLOCK_CONTEXT_FRAMES short. Each piece
+        is decoded from the sentence's start: the codec's convolutions see a few frames either side
+        and its watermark LSTMs run forward, so the audio before the held frames is the audio of
+        the whole sentence decoded at once."""
+        if last:
+            with np.errstate(over="ignore", invalid="ignore"):  # a latent out of range is refused below
+                latent = inference.trim_trailing_silence(latent, self.silence, speech.trim_tolerance)[:speech.frames]
+        end = len(latent) if last else len(latent) - BLOCK_CONTEXT_FRAMES
+        if end <= emitted:
+            return np.zeros(0, np.float32), emitted
         wave = await asyncio.wrap_future(self.decoder.submit(latent))
         if not np.isfinite(wave).all():
             raise ServeError(500, "the model produced non-finite audio for this request; another seed or smaller "
                              "knobs may work", None, "non_finite_output")
-        return wave
+        hop = self.codec.hop
+        return wave[emitted * hop:None if last else end * hop], end
 
-    def generate(self, speech, index, loop, cancelled):
-        """Submit sentence `index` of `speech`; returns a future of its latent."""
+    def generate(self, speech, index, loop, cancelled, start=0, frames=None, prefix=None):
+        """Submit sentence `index` of `speech` (or, blockwise, its block of `frames` from `start`, after
+        the frames in `prefix`); returns a future of its latent."""
         future = loop.create_future()
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # a request that left never reads it
 
@@ -652,24 +710,45 @@ class Server:
         mode, schedule = inference.RowSchedule.from_knobs(speech.knobs, loaded.config.num_layers)
         self.scheduler.submit(Row((ids[None], mask[None], reference[0][None], reference[1][None]), mode, schedule,
                                   speech.seed + index, speech.knobs["truncation"],
-                                  self.scheduler.canvas_for(speech.frames), deliver, cancelled))
+                                  self.scheduler.canvas_for(frames or speech.frames), deliver, cancelled, start,
+                                  prefix))
         return future
 
     async def audio(self, speech, cancelled, deadline):
-        """The response's bytes, piece by piece: each sentence is sampled (the next one submitted as
-        soon as this one is done) and decoded, then sent."""
+        """The response's bytes, piece by piece: each sentence (each block of it, for a blockwise
+        checkpoint) is sampled, the next submitted as soon as it is done, then decoded and sent."""
         loop = asyncio.get_running_loop()
         encoder, joiner = AudioEncoder(speech.fmt), CrossfadeJoiner()
         yield encoder.start()
-        upcoming = self.generate(speech, 0, loop, cancelled)
-        for index in range(len(speech.pieces)):
-            latent = await asyncio.wait_for(upcoming, max(0.0, deadline - time.monotonic()))
-            if index + 1 < len(speech.pieces):
-                upcoming = self.generate(speech, index + 1, loop, cancelled)
-            wave = await self.decode(latent, speech)
-            self.metrics["audio"].inc(len(wave) / SAMPLE_RATE)
-            yield encoder.feed(joiner.add(wave))
+        jobs = [(index, start, frames) for index in range(len(speech.pieces))
+                for start, frames in self.block_starts(speech.frames)]
+        prefix = np.zeros((1, self.scheduler.prefix_frames, self.loaded.config.latent_size), np.float32)
+
+        def submit(job):
+            index, start, frames = job
+            return self.generate(speech, index, loop, cancelled, start, frames,
+                                 prefix.copy() if self.scheduler.prefix_frames else None)
+
+        upcoming, sentence, emitted = submit(jobs[0]), None, 0
+        for n, (index, start, frames) in enumerate(jobs):
+            block = (await asyncio.wait_for(upcoming, max(0.0, deadline - time.monotonic())))[:frames]
+            sentence = block if start == 0 else np.concatenate([sentence, block])
+            last = n + 1 == len(jobs) or jobs[n + 1][0] != index
+            if self.scheduler.prefix_frames:
+                prefix[:] = 0
+                if not last:
+                    prefix[0, :len(sentence)] = sentence
+            if n + 1 < len(jobs):
+                upcoming = submit(jobs[n + 1])
+            piece, emitted = await self.decode(sentence, speech, 0 if start == 0 else emitted, last)
+            self.metrics["audio"].inc(len(piece) / SAMPLE_RATE)
+            yield encoder.feed(joiner.add(piece) if start == 0 else joiner.extend(piece))
         yield encoder.feed(joiner.finish()) + encoder.finish()
+
+    def block_starts(self, frames):
+        """[(start, frames)] of a sentence's blocks."""
+        plan = self.block_plan(frames)
+        return [(sum(plan[:i]), size) for i, size in enumerate(plan)]
 
 
 def sse_event(payload):
@@ -890,6 +969,8 @@ def parse_args(argv=None):
       "two up to it, for each guidance mode")
     a("--canvas_seconds", default="15", help="comma-separated canvas lengths compiled at start (capped at the "
       "model's trained length); a request samples the smallest that holds its duration")
+    a("--blocks", default=None, help="blockwise checkpoints: frames per block of each sentence, streamed as each "
+      f"block is done, each a multiple of 4 (0.16 s), the last 'rest' (default {DEFAULT_BLOCKS})")
     a("--max_requests", type=int, default=64, help="speech requests answered at once; beyond, 429")
     a("--request_timeout", type=float, default=300.0, help="seconds before a request is cancelled (504)")
     a("--max_input_chars", type=int, default=4096, help="longest input (OpenAI's limit)")
@@ -912,6 +993,11 @@ def parse_args(argv=None):
             p.error(f"--{flag} must be at least 1")
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1-65535, got {args.port}")
+    if args.blocks is not None:
+        try:
+            inference.block_frames(args.blocks, None)
+        except inference.InferenceError as e:
+            p.error(str(e))
     return args
 
 
@@ -933,6 +1019,9 @@ def load(args):
     if codec.codebook_dim != loaded.config.latent_size:
         raise inference.InferenceError(f"the codec's {codec.codebook_dim}-dim latents do not fit the model's "
                                        f"{loaded.config.latent_size}-dim latents")
+    if args.blocks is not None and not loaded.config.blockwise:
+        raise inference.InferenceError(f"{args.checkpoint} has no latent-prefix path (its preset is not -blockwise), "
+                                       "so it samples each sentence in one canvas: drop --blocks")
     try:
         os.makedirs(args.voices_dir, exist_ok=True)
     except OSError as e:

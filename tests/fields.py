@@ -13,7 +13,7 @@ class FakeEchoDiT:
 
     def __init__(self, velocity, latent_size=4, num_layers=2):
         self.velocity = velocity
-        self.config = types.SimpleNamespace(latent_size=latent_size, num_layers=num_layers)
+        self.config = types.SimpleNamespace(latent_size=latent_size, num_layers=num_layers, blockwise=False)
 
     def apply(self, variables, *args, method=None):
         if method is EchoDiT.encode_conditions:
@@ -22,7 +22,7 @@ class FakeEchoDiT:
             ones = jnp.ones((self.config.num_layers,) + mask.shape + (1, 1))
             return {"k": ones, "v": ones, "mask": mask}
         assert method is EchoDiT.decode
-        x, t, cond = args
+        x, t, cond, _ = args  # _: the start position, which a model without the prefix path ignores
         text_len = cond["mask"].shape[1] // 2  # the inputs below give text and speaker equal lengths
         has_text, has_speaker = cond["mask"][:, :text_len].any(1), cond["mask"][:, text_len:].any(1)
         return self.velocity(x, t, cond, has_text, has_speaker)

@@ -1,9 +1,11 @@
+import dataclasses
 import json
 import os
 import pickle
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -395,6 +397,98 @@ def test_canvas_trained_samples_the_trained_length_then_cuts(run, perturbed, tmp
     assert not np.array_equal(np.load(latents["duration"]), np.load(latents["trained"]))
 
 
+# ---------------------------------------------------------------- blockwise generation
+
+@pytest.fixture(scope="module")
+def blockwise(run, tmp_path_factory):
+    """A checkpoint of tiny-blockwise, its layers unrolled as the demo's are, with random weights that
+    use every condition and the prefix."""
+    config = dataclasses.replace(echo.PRESETS["tiny-blockwise"], scan_layers=False)
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: (np.asarray(a) + rng.normal(0, 0.2, a.shape)).astype(np.float32),
+                          nn.unbox(echo.init_params(config, jax.random.key(1))))
+    payload = checkpoint.load_checkpoint_file(run["params"])
+    payload.update(params=params, ema_params=params, config=dataclasses.asdict(config))
+    path = tmp_path_factory.mktemp("blockwise") / "blockwise.params.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(payload, f)
+    return str(path)
+
+
+def test_each_block_is_sampled_from_every_frame_before_it(blockwise):
+    """One Euler step per block, against the model's forward with the prefix and start_pos: the
+    given frames and the blocks before are the prefix, positions run on, and guidance keeps the
+    prefix in its unconditional pass."""
+    loaded = inference.load_model(blockwise)
+    assert loaded.config.blockwise and loaded.config.scan_layers
+    (ids, mask), = inference.prepare_text("[S1] Blocks.", MAX_TEXT)
+    speaker = (np.zeros((1, MAX_SPEAKER, 128), np.float32), np.zeros((1, MAX_SPEAKER), np.int32))
+    given = np.random.default_rng(2).normal(size=(1, 8, 128)).astype(np.float32)
+    for cfg in (0.0, 2.0):
+        z = inference.sample_latents(loaded.module, loaded.params, ids[None], mask[None], *speaker, steps=1,
+                                     cfg_scale=cfg, seed=3, blocks=[8, 6], prefix=given, progress=False)
+        assert z.shape == (1, 14, 128)
+        frames = np.concatenate([given, z], axis=1)
+        for start, length in ((8, 8), (16, 6)):
+            prefix = np.zeros((1, 24, 128), np.float32)
+            prefix[:, :start] = frames[:, :start]
+            x = np.asarray(inference.initial_noise(3, 1, start + length, 128))[:, start:]
+
+            def velocity(keep):
+                return loaded.module.apply({"params": loaded.params}, x, jnp.ones(1), ids[None], mask[None] * keep,
+                                           speaker[0], speaker[1] * keep, prefix_latent=prefix, start_pos=start)
+            v = velocity(1) if cfg == 0 else velocity(1) + cfg * (velocity(1) - velocity(0))
+            np.testing.assert_allclose(frames[:, start:start + length], x - v, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cli_samples_blocks_and_continues_a_recording(run, blockwise, tmp_path, capsys):
+    common = ["--checkpoint", blockwise, "--text", "[S1] Go on.", "--duration", "1", "--steps", "2",
+              "--trim_tolerance", "0"]
+    latent = tmp_path / "blocks.npy"
+    assert cli(run, tmp_path, *common, "--blocks", "8,rest", "--output", str(tmp_path / "blocks.wav"),
+               "--save_latent", str(latent)) == 0
+    loaded = inference.load_model(blockwise)
+    (ids, mask), = inference.prepare_text("[S1] Go on.", MAX_TEXT)
+    speaker = (np.zeros((1, MAX_SPEAKER, 128), np.float32), np.zeros((1, MAX_SPEAKER), np.int32))
+    expect = inference.sample_latents(loaded.module, loaded.params, ids[None], mask[None], *speaker, steps=2,
+                                      seed=42, blocks=[8, 17], progress=False)[0]
+    np.testing.assert_array_equal(np.load(latent), expect.astype(np.float16))
+    assert len(read_wav(tmp_path / "blocks.wav")) == 25 * HOP
+    # --continue_from: the output holds the recording's frames (whole patches: its first frames go),
+    # then 1 s more.
+    given = tmp_path / "given.npy"
+    np.save(given, np.random.default_rng(4).normal(size=(14, 128)).astype(np.float16))
+    assert cli(run, tmp_path, *common, "--continue_from", str(given), "--blocks", "12,rest", "--output",
+               str(tmp_path / "more.wav"), "--save_latent", str(tmp_path / "more.npy")) == 0
+    more = np.load(tmp_path / "more.npy")
+    assert more.shape == (12 + 25, 128)
+    np.testing.assert_array_equal(more[:12], np.load(given)[2:])
+    # Every knob applies to every block: independent guidance, the speaker force, truncation, rescaling.
+    assert cli(run, tmp_path, *common, "--blocks", "8,rest", "--cfg_text", "2", "--cfg_speaker", "3",
+               "--speaker_kv_scale", "1.5", "--speaker_kv_min_t", "0.5", "--truncation", "0.8", "--rescale_k", "1.2",
+               "--rescale_sigma", "3", "--output", str(tmp_path / "knobs.wav")) == 0
+    # A recording as audio goes through the codec: 25 frames of it, cut to 24.
+    assert cli(run, tmp_path, *common, "--continue_from", str(tmp_path / "blocks.wav"), "--output",
+               str(tmp_path / "audio.wav"), "--save_latent", str(tmp_path / "audio.npy")) == 0
+    assert np.load(tmp_path / "audio.npy").shape == (24 + 25, 128)
+    capsys.readouterr()
+    for flags, needles in ((["--blocks", "16,16"], ("32 frames do not fit the canvas of 25",)),
+                           (["--blocks", "24,rest", "--duration", "0.96"], ("'rest' would be empty",))):
+        one_sentence_error(capsys, cli(run, tmp_path, *common, *flags, "--output", str(tmp_path / "x.wav")),
+                           *needles)
+    short_recording = tmp_path / "short.npy"
+    np.save(short_recording, np.zeros((3, 128), np.float16))
+    one_sentence_error(capsys, cli(run, tmp_path, *common, "--continue_from", str(short_recording), "--output",
+                                   str(tmp_path / "x.wav")), "short.npy", "at least 4")
+    assert not os.path.exists(tmp_path / "x.wav")
+    # A recording as long as the trained canvas: the model continues from its last half.
+    long_recording = tmp_path / "long.npy"
+    np.save(long_recording, np.random.default_rng(5).normal(size=(MAX_LATENT, 128)).astype(np.float16))
+    assert cli(run, tmp_path, *common, "--continue_from", str(long_recording), "--output", str(tmp_path / "l.wav"),
+               "--save_latent", str(tmp_path / "long_out.npy")) == 0
+    assert np.load(tmp_path / "long_out.npy").shape == (MAX_LATENT + 25, 128)
+
+
 # ---------------------------------------------------------------- errors
 
 class Boom:
@@ -479,6 +573,11 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
          ("ref.wav", "not a readable .npy")),
         (["--checkpoint", run["params"], "--text", "hi", "--speaker_latent", str(tmp_path / "none.npy")],
          ("none.npy", "does not exist")),
+        (["--checkpoint", run["params"], "--text", "hi", "--blocks", "8,rest"], ("no latent-prefix path",)),
+        (["--checkpoint", run["params"], "--text", "hi", "--blocks", "10,rest"], ("multiple of 4", "'10'")),
+        (["--checkpoint", run["params"], "--text", "hi", "--blocks", "rest,8"], ("only the last may be 'rest'",)),
+        (["--checkpoint", run["params"], "--text", "hi", "--continue_from", str(tmp_path / "none.wav")],
+         ("none.wav", "does not exist")),
     ]
     for args, needles in cases:
         one_sentence_error(capsys, inference.main(base + args), *needles)

@@ -1,8 +1,10 @@
 """serve.py as its clients see it: a real server on 127.0.0.1, talked to with the `openai` client and
 plain HTTP."""
+import dataclasses
 import io
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -12,6 +14,8 @@ import time
 import urllib.error
 import urllib.request
 
+import flax.linen as nn
+import jax
 import numpy as np
 import openai
 import pytest
@@ -19,7 +23,10 @@ import soundfile
 import soxr
 from conftest import REPO, free_port
 
+import checkpoint
 import dacvae
+import inference
+import model as echo
 import serve
 import train_pretrain
 
@@ -49,8 +56,12 @@ def flags(files, port, *extra):
 @pytest.fixture(scope="module")
 def served(files):
     """serve.py in this process (uvicorn in a thread), ready."""
+    yield from running(files)
+
+
+def running(files, *extra):
     port = free_port()
-    args = serve.parse_args(flags(files, port))
+    args = serve.parse_args(flags(files, port, *extra))
     server, http = serve.build(args)
     thread = threading.Thread(target=http.run, daemon=True)
     thread.start()
@@ -375,6 +386,42 @@ def test_sigterm_finishes_the_request_under_way_refuses_new_ones_then_exits(file
         proc.kill()
 
 
+@pytest.fixture(scope="module")
+def blockwise_served(files):
+    """serve.py on a tiny-blockwise checkpoint (random weights that use the prefix), in blocks of 12 frames."""
+    payload = checkpoint.load_checkpoint_file(os.path.join(files["checkpoint"], "step_0000003.params.pkl"))
+    config = echo.PRESETS["tiny-blockwise"]
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda a: (np.asarray(a) + rng.normal(0, 0.2, a.shape)).astype(np.float32),
+                          nn.unbox(echo.init_params(config, jax.random.key(1))))
+    payload.update(params=params, ema_params=params, config=dataclasses.asdict(config))
+    path = files["root"] / "blockwise.params.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(payload, f)
+    yield from running({**files, "checkpoint": str(path)}, "--blocks", "12,12,rest", "--max_batch", "1")
+
+
+def test_a_blockwise_checkpoint_streams_each_sentence_block_by_block(blockwise_served):
+    """A 40-frame sentence in blocks of 12, 12 and 16 frames: each block's audio is sent once it is
+    sampled, and the whole is inference.py's blockwise latent, decoded."""
+    body = {"model": "echo", "input": "Blocks stream.", "voice": "random", "steps": 3, "seed": 4,
+            "trim_tolerance": 0}
+    status, _, data = post_json(blockwise_served, {**body, "response_format": "pcm", "stream_format": "sse"})
+    events = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: ")]
+    deltas = [e for e in events if e["type"] == "speech.audio.delta"]
+    assert status == 200 and len(deltas) == 4  # three blocks' audio, then the held crossfade tail
+    status, _, data = post_json(blockwise_served, {**body, "response_format": "wav"})
+    assert status == 200
+    loaded = blockwise_served["server"].loaded
+    (ids, mask), = inference.prepare_text("Blocks stream.", loaded.max_text_len)
+    speaker = (np.zeros((1, loaded.max_speaker_len, 128), np.float32), np.zeros((1, loaded.max_speaker_len), np.int32))
+    latent = inference.sample_latents(loaded.module, loaded.params, ids[None], mask[None], *speaker, steps=3, seed=4,
+                                      blocks=[12, 12, 16], progress=False)[0]
+    import torch
+    whole = blockwise_served["server"].codec.decode(torch.from_numpy(latent.T.copy())[None])[0, 0].numpy()
+    assert relative_difference(decoded(data), np.clip(whole, -1, 1)) < 1e-2
+
+
 def test_a_port_in_use_or_a_missing_checkpoint_is_one_sentence(files, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -383,3 +430,5 @@ def test_a_port_in_use_or_a_missing_checkpoint_is_one_sentence(files, capsys):
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert serve.main(["--checkpoint", "/nowhere", *flags(files, free_port())[2:]]) == 1
     assert "/nowhere does not exist" in capsys.readouterr().err
+    assert serve.main(flags(files, free_port(), "--blocks", "12,rest")) == 1
+    assert "no latent-prefix path" in capsys.readouterr().err
