@@ -387,7 +387,7 @@ def test_bad_flags_fail_before_anything_compiles(tmp_path):
                            (["--init_from", str(tmp_path / "none.pkl")], "--init_from"),
                            (["--ema_decay", "1"], "--ema_decay"), (["--weight_decay", "-1"], "--weight_decay"),
                            (["--eval_samples", "-1"], "--eval_samples must not be negative"),
-                           (["--prefix_prob", "0.5"], "--preset tiny-blockwise"),
+                           (["--prefix_prob", "0.5"], "--preset demo-blockwise"),
                            (["--profile_steps", "5:2"], "--profile_steps"),
                            (["--sample_texts", str(tmp_path / "none.txt")], "--sample_texts"),
                            (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
