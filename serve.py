@@ -172,15 +172,15 @@ class CrossfadeJoiner:
             keep = len(self.held) - n
             joined = np.concatenate([self.held[:keep], self.held[keep:] * (1 - ramp) + segment[:n] * ramp,
                                      segment[n:]])
-        self.total += len(joined) - len(self.held)
-        split = max(0, len(joined) - self.fade)
-        out, self.held = joined[:split], joined[split:]
-        return out
+        return self._release(joined)
 
     def extend(self, piece):
         """More of the segment added last (its next block): joined without a crossfade."""
-        joined = np.concatenate([self.held, piece])
-        self.total += len(piece)
+        return self._release(np.concatenate([self.held, piece]))
+
+    def _release(self, joined):
+        """`joined` (the held tail and what follows it) out, but for the tail a crossfade may change."""
+        self.total += len(joined) - len(self.held)
         split = max(0, len(joined) - self.fade)
         out, self.held = joined[:split], joined[split:]
         return out
