@@ -493,7 +493,8 @@ class JointAttention(nn.Module):
         positions = np.arange(prefix_state.shape[1]) * self.config.encoder_patch_size
         return rope_half(k, positions), split_heads(self.wv_latent(prefix_state), h)
 
-    def __call__(self, x, cond_k, cond_v, cond_mask, positions):
+    def __call__(self, x, cond_k, cond_v, key_mask, positions):
+        """key_mask (B, S + conditions): which frames of x, then which condition keys, are attended."""
         c = self.config
         h = c.num_heads
         q = rope_half(self.q_norm(split_heads(self.wq(x), h)), positions)
@@ -501,7 +502,6 @@ class JointAttention(nn.Module):
         v = split_heads(self.wv_self(x), h)
         k = jnp.concatenate([k, cond_k.astype(k.dtype)], axis=1)
         v = jnp.concatenate([v, cond_v.astype(v.dtype)], axis=1)
-        key_mask = jnp.concatenate([jnp.ones(x.shape[:2], bool), cond_mask.astype(bool)], axis=1)
         out = attention(q, k, v, key_mask)
         out = out * nn.sigmoid(split_heads(self.wgate(x), h))
         return self.wo(out.reshape(x.shape[:-1] + (c.model_size,)))
@@ -524,9 +524,9 @@ class DecoderBlock(nn.Module):
     def prefix_kv(self, prefix_state):
         return self.attention.prefix_kv(prefix_state)
 
-    def __call__(self, x, layer_kv, cond_mask, global_mods, positions):
+    def __call__(self, x, layer_kv, key_mask, global_mods, positions):
         h, g = self.attn_adaln(x, global_mods)
-        x = x + (g * self.attention(h, *layer_kv, cond_mask, positions)).astype(x.dtype)
+        x = x + (g * self.attention(h, *layer_kv, key_mask, positions)).astype(x.dtype)
         h, g = self.mlp_adaln(x, global_mods)
         x = x + (g * self.mlp(h)).astype(x.dtype)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
@@ -560,14 +560,15 @@ class EchoDiT(nn.Module):
         self.out_proj = dense(c.latent_size, ("embed", "latent"), use_bias=True, zero_init=True,
                               dtype=c.compute_dtype)
 
-    def __call__(self, x, t, text_ids, text_mask, speaker_latent, speaker_mask, prefix_latent=None, start_pos=0):
+    def __call__(self, x, t, text_ids, text_mask, speaker_latent, speaker_mask, prefix_latent=None, start_pos=0,
+                 frames_mask=None):
         cond = self.encode_conditions(text_ids, text_mask, speaker_latent, speaker_mask)
         if self.config.blockwise and (prefix_latent is not None or self.is_initializing()):
             prefix = jnp.zeros_like(speaker_latent) if prefix_latent is None else prefix_latent
             cond = with_prefix(cond, self.encode_prefix(prefix), start_pos, self.config.encoder_patch_size)
         elif prefix_latent is not None:
             raise ValueError("this model has no latent-prefix path (EchoConfig.blockwise)")
-        return self.decode(x, t, cond, start_pos)
+        return self.decode(x, t, cond, start_pos, frames_mask)
 
     def encode_conditions(self, text_ids, text_mask, speaker_latent, speaker_mask):
         """Text and speaker states -> per-layer keys/values. Run once per utterance, reuse every step.
@@ -604,9 +605,11 @@ class EchoDiT(nn.Module):
         k, v = self.per_layer_kv(lambda block: block.prefix_kv(state))
         return {"k": k, "v": v}
 
-    def decode(self, x, t, cond, start_pos=0):
+    def decode(self, x, t, cond, start_pos=0, frames_mask=None):
         """One velocity evaluation given precomputed conditions. x (B, S, D), t (B,) in [0, 1];
-        start_pos (an int, or (B,)): the frame position of x's first frame (blockwise generation)."""
+        start_pos (an int, or (B,)): the frame position of x's first frame (blockwise generation);
+        frames_mask (B, S): the frames of x that the others attend (None: all; blockwise training
+        hides the places after a block that ends inside the canvas, as they do not exist when sampling)."""
         c = self.config
         emb = timestep_embedding(t, c.timestep_embed_size)
         cvec = self.cond_dense_1(nn.silu(self.cond_dense_0(emb)))
@@ -617,14 +620,16 @@ class EchoDiT(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         positions = start_pos + np.arange(x.shape[1]) if isinstance(start_pos, (int, np.integer)) else \
             jnp.reshape(start_pos, (-1, 1)) + jnp.arange(x.shape[1])  # (S,), or (B, S) for per-row starts
+        frames_mask = jnp.ones(x.shape[:2], bool) if frames_mask is None else frames_mask.astype(bool)
+        key_mask = jnp.concatenate([frames_mask, cond["mask"].astype(bool)], axis=1)
         if c.scan_layers:
-            body = lambda block, carry, kv: block(carry, kv, cond["mask"], global_mods, positions)
+            body = lambda block, carry, kv: block(carry, kv, key_mask, global_mods, positions)
             scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
                            unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
             h, _ = scan(self.layers, h, (cond["k"], cond["v"]))
         else:
             for i, blk in enumerate(self.blocks):
-                h, _ = blk(h, (cond["k"][i], cond["v"][i]), cond["mask"], global_mods, positions)
+                h, _ = blk(h, (cond["k"][i], cond["v"][i]), key_mask, global_mods, positions)
         return self.out_proj(self.norm(h)).astype(jnp.float32)
 
 

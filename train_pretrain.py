@@ -70,6 +70,7 @@ PEAK_FLOPS = (("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), 
               ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("H100 PCIe", 756e12),
               ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 TIMESTEP_BUCKETS = 5
+BLOCK_TO_END = 0.5  # blockwise training: the share of blocks that run to the canvas's end, as a last block does
 PREFIX_STREAM = 1  # fold_in(step key, this): the prefix splits' randomness, apart from the step's own three
 # The largest model a simulated pod compiles with unrolled scans: the demo sizes. Unrolled, the 840M
 # step's temporaries grow from 4.0 to 8.8 GB per host, more than two hosts of a 24 GB machine hold.
@@ -413,32 +414,41 @@ def cfg_dropout(rng, batch):
 
 
 def prefix_splits(rng, batch, frames, patch, prob):
-    """Where each sample's clean prefix ends (0: no prefix): with probability `prob`, uniform over
-    the multiples of `patch` in [patch, frames - patch], every place a block boundary can fall."""
-    r_use, r_at = jax.random.split(rng)
-    at = jax.random.randint(r_at, (batch,), 1, frames // patch) * patch
-    return jnp.where(jax.random.uniform(r_use, (batch,)) < prob, at, 0)
+    """(where each sample's block starts, where it ends) in frames: with probability 1 - prob the
+    whole canvas (0, frames); else a block as blockwise sampling cuts them. Its start is uniform
+    over the patch boundaries in [0, frames - patch] (0: a first block, with nothing before it); it
+    runs to the canvas's end (a 'rest' block) with probability BLOCK_TO_END, else it ends at a
+    boundary uniform over those after its start."""
+    r_use, r_at, r_end, r_to_end = jax.random.split(rng, 4)
+    patches = frames // patch
+    at = jax.random.randint(r_at, (batch,), 0, patches)
+    end = at + jax.random.randint(r_end, (batch,), 1, patches - at + 1)
+    end = jnp.where(jax.random.uniform(r_to_end, (batch,)) < BLOCK_TO_END, patches, end)
+    use = jax.random.uniform(r_use, (batch,)) < prob
+    return jnp.where(use, at * patch, 0), jnp.where(use, end * patch, frames)
 
 
-def continuation(x0, split):
-    """Each row's frames from its split on, moved to the front: the block that follows its prefix,
-    in a static shape so that one compiled step serves every split. Places past the canvas repeat
-    its last frame; the weight (B, S) keeps them out of the loss."""
+def continuation(x0, start, end):
+    """Each row's frames [start, end) moved to the front: the block that follows its prefix, in a
+    static shape so that one compiled step serves every block. The places after the block repeat
+    the canvas's last frame; the mask (B, S) of the block's own frames keeps them out of the loss
+    and out of the block's attention, as they do not exist when a block is sampled."""
     frames = x0.shape[1]
-    index = jnp.arange(frames)[None, :] + split[:, None]
+    index = jnp.arange(frames)[None, :] + start[:, None]
     block = jnp.take_along_axis(x0, jnp.minimum(index, frames - 1)[:, :, None], axis=1)
-    return block, (index < frames).astype(jnp.float32)
+    return block, index < end[:, None]
 
 
 def prefix_inputs(rng, x0, patch, prob):
-    """Blockwise training (--prefix_prob): (the model's prefix inputs, the target frames, their
-    loss weight). The prefix is the sample's own clean frames before its split (what generated
-    blocks give at inference); the frames after it, at their own positions (start_pos), are the
-    block to generate. The prefix is kept in CFG's unconditional samples, as a sampler keeps it."""
-    split = prefix_splits(rng, x0.shape[0], x0.shape[1], patch, prob)
-    before = (jnp.arange(x0.shape[1])[None, :] < split[:, None])[:, :, None]
-    block, weight = continuation(x0, split)
-    return {"prefix_latent": x0 * before, "start_pos": split}, block, weight
+    """Blockwise training (--prefix_prob): (the model's prefix inputs, the target frames, the mask
+    of the block's frames: its loss weight and its attention mask). The prefix is the sample's own
+    clean frames before its block (what generated blocks give at inference); the block's frames,
+    at their own positions (start_pos), are the ones to generate. The prefix is kept in CFG's
+    unconditional samples, as a sampler keeps it."""
+    start, end = prefix_splits(rng, x0.shape[0], x0.shape[1], patch, prob)
+    before = (jnp.arange(x0.shape[1])[None, :] < start[:, None])[:, :, None]
+    block, frames_mask = continuation(x0, start, end)
+    return {"prefix_latent": x0 * before, "start_pos": start, "frames_mask": frames_mask}, block, frames_mask
 
 
 def build_train_step(module, tx, args):
@@ -453,8 +463,9 @@ def build_train_step(module, tx, args):
         b = x0.shape[0]
         prefix, weight = {}, jnp.ones(x0.shape[:2], jnp.float32)
         if args.prefix_prob:
-            prefix, x0, weight = prefix_inputs(jax.random.fold_in(rng, PREFIX_STREAM), x0,
-                                               module.config.encoder_patch_size, args.prefix_prob)
+            prefix, x0, frames_mask = prefix_inputs(jax.random.fold_in(rng, PREFIX_STREAM), x0,
+                                                    module.config.encoder_patch_size, args.prefix_prob)
+            weight = frames_mask.astype(jnp.float32)
         t = stratified_timesteps(r_t, b)
         x_t, target = flow_matching_pair(x0, jax.random.normal(r_noise, x0.shape, jnp.float32), t)
         keep_text, keep_spk = cfg_dropout(r_cfg, b)
@@ -467,7 +478,7 @@ def build_train_step(module, tx, args):
         def micro_loss(params, micro):
             pred = module.apply({"params": params}, micro["x"], micro["t"], micro["text_ids"], micro["text_mask"],
                                 micro["speaker_latent"], micro["speaker_mask"], micro.get("prefix_latent"),
-                                micro.get("start_pos", 0))
+                                micro.get("start_pos", 0), micro.get("frames_mask"))
             per_sample = jnp.sum(micro["weight"][:, :, None] * (pred - micro["target"]) ** 2, axis=(1, 2))
             return jnp.sum(per_sample) / norm, per_sample
 

@@ -48,25 +48,35 @@ def test_cfg_dropout_drops_text_and_speaker_ten_percent_each_independently():
     assert abs(((1 - keep_text) * (1 - keep_spk)).mean() - 0.01) < 0.001  # independent
 
 
-def test_prefix_training_splits_on_patches_and_moves_the_block_to_the_front():
+def test_prefix_training_cuts_blocks_on_patches_and_moves_each_to_the_front():
     x0 = jnp.arange(2 * 12, dtype=jnp.float32).reshape(2, 12, 1)
-    block, weight = train_pretrain.continuation(x0, jnp.array([0, 8]))
+    block, frames_mask = train_pretrain.continuation(x0, jnp.array([0, 8]), jnp.array([12, 12]))
     np.testing.assert_array_equal(block[0, :, 0], np.arange(12))
     np.testing.assert_array_equal(block[1, :4, 0], np.arange(20, 24))  # frames 8-11 of row 1, at the front
-    np.testing.assert_array_equal(weight, [[1] * 12, [1] * 4 + [0] * 8])  # past the canvas: out of the loss
-    # Splits: none with probability 1 - prob, else uniform over the patch boundaries inside the canvas.
-    splits = np.asarray(train_pretrain.prefix_splits(jax.random.key(0), 40_000, 12, 4, 0.5))
-    assert abs(np.mean(splits == 0) - 0.5) < 0.01
-    assert abs(np.mean(splits == 4) - 0.25) < 0.01 and abs(np.mean(splits == 8) - 0.25) < 0.01
-    for seed in range(4):
-        prefix, block, weight = train_pretrain.prefix_inputs(jax.random.key(seed), x0, 4, 1.0)
+    np.testing.assert_array_equal(frames_mask, [[1] * 12, [1] * 4 + [0] * 8])  # past the canvas: not there
+    _, frames_mask = train_pretrain.continuation(x0, jnp.array([4, 0]), jnp.array([8, 4]))
+    np.testing.assert_array_equal(frames_mask, [[1] * 4 + [0] * 8, [1] * 4 + [0] * 8])  # blocks ending inside
+    # Blocks: the whole canvas with probability 1 - prob; else a start uniform over the patch
+    # boundaries before the canvas's end, the end at the canvas's end half the time, else uniform
+    # over the boundaries after the start.
+    start, end = map(np.asarray, train_pretrain.prefix_splits(jax.random.key(0), 60_000, 12, 4, 0.5))
+    whole = (start == 0) & (end == 12)
+    assert abs(np.mean(whole) - (0.5 + 0.5 / 3 * (0.5 + 0.5 / 3))) < 0.01
+    assert set(start.tolist()) == {0, 4, 8} and np.all(end > start) and np.all(end % 4 == 0) and np.all(end <= 12)
+    split = start > 0
+    assert abs(np.mean(start[split] == 4) - 0.5) < 0.02
+    assert abs(np.mean(end[start == 4] == 8) - 0.25) < 0.02  # 1/2 x 1/2: not to the end, then 8 of (8, 12)
+    assert abs(np.mean(end[start == 8] == 12) - 1.0) < 1e-9
+    for seed in range(6):
+        prefix, block, frames_mask = train_pretrain.prefix_inputs(jax.random.key(seed), x0, 4, 1.0)
         for row in range(2):
             s = int(prefix["start_pos"][row])
-            assert s in (4, 8)
+            e = s + int(frames_mask[row].sum())
+            assert s in (0, 4, 8) and e in (4, 8, 12) and e > s
             np.testing.assert_array_equal(prefix["prefix_latent"][row, :, 0],
                                           np.where(np.arange(12) < s, x0[row, :, 0], 0))  # clean, and only before
-            np.testing.assert_array_equal(block[row, :12 - s, 0], x0[row, s:, 0])
-            assert float(weight[row].sum()) == 12 - s
+            np.testing.assert_array_equal(block[row, :e - s, 0], x0[row, s:e, 0])
+            np.testing.assert_array_equal(prefix["frames_mask"][row], frames_mask[row])
 
 
 def optimizer_args(**kw):
