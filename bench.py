@@ -20,7 +20,9 @@ Sections:
           768 speaker frames, 15 s = 375 frames): median seconds per Euler step with joint and with
           independent guidance (also with temporal score rescaling on), against one decoder-only
           forward over as many rows (2 and 3); sampling real-time factor at 32 steps; the per-step
-          dispatch cost; compile time cold and from a warm cache.
+          dispatch cost; compile time cold and from a warm cache. Then blockwise generation's time to
+          the first block (24 frames of --blocks 24,48,rest) against the whole canvas, for the
+          demo-blockwise and 840M-blockwise presets (random weights).
   tpu_aot the 1.3B train step compiled for a v4-64 with libtpu: per-chip memory at global batch
           256 and 448, compile time.
   learn   the demo preset on a synthetic corpus (`--corpus`, default `words`: 10-40 bytes over ~40
@@ -31,6 +33,10 @@ Sections:
   sampler the demo model (a default `--data synthetic` run: $ECHO_DEMO_RUN, else trained first) on
           held-out texts: sampling on the trained canvas and trimming vs on a shorter canvas, and
           8/16/32 Euler steps on the uniform grid vs sway sampling. Not in the default run either.
+  blockwise the blockwise demo model (`--synthetic_corpus short --preset demo-blockwise --prefix_prob
+          0.5`, 4000 steps: $ECHO_BLOCKWISE_RUN, else trained first) on 64 held-out texts: synthetic_nmse
+          of the whole canvas vs 2 and 3 blocks; each second half after the true first half vs after
+          another sample's and after noise. Not in the default run.
   serve   serve.py (demo preset, tiny codec, a model trained 3 steps) under 1, 4, 8 and 16 concurrent
           clients streaming pcm: p50/p99 time to first audio and total latency, audio seconds per wall
           second, each against the same requests one at a time; the goal at 8 clients: 3x the
@@ -423,8 +429,33 @@ def inference_inputs(config, text_len=768, speaker_len=768):
     return model.EchoDiT(config), params, (b["text_ids"], b["text_mask"], b["speaker_latent"], b["speaker_mask"])
 
 
+def first_block_figures(preset, frames=375, blocks="24,48,rest", steps=32):
+    """A blockwise preset (random weights) sampling 15 s of one utterance: seconds until the first
+    block's latents exist, against the whole canvas sampled at once, and all blocks' total. Every
+    program compiled before the clock starts."""
+    module, params, inputs = inference_inputs(model.PRESETS[preset])
+    plan = inference.block_frames(blocks, frames)
+    sample = lambda sizes: inference.sample_blocks(module, params, *inputs, blocks=sizes, steps=steps, progress=False)
+    for sizes in ([frames], plan):
+        list(sample(sizes))
+    start = time.perf_counter()
+    list(sample([frames]))
+    whole_s = time.perf_counter() - start
+    start = time.perf_counter()
+    parts = sample(plan)
+    next(parts)
+    first_s = time.perf_counter() - start
+    list(parts)
+    blocks_s = time.perf_counter() - start
+    return {"steps": steps, "blocks": plan, "whole_canvas_s": round(whole_s, 3), "first_block_s": round(first_s, 3),
+            "all_blocks_s": round(blocks_s, 3), "first_block_over_whole": round(first_s / whole_s, 3)}
+
+
 def bench_inference(frames=375, steps=32):
-    results = {"section": "inference", "frames": frames, "steps": steps}
+    results = {"section": "inference", "frames": frames, "steps": steps,
+               # The 840M step takes seconds here: 4 Euler steps say the same ratio as 32.
+               "time_to_first_block": {"demo-blockwise": first_block_figures("demo-blockwise", frames, steps=steps),
+                                       "840M-blockwise": first_block_figures("840M-blockwise", frames, steps=4)}}
     for name, config in (("tiny", model.PRESETS["tiny"]), ("small", SMALL)):
         module, params, inputs = inference_inputs(config)
         decode = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c, method=model.EchoDiT.decode))
@@ -519,18 +550,24 @@ def demo_run_dir():
     return run_dir
 
 
+def held_out_batch(run_dir, samples, seed=0):
+    """(the run's last exported model, `samples` of its synthetic corpus's held-out split as one batch)."""
+    loaded = inference.load_model(sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.params.pkl")))[-1])
+    source = glob.glob(os.path.join(run_dir, "synthetic-*-0-held-out"))[0][:-len("-held-out")]
+    pipeline = data.Pipeline(data.DataConfig(
+        source=source + "-held-out", batch_size=samples, seed=seed, process_index=0, process_count=1,
+        max_latent_len=loaded.max_latent_len, max_text_len=loaded.max_text_len,
+        max_speaker_len=loaded.max_speaker_len, silence_latent=os.path.join(source, "silence_latent.npy")))
+    batch = next(pipeline)
+    pipeline.close()
+    return loaded, batch
+
+
 def bench_sampler(samples=64, seed=0):
     """The demo model's held-out texts sampled on its trained canvas vs a shorter one (synthetic_nmse
     and trimming accuracy), and at 8/16/32 steps on the uniform grid vs F5-TTS's sway (-1)."""
     run_dir = demo_run_dir()
-    loaded = inference.load_model(sorted(glob.glob(os.path.join(run_dir, "checkpoints", "*.params.pkl")))[-1])
-    corpus = glob.glob(os.path.join(run_dir, "synthetic-*-0-held-out"))[0][:-len("-held-out")]
-    pipeline = data.Pipeline(data.DataConfig(
-        source=corpus + "-held-out", batch_size=samples, seed=seed, process_index=0, process_count=1,
-        max_latent_len=loaded.max_latent_len, max_text_len=loaded.max_text_len,
-        max_speaker_len=loaded.max_speaker_len, silence_latent=os.path.join(corpus, "silence_latent.npy")))
-    batch = next(pipeline)
-    pipeline.close()
+    loaded, batch = held_out_batch(run_dir, samples, seed)
     frames = batch["latent_mask"].sum(axis=1)
     inputs = (batch["text_ids"], batch["text_mask"], batch["speaker_latent"], batch["speaker_mask"])
 
@@ -558,6 +595,72 @@ def bench_sampler(samples=64, seed=0):
             schedules[f"{name}@{steps}"] = round(train_pretrain.nmse(latents, batch["latent"], frames), 4)
     return {"section": "sampler", "run": run_dir, "held_out_samples": samples,
             "canvas": dict(canvas, texts=len(rows)), "schedules_synthetic_nmse": schedules}
+
+
+# The blockwise demo: `short` (4-8 bytes at 2 frames each: 8-16 frames, 2-4 patches, on a 32-frame canvas).
+BLOCKWISE_RUN = ["--data", "synthetic", "--synthetic_corpus", "short", "--preset", "demo-blockwise",
+                 "--prefix_prob", "0.5"]
+BLOCKWISE_STEPS = 4000
+BLOCKWISE_SPLITS = (("whole_canvas", None), ("2_blocks", "8,rest"), ("3_blocks", "4,8,rest"))
+
+
+def blockwise_run_dir():
+    """A finished blockwise demo run directory: $ECHO_BLOCKWISE_RUN, else one trained now (~10 minutes)."""
+    run_dir = os.environ.get("ECHO_BLOCKWISE_RUN")
+    if not run_dir:
+        run_dir = tempfile.mkdtemp(prefix="bench-blockwise-")
+        assert train_pretrain.main([*BLOCKWISE_RUN, "--steps", str(BLOCKWISE_STEPS), "--run_dir", run_dir]) == 0
+    return run_dir
+
+
+def blockwise_figures(loaded, batch, seed=0, steps=16, cfg_scale=2.0):
+    """A blockwise model on held-out samples: synthetic_nmse of the whole utterance generated as one
+    canvas and in 2 and 3 blocks (BLOCKWISE_SPLITS); then the second half of each utterance (from
+    its first half, rounded down to whole patches) generated after its TRUE first half, after
+    another sample's first half and after Gaussian noise of the latents' scale: the error of that
+    second half in each case, and in the whole-canvas generation for reference. Sampled as the
+    trainer's eval samples (16 steps, joint guidance 2.0)."""
+    frames, truth = batch["latent_mask"].sum(axis=1), batch["latent"]
+    inputs = (batch["text_ids"], batch["text_mask"], batch["speaker_latent"], batch["speaker_mask"])
+    canvas, patch, everyone = loaded.max_latent_len, loaded.config.encoder_patch_size, np.arange(len(frames))
+
+    def generate(rows, **how):
+        return inference.sample_latents(loaded.module, loaded.params, *(a[rows] for a in inputs), seed=seed,
+                                        steps=steps, cfg_scale=cfg_scale, num_frames=canvas, progress=False, **how)
+
+    whole, utterance = None, {}
+    for name, spec in BLOCKWISE_SPLITS:
+        latents = generate(everyone, blocks=spec and inference.block_frames(spec, canvas, patch))
+        whole = latents if spec is None else whole
+        utterance[name] = round(train_pretrain.nmse(latents, truth, frames), 4)
+    splits = np.maximum(frames // 2 // patch * patch, patch)
+    noise = np.random.default_rng(seed).standard_normal(truth.shape).astype(np.float32) * truth.std()
+    prefixes = {"true_first_half": truth, "another_samples_first_half": truth[np.roll(everyone, 1)],
+                "gaussian_noise": noise}
+    halves = {name: [] for name in ("whole_canvas", *prefixes)}
+    for split in np.unique(splits):
+        rows = np.flatnonzero(splits == split)
+        halves["whole_canvas"] += list(whole[rows, split:])
+        for name, source in prefixes.items():
+            halves[name] += list(generate(rows, blocks=[canvas - split], prefix=source[rows, :split]))
+    order = np.concatenate([np.flatnonzero(splits == split) for split in np.unique(splits)])
+    second_truth, second_frames = [truth[i, splits[i]:] for i in order], frames[order] - splits[order]
+    return {"samples": len(frames), "steps": steps, "cfg_scale": cfg_scale, "canvas": canvas,
+            "utterance_synthetic_nmse": utterance,
+            "blocks": dict(BLOCKWISE_SPLITS[1:]),
+            "second_half_synthetic_nmse": {name: round(train_pretrain.nmse(generated, second_truth, second_frames), 4)
+                                           for name, generated in halves.items()}}
+
+
+def bench_blockwise(samples=64, seed=0):
+    """The blockwise demo model (BLOCKWISE_RUN: $ECHO_BLOCKWISE_RUN, else trained first) on held-out texts:
+    blockwise_figures."""
+    run_dir = blockwise_run_dir()
+    loaded, batch = held_out_batch(run_dir, samples, seed)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        trained = max(json.loads(line).get("step", 0) for line in f)
+    return {"section": "blockwise", "run": run_dir, "flags": BLOCKWISE_RUN, "steps_trained": trained,
+            **blockwise_figures(loaded, batch, seed)}
 
 
 SERVE_TEXT = "The quick brown fox jumps over the lazy dog. It was a bright cold day in April."
@@ -671,7 +774,7 @@ LEARN_CER, LEARN_END_FRAMES = 0.1, 2.0  # bench_learn's goal: the words said, en
 
 SECTIONS = {"model": bench_model, "dacvae": bench_dacvae, "data": bench_data, "build": bench_build,
             "train": bench_train, "inference": bench_inference, "tpu_aot": bench_tpu_aot, "learn": bench_learn,
-            "sampler": bench_sampler, "serve": bench_serve}
+            "sampler": bench_sampler, "blockwise": bench_blockwise, "serve": bench_serve}
 
 
 def main():
@@ -691,7 +794,7 @@ def main():
         sys.exit(f"bench.py: --corpus must be one of {', '.join(corpus.SYNTHETIC_CORPORA)}, got {args.corpus!r}")
     if not args.minutes > 0:
         sys.exit(f"bench.py: --minutes must be positive, got {args.minutes}")
-    for name in args.sections or [s for s in SECTIONS if s not in ("learn", "sampler", "serve")]:
+    for name in args.sections or [s for s in SECTIONS if s not in ("learn", "sampler", "blockwise", "serve")]:
         if name == "learn":
             result = bench_learn(args.corpus, args.minutes, args.steps, args.preset)
         else:

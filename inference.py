@@ -550,7 +550,7 @@ def sample_blocks(module, params, text_ids, text_mask, speaker_latent, speaker_m
     for frames in blocks:
         t0 = time.perf_counter()
         block_cond, block_forced = cond, forced
-        if canvas is not None:
+        if canvas is not None and done:  # the first block of a canvas has nothing before it to attend
             start = np.int32(done)
             block_cond = join_prefix(module, params, cond, canvas, start)
             block_forced = None if forced is None else join_prefix(module, params, forced, canvas, start)

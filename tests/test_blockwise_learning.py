@@ -1,0 +1,60 @@
+"""Blockwise generation learns: a demo-blockwise run with --prefix_prob on `short` (bench.BLOCKWISE_RUN,
+utterances of 2-4 patches) generates held-out utterances in 2 and 3 blocks about as well as in one
+canvas, and continues the true first half of an utterance better than a random prefix. One bounded
+run is shared by this module; the full run of README's figures is `slow`."""
+import json
+import os
+
+import pytest
+from conftest import REPO
+from test_learning import read_metrics, train_demo
+
+import bench
+
+BOUNDED_STEPS = 2500  # of the full run's schedule (bench.BLOCKWISE_STEPS): its own 2500-step schedule never aligns
+BOUNDED_NMSE = 0.5  # the whole canvas at 2500 steps (seed 0: ~0.2); a model that ignores the text scores ~2
+BLOCKS_OVER_WHOLE = 1.5  # the issue's bound: the utterance in blocks within 1.5x of its whole-canvas error
+
+
+def train_and_measure(run_dir, steps):
+    train_demo(run_dir, *bench.BLOCKWISE_RUN[2:], "--steps", str(bench.BLOCKWISE_STEPS), "--run_steps", str(steps),
+               "--eval_every", str(steps),
+               "--full_eval_samples", "0", "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))
+    assert max(m.get("step", 0) for m in read_metrics(run_dir / "metrics.jsonl")) == steps
+    figures = bench.blockwise_figures(*bench.held_out_batch(str(run_dir), 64))
+    print(json.dumps(figures))
+    return figures
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory):
+    return train_and_measure(tmp_path_factory.mktemp("blockwise"), BOUNDED_STEPS)
+
+
+def assert_blocks_are_as_good_as_one_canvas(figures, whole_bound):
+    utterance = figures["utterance_synthetic_nmse"]
+    assert utterance["whole_canvas"] < whole_bound, utterance
+    for name in ("2_blocks", "3_blocks"):
+        assert utterance[name] <= BLOCKS_OVER_WHOLE * utterance["whole_canvas"], utterance
+
+
+def assert_the_prefix_is_used(figures):
+    second = figures["second_half_synthetic_nmse"]
+    assert second["true_first_half"] < second["gaussian_noise"], second
+    assert second["true_first_half"] < second["another_samples_first_half"], second
+
+
+def test_an_utterance_in_2_or_3_blocks_is_about_as_good_as_one_canvas(bounded):
+    assert_blocks_are_as_good_as_one_canvas(bounded, BOUNDED_NMSE)
+
+
+def test_the_second_half_continues_the_true_first_half_better_than_a_random_one(bounded):
+    assert_the_prefix_is_used(bounded)
+
+
+@pytest.mark.slow
+def test_the_full_blockwise_demo_run(tmp_path):
+    """README's figures: bench.py blockwise's run (BLOCKWISE_STEPS)."""
+    figures = train_and_measure(tmp_path, bench.BLOCKWISE_STEPS)
+    assert_blocks_are_as_good_as_one_canvas(figures, 0.2)  # seed 0: 0.07
+    assert_the_prefix_is_used(figures)
