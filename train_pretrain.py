@@ -122,8 +122,8 @@ def build_parser(suppress_defaults=False):
     a("--global_batch_size", type=int, default=None, help="samples per step over all hosts (default 256; synthetic 32)")
     a("--grad_accum", type=int, default=1, help="split each step into this many micro-batches (same result)")
     a("--prefix_prob", type=float, default=0.0, help="blockwise presets (e.g. demo-blockwise): the fraction of "
-      "samples that learn to continue from a clean prefix of themselves, as blockwise generation asks (the canvas "
-      "split at a random multiple of 4 frames; 0: none)")
+      "samples cut to one block after a clean prefix of themselves, as blockwise generation cuts them (its start and "
+      "end at random multiples of 4 frames; 0: none)")
     a("--lr", type=float, default=None, help="peak learning rate (default 1e-4; synthetic 2e-3)")
     a("--warmup_frac", type=float, default=0.05, help="linear warmup over this fraction of steps, then cosine to 0")
     a("--weight_decay", type=float, default=0.01, help="AdamW weight decay (not on biases, norms, AdaLN, gates)")
