@@ -493,8 +493,7 @@ class JointAttention(nn.Module):
         positions = np.arange(prefix_state.shape[1]) * self.config.encoder_patch_size
         return rope_half(k, positions), split_heads(self.wv_latent(prefix_state), h)
 
-    def __call__(self, x, cond_k, cond_v, key_mask, positions):
-        """key_mask (B, S + conditions): which frames of x, then which condition keys, are attended."""
+    def __call__(self, x, cond_k, cond_v, cond_mask, positions, frames_mask=None):
         c = self.config
         h = c.num_heads
         q = rope_half(self.q_norm(split_heads(self.wq(x), h)), positions)
@@ -502,6 +501,8 @@ class JointAttention(nn.Module):
         v = split_heads(self.wv_self(x), h)
         k = jnp.concatenate([k, cond_k.astype(k.dtype)], axis=1)
         v = jnp.concatenate([v, cond_v.astype(v.dtype)], axis=1)
+        frames_mask = jnp.ones(x.shape[:2], bool) if frames_mask is None else frames_mask.astype(bool)
+        key_mask = jnp.concatenate([frames_mask, cond_mask.astype(bool)], axis=1)
         out = attention(q, k, v, key_mask)
         out = out * nn.sigmoid(split_heads(self.wgate(x), h))
         return self.wo(out.reshape(x.shape[:-1] + (c.model_size,)))
@@ -524,9 +525,9 @@ class DecoderBlock(nn.Module):
     def prefix_kv(self, prefix_state):
         return self.attention.prefix_kv(prefix_state)
 
-    def __call__(self, x, layer_kv, key_mask, global_mods, positions):
+    def __call__(self, x, layer_kv, cond_mask, global_mods, positions, frames_mask=None):
         h, g = self.attn_adaln(x, global_mods)
-        x = x + (g * self.attention(h, *layer_kv, key_mask, positions)).astype(x.dtype)
+        x = x + (g * self.attention(h, *layer_kv, cond_mask, positions, frames_mask)).astype(x.dtype)
         h, g = self.mlp_adaln(x, global_mods)
         x = x + (g * self.mlp(h)).astype(x.dtype)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), None
@@ -620,16 +621,14 @@ class EchoDiT(nn.Module):
         h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         positions = start_pos + np.arange(x.shape[1]) if isinstance(start_pos, (int, np.integer)) else \
             jnp.reshape(start_pos, (-1, 1)) + jnp.arange(x.shape[1])  # (S,), or (B, S) for per-row starts
-        frames_mask = jnp.ones(x.shape[:2], bool) if frames_mask is None else frames_mask.astype(bool)
-        key_mask = jnp.concatenate([frames_mask, cond["mask"].astype(bool)], axis=1)
         if c.scan_layers:
-            body = lambda block, carry, kv: block(carry, kv, key_mask, global_mods, positions)
+            body = lambda block, carry, kv: block(carry, kv, cond["mask"], global_mods, positions, frames_mask)
             scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_layers,
                            unroll=scan_unroll(c, c.num_layers), metadata_params={nn.PARTITION_NAME: "layers"})
             h, _ = scan(self.layers, h, (cond["k"], cond["v"]))
         else:
             for i, blk in enumerate(self.blocks):
-                h, _ = blk(h, (cond["k"][i], cond["v"][i]), key_mask, global_mods, positions)
+                h, _ = blk(h, (cond["k"][i], cond["v"][i]), cond["mask"], global_mods, positions, frames_mask)
         return self.out_proj(self.norm(h)).astype(jnp.float32)
 
 
