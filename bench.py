@@ -628,22 +628,21 @@ def blockwise_figures(loaded, batch, seed=0, steps=16, cfg_scale=2.0):
         return inference.sample_latents(loaded.module, loaded.params, *(a[rows] for a in inputs), seed=seed,
                                         steps=steps, cfg_scale=cfg_scale, num_frames=canvas, progress=False, **how)
 
-    whole, utterance = None, {}
-    for name, spec in BLOCKWISE_SPLITS:
-        latents = generate(everyone, blocks=spec and inference.block_frames(spec, canvas, patch))
-        whole = latents if spec is None else whole
-        utterance[name] = round(train_pretrain.nmse(latents, truth, frames), 4)
+    generated = {name: generate(everyone, blocks=spec and inference.block_frames(spec, canvas, patch))
+                 for name, spec in BLOCKWISE_SPLITS}
+    utterance = {name: round(train_pretrain.nmse(latents, truth, frames), 4) for name, latents in generated.items()}
     splits = np.maximum(frames // 2 // patch * patch, patch)
     noise = np.random.default_rng(seed).standard_normal(truth.shape).astype(np.float32) * truth.std()
     prefixes = {"true_first_half": truth, "another_samples_first_half": truth[np.roll(everyone, 1)],
                 "gaussian_noise": noise}
-    halves = {name: [] for name in ("whole_canvas", *prefixes)}
+    halves, order = {name: [] for name in ("whole_canvas", *prefixes)}, []
     for split in np.unique(splits):
         rows = np.flatnonzero(splits == split)
-        halves["whole_canvas"] += list(whole[rows, split:])
+        order += list(rows)
+        halves["whole_canvas"] += list(generated["whole_canvas"][rows, split:])
         for name, source in prefixes.items():
             halves[name] += list(generate(rows, blocks=[canvas - split], prefix=source[rows, :split]))
-    order = np.concatenate([np.flatnonzero(splits == split) for split in np.unique(splits)])
+    order = np.asarray(order)
     second_truth, second_frames = [truth[i, splits[i]:] for i in order], frames[order] - splits[order]
     return {"samples": len(frames), "steps": steps, "cfg_scale": cfg_scale, "canvas": canvas,
             "utterance_synthetic_nmse": utterance,

@@ -440,15 +440,15 @@ def continuation(x0, start, end):
 
 
 def prefix_inputs(rng, x0, patch, prob):
-    """Blockwise training (--prefix_prob): (the model's prefix inputs, the target frames, the mask
-    of the block's frames: its loss weight and its attention mask). The prefix is the sample's own
+    """Blockwise training (--prefix_prob): (the model's prefix inputs, the target frames). The
+    inputs' frames_mask, the block's own frames, is also its loss weight. The prefix is the sample's own
     clean frames before its block (what generated blocks give at inference); the block's frames,
     at their own positions (start_pos), are the ones to generate. The prefix is kept in CFG's
     unconditional samples, as a sampler keeps it."""
     start, end = prefix_splits(rng, x0.shape[0], x0.shape[1], patch, prob)
     before = (jnp.arange(x0.shape[1])[None, :] < start[:, None])[:, :, None]
     block, frames_mask = continuation(x0, start, end)
-    return {"prefix_latent": x0 * before, "start_pos": start, "frames_mask": frames_mask}, block, frames_mask
+    return {"prefix_latent": x0 * before, "start_pos": start, "frames_mask": frames_mask}, block
 
 
 def build_train_step(module, tx, args):
@@ -463,9 +463,9 @@ def build_train_step(module, tx, args):
         b = x0.shape[0]
         prefix, weight = {}, jnp.ones(x0.shape[:2], jnp.float32)
         if args.prefix_prob:
-            prefix, x0, frames_mask = prefix_inputs(jax.random.fold_in(rng, PREFIX_STREAM), x0,
-                                                    module.config.encoder_patch_size, args.prefix_prob)
-            weight = frames_mask.astype(jnp.float32)
+            prefix, x0 = prefix_inputs(jax.random.fold_in(rng, PREFIX_STREAM), x0, module.config.encoder_patch_size,
+                                       args.prefix_prob)
+            weight = prefix["frames_mask"].astype(jnp.float32)
         t = stratified_timesteps(r_t, b)
         x_t, target = flow_matching_pair(x0, jax.random.normal(r_noise, x0.shape, jnp.float32), t)
         keep_text, keep_spk = cfg_dropout(r_cfg, b)

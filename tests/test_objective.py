@@ -68,15 +68,15 @@ def test_prefix_training_cuts_blocks_on_patches_and_moves_each_to_the_front():
     assert abs(np.mean(end[start == 4] == 8) - 0.25) < 0.02  # 1/2 x 1/2: not to the end, then 8 of (8, 12)
     assert abs(np.mean(end[start == 8] == 12) - 1.0) < 1e-9
     for seed in range(6):
-        prefix, block, frames_mask = train_pretrain.prefix_inputs(jax.random.key(seed), x0, 4, 1.0)
+        prefix, block = train_pretrain.prefix_inputs(jax.random.key(seed), x0, 4, 1.0)
         for row in range(2):
             s = int(prefix["start_pos"][row])
-            e = s + int(frames_mask[row].sum())
+            e = s + int(prefix["frames_mask"][row].sum())
             assert s in (0, 4, 8) and e in (4, 8, 12) and e > s
             np.testing.assert_array_equal(prefix["prefix_latent"][row, :, 0],
                                           np.where(np.arange(12) < s, x0[row, :, 0], 0))  # clean, and only before
             np.testing.assert_array_equal(block[row, :e - s, 0], x0[row, s:e, 0])
-            np.testing.assert_array_equal(prefix["frames_mask"][row], frames_mask[row])
+            np.testing.assert_array_equal(prefix["frames_mask"][row], np.arange(12) < e - s)
 
 
 def optimizer_args(**kw):
