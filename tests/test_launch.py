@@ -49,6 +49,18 @@ def processes_of(tmp_path):
     return found
 
 
+def command_lines(pids):
+    """What each of these processes runs, for a failure message."""
+    lines = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                lines.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return lines
+
+
 def metrics(run):
     path = run / "metrics.jsonl"
     return [json.loads(line) for line in open(path)] if path.exists() else []
@@ -195,8 +207,12 @@ def test_a_preempted_worker_checkpoints_and_the_same_command_resumes(tmp_path, s
     reached, its log says so, every process is gone within 30 s, and the same command resumes there."""
     command = ["bash", os.path.join(REPO, "launch.sh"), *TINY, "--steps", "100000", "--checkpoint_every", "100000",
                "--eval_every", "100000"]
+    # As in an ssh session, SIGHUP has its default action, even when the suite runs under nohup (whose
+    # ignored SIGHUP every child would inherit, so that the companions would rightly outlive the signal).
+    # (env, not a preexec_fn: forking this multithreaded process and running Python in the child can deadlock.)
+    session = ["env", "--default-signal=HUP", *command]
     run = tmp_path / "disk" / "run"
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(session, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=worker_env(tmp_path, free_port()), start_new_session=True)
     deadline = time.time() + 300
     while len([m for m in metrics(run) if "event" not in m]) < 3:
@@ -207,7 +223,7 @@ def test_a_preempted_worker_checkpoints_and_the_same_command_resumes(tmp_path, s
     stopped = time.monotonic()
     while processes_of(tmp_path) and time.monotonic() - stopped < 30:
         time.sleep(0.2)
-    assert processes_of(tmp_path) == []
+    assert processes_of(tmp_path) == [], command_lines(processes_of(tmp_path))
     lines = metrics(run)
     preempted = [m["step"] for m in lines if m.get("event") == "preempted"]
     assert len(preempted) == 1 and preempted[0] == max(m["step"] for m in lines if "event" not in m)
