@@ -1389,12 +1389,27 @@ def stage_flops(setup, config):
     return model.flops_per_sample(setup.config, config.max_latent_len, config.max_text_len, config.max_speaker_len)
 
 
+class StopRequest:
+    """Whether a stop signal arrived: a plain attribute that the handler sets. Not a threading.Event:
+    its set() takes a lock, and a second signal arriving while the first handler holds it (a dropped
+    session sends SIGHUP to every process, then launch.sh passes SIGTERM on) deadlocks the trainer."""
+
+    def __init__(self):
+        self.requested = False
+
+    def set(self):
+        self.requested = True
+
+    def is_set(self):
+        return self.requested
+
+
 def stop_signals():
     """SIGTERM (a preemption, the machine's shutdown) and SIGHUP (a dropped ssh session) both end the
-    run with a checkpoint at the next step. A single host sets the returned event; a pod learns of
-    SIGTERM through JAX's preemption notifier, which agrees on the step with the other hosts, so
+    run with a checkpoint at the next step. A single host sets the returned StopRequest; a pod learns
+    of SIGTERM through JAX's preemption notifier, which agrees on the step with the other hosts, so
     SIGHUP is passed on to it as SIGTERM."""
-    stop = threading.Event()
+    stop = StopRequest()
     if jax.process_count() == 1:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda signum, frame: stop.set())
