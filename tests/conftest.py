@@ -46,6 +46,9 @@ GCS_PORT = free_port()
 os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{GCS_PORT}"
 os.environ["TENSORSTORE_GCS_HTTP_URL"] = f"http://127.0.0.1:{GCS_PORT}"
 GCS_BUCKET = "echo-test-bucket"
+# No Google credentials here: without this, every gcsfs call asks google.auth for them again (its
+# bucket-type lookup caches no failure), and google.auth probes the GCE metadata server each time.
+os.environ["NO_GCE_CHECK"] = "true"
 
 import pytest  # noqa: E402
 

@@ -3,15 +3,31 @@
     python tests/gcs_emulator.py PORT BUCKET
 
 It rewrites its whole object index after every write, which makes a checkpoint of a few hundred
-objects take minutes; in memory that index is never read back, so the rewrite is skipped.
+objects take minutes; in memory that index is never read back, so the rewrite is skipped. And it
+answers the uploads' `Expect: 100-continue` at once.
 """
 import sys
 
 from gcp_storage_emulator import server, storage
 
 
+def answer_expect_100(handler_class):
+    """Answer `Expect: 100-continue` (which tensorstore's uploads send) at once: the emulator speaks
+    HTTP/1.0, where http.server never sends the interim 100, and every upload then waited a second."""
+    parse = handler_class.parse_request
+
+    def parse_request(self):
+        ok = parse(self)
+        if ok and self.headers.get("Expect", "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
+        return ok
+    handler_class.parse_request = parse_request
+
+
 def main(port, bucket):
     storage.Storage._write_config_to_file = lambda self: None
+    answer_expect_100(server.RequestHandler)
     server.create_server("127.0.0.1", int(port), in_memory=True, default_bucket=bucket).run()
 
 
