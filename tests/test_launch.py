@@ -36,29 +36,18 @@ def launch(tmp_path, port, *flags, **popen):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
 
 
+def command_line(pid):
+    """The command line of process `pid`, its arguments joined by spaces ("" once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def processes_of(tmp_path):
     """PIDs of any process whose command line mentions this test's directory."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if str(tmp_path).encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-def command_lines(pids):
-    """What each of these processes runs, for a failure message."""
-    lines = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                lines.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:
-            pass
-    return lines
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc")) if str(tmp_path) in command_line(pid)]
 
 
 def metrics(run):
@@ -110,11 +99,9 @@ def trainer_of_host(tmp_path, index):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 environ = f.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
         except OSError:
             continue
-        if f"ECHO_PROCESS_ID={index}".encode() in environ and b"train_pretrain.py" in cmdline:
+        if f"ECHO_PROCESS_ID={index}".encode() in environ and "train_pretrain.py" in command_line(pid):
             return pid
     return None
 
@@ -223,7 +210,7 @@ def test_a_preempted_worker_checkpoints_and_the_same_command_resumes(tmp_path, s
     stopped = time.monotonic()
     while processes_of(tmp_path) and time.monotonic() - stopped < 30:
         time.sleep(0.2)
-    assert processes_of(tmp_path) == [], command_lines(processes_of(tmp_path))
+    assert processes_of(tmp_path) == [], [command_line(pid) for pid in processes_of(tmp_path)]
     lines = metrics(run)
     preempted = [m["step"] for m in lines if m.get("event") == "preempted"]
     assert len(preempted) == 1 and preempted[0] == max(m["step"] for m in lines if "event" not in m)
