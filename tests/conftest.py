@@ -57,6 +57,48 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs; skipped unless -m slow is given")
 
 
+def needs_background_run(item):
+    return any(name in getattr(item.module, "BACKGROUND_RUNS", {}) for name in item.fixturenames)
+
+
+def pytest_collection_modifyitems(items):
+    """The modules whose tests wait for a background run go last, so that every other test runs while
+    those runs train."""
+    late = {item.module for item in items if needs_background_run(item)}
+    items.sort(key=lambda item: item.module in late)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_runs(request, tmp_path_factory):
+    """The long training runs that the selected tests need (a module's BACKGROUND_RUNS: fixture name ->
+    function of a run directory giving the command and its environment), all started when the session
+    starts at the lowest CPU priority: they train on the cores the rest of the suite leaves idle, and
+    the tests that read them wait with `finished_run`."""
+    import subprocess
+    wanted = {(item.module, name) for item in request.session.items if needs_background_run(item)
+              for name in item.fixturenames if name in item.module.BACKGROUND_RUNS}
+    runs = {}
+    for module, name in sorted(wanted, key=lambda pair: pair[1]):
+        run_dir = tmp_path_factory.mktemp(name)
+        command, env = module.BACKGROUND_RUNS[name](run_dir)
+        with open(run_dir / "output.log", "wb") as log:
+            runs[name] = (subprocess.Popen(["nice", "-n", "19", *command], stdout=log, stderr=subprocess.STDOUT,
+                                           env=env), run_dir)
+    yield runs
+    for proc, _ in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def finished_run(background_runs, name, timeout=3600):
+    """The run directory of background run `name` once it has ended well."""
+    proc, run_dir = background_runs[name]
+    returncode = proc.wait(timeout=timeout)
+    assert returncode == 0, (run_dir / "output.log").read_text()[-3000:]
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def hub():
     """The loopback Hub (HF_ENDPOINT points at it): add repos with hub.add_file(...)."""

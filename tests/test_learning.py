@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, finished_run
 
 import bench
 import checkpoint
@@ -31,28 +31,33 @@ def read_metrics(path):
         return [json.loads(line) for line in f]
 
 
-def train_demo(run_dir, *flags):
-    """The trainer's CLI as a user runs it: one device (the suite's 8 fake devices would shard the
-    tiny model 8 ways on 2 cores and take 1.6x as long)."""
+def demo_command(run_dir, *flags):
+    """The trainer's CLI as a user runs it, and its environment: one device (the suite's 8 fake devices
+    would shard the tiny model 8 ways on 2 cores and take 1.6x as long)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--data", "synthetic",
-                          "--run_dir", str(run_dir), *flags], capture_output=True, text=True, env=env, timeout=1800)
+    return [sys.executable, os.path.join(REPO, "train_pretrain.py"), "--data", "synthetic",
+            "--run_dir", str(run_dir), *flags], env
+
+
+def train_demo(run_dir, *flags):
+    command, env = demo_command(run_dir, *flags)
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+BACKGROUND_RUNS = {"demo": lambda run_dir: demo_command(
+    run_dir, "--run_steps", str(BOUNDED_STEPS), "--eval_every", str(BOUNDED_STEPS // 2),
+    "--full_eval_every", str(BOUNDED_STEPS), "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))}
+
+
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("demo")
-    start = time.perf_counter()
-    train_demo(run_dir, "--run_steps", str(BOUNDED_STEPS), "--eval_every", str(BOUNDED_STEPS // 2),
-               "--full_eval_every", str(BOUNDED_STEPS), "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))
-    minutes = (time.perf_counter() - start) / 60
+def demo(background_runs):
+    run_dir = finished_run(background_runs, "demo")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     evals = [m for m in metrics if m.get("event") == "eval"]
     full = [m for m in metrics if m.get("event") == "full_eval"]
-    print(f"demo, {BOUNDED_STEPS} steps in {minutes:.1f} min: synthetic_nmse "
-          + " ".join(f"{e['synthetic_nmse']:.3f}" for e in evals) + "; full eval: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in full[-1].items() if k.startswith("synthetic_")))
+    print(f"demo, {BOUNDED_STEPS} steps: synthetic_nmse " + " ".join(f"{e['synthetic_nmse']:.3f}" for e in evals)
+          + "; full eval: " + ", ".join(f"{k} {v:.3f}" for k, v in full[-1].items() if k.startswith("synthetic_")))
     return {"run_dir": run_dir, "evals": evals, "full_eval": full[-1]}
 
 
