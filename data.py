@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import sys
 import tarfile
 import tempfile
@@ -610,16 +611,23 @@ class Pipeline:
             log.warning("no silence latent given: target latents are padded with zeros, not the codec's "
                         "silence (make one with `python dacvae.py silence`)")
         self.silence = load_silence(config.silence_latent, config.max_latent_len)
-        scratch = config.scratch_dir or tempfile.mkdtemp(prefix=f"echo-shards-{config.process_index}-")
         self.streams, self.pins, self.listings = [], [], {}
+        pinned_shards = []
         for i, (source, _) in enumerate(self.sources):
             pin, shards = self._pin(source, saved_pins[i] if saved_pins else None, (listings or {}).get(source))
             if len(shards) < config.process_count:
                 raise DataError(f"{len(shards)} shard(s) in {source} cannot feed {config.process_count} hosts: "
                                 "every host needs at least one shard")
             self.pins.append(pin)
+            pinned_shards.append(shards)
+        # Only Hub shards are downloaded; a scratch directory made here is this pipeline's and goes with it.
+        hub = any(source.startswith("hf://") for source, _ in self.sources)
+        self._own_scratch = tempfile.mkdtemp(prefix=f"echo-shards-{config.process_index}-") \
+            if hub and not config.scratch_dir else None
+        scratch = config.scratch_dir or self._own_scratch
+        for i, ((source, _), shards, pin) in enumerate(zip(self.sources, pinned_shards, self.pins)):
             self.streams.append(SourceStream(i, source, shards, config, os.path.join(scratch, str(i)) if
-                                             len(self.sources) > 1 else scratch, pin["revision"]))
+                                             scratch and len(self.sources) > 1 else scratch, pin["revision"]))
         fresh = {"epoch": 0, "slots": None, "next": 0, "block": 0, "emitted": 0, "taken": 0}
         self._state = state or {"seed": config.seed, "samples_seen": 0, "sources": [fresh] * len(self.sources)}
         self._delivered_counters = {source: {} for source, _ in self.sources}
@@ -697,6 +705,8 @@ class Pipeline:
                 self._thread.join(timeout=0.1)
         for stream in self.streams:
             stream.close()
+        if self._own_scratch:
+            shutil.rmtree(self._own_scratch, ignore_errors=True)
 
     # -- producer side
     def _samples(self):

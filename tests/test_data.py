@@ -294,6 +294,25 @@ def test_hub_streaming_matches_local_and_keeps_disk_bounded(hub, tmp_path):
     assert any(path.startswith("/datasets/me/corpus/resolve/") for _, path in hub.requests)
 
 
+def test_only_a_hub_source_makes_a_scratch_directory_and_close_removes_it(hub, tmp_path, monkeypatch):
+    """Shards are downloaded into a directory under TMPDIR that the pipeline made: none for local
+    shards, and the pipeline's own one is gone once it is closed (each run and evaluation used to leave one)."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(temp))
+    write_corpus(tmp_path / "local", 2, 4)
+    publish(hub, "me/scratch", tmp_path / "local")
+    here = Pipeline(config(str(tmp_path / "local")))
+    next(here)
+    here.close()
+    assert os.listdir(temp) == []
+    remote = Pipeline(config("hf://datasets/me/scratch"))
+    next(remote)
+    assert [name for name in os.listdir(temp) if name.startswith("echo-shards-0-")]
+    remote.close()
+    assert os.listdir(temp) == []
+
+
 def test_hub_source_revision_and_glob(hub, tmp_path):
     write_corpus(tmp_path / "a", 2, 2, prefix="train")
     write_corpus(tmp_path / "b", 2, 2, prefix="valid")
