@@ -3,9 +3,10 @@
     python tests/gcs_emulator.py PORT BUCKET
 
 It rewrites its whole object index after every write, which makes a checkpoint of a few hundred
-objects take minutes; in memory that index is never read back, so the rewrite is skipped. And it
-answers the uploads' `Expect: 100-continue` at once.
+objects take minutes; in memory that index is never read back, so the rewrite is skipped. It
+answers the uploads' `Expect: 100-continue` at once, and queues many connections.
 """
+import http.server
 import sys
 
 from gcp_storage_emulator import server, storage
@@ -27,6 +28,9 @@ def answer_expect_100(handler_class):
 
 def main(port, bucket):
     storage.Storage._write_config_to_file = lambda self: None
+    # tensorstore opens dozens of connections at once and the emulator closes each after one request:
+    # beyond http.server's 5 waiting connections the kernel drops the new ones, and each retried a second later.
+    http.server.HTTPServer.request_queue_size = 256
     answer_expect_100(server.RequestHandler)
     server.create_server("127.0.0.1", int(port), in_memory=True, default_bucket=bucket).run()
 
