@@ -5,8 +5,11 @@ The environment must be set before JAX or huggingface_hub is imported anywhere (
 at import), which is why it lives here.
 """
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(REPO, "tests", "data")
@@ -34,7 +37,6 @@ os.environ.pop("HF_TOKEN", None)
 os.environ.pop("DACVAE_WEIGHTS", None)
 
 def free_port():
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -57,14 +59,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long end-to-end runs; skipped unless -m slow is given")
 
 
-def needs_background_run(item):
-    return any(name in getattr(item.module, "BACKGROUND_RUNS", {}) for name in item.fixturenames)
+def background_runs_needed(item):
+    """The background runs (its module's BACKGROUND_RUNS) that a test's fixtures read."""
+    runs = getattr(item.module, "BACKGROUND_RUNS", {})
+    return [name for name in item.fixturenames if name in runs]
 
 
 def pytest_collection_modifyitems(items):
     """The modules whose tests wait for a background run go last, so that every other test runs while
     those runs train."""
-    late = {item.module for item in items if needs_background_run(item)}
+    late = {item.module for item in items if background_runs_needed(item)}
     items.sort(key=lambda item: item.module in late)
 
 
@@ -74,9 +78,7 @@ def background_runs(request, tmp_path_factory):
     function of a run directory giving the command and its environment), all started when the session
     starts at the lowest CPU priority: they train on the cores the rest of the suite leaves idle, and
     the tests that read them wait with `finished_run`."""
-    import subprocess
-    wanted = {(item.module, name) for item in request.session.items if needs_background_run(item)
-              for name in item.fixturenames if name in item.module.BACKGROUND_RUNS}
+    wanted = {(item.module, name) for item in request.session.items for name in background_runs_needed(item)}
     runs = {}
     for module, name in sorted(wanted, key=lambda pair: pair[1]):
         run_dir = tmp_path_factory.mktemp(name)
@@ -111,9 +113,6 @@ def hub():
 @pytest.fixture(scope="session")
 def gcs():
     """A local Cloud Storage emulator (tests/gcs_emulator.py) holding one bucket; returns its name."""
-    import socket
-    import subprocess
-    import time
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "gcs_emulator.py"), str(GCS_PORT),
                                GCS_BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30

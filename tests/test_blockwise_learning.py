@@ -4,11 +4,10 @@ canvas, and continues the true first half of an utterance better than a random p
 run is shared by this module; the full run of README's figures is `slow`."""
 import json
 import os
-import subprocess
 
 import pytest
 from conftest import REPO, finished_run
-from test_learning import demo_command, read_metrics
+from test_learning import demo_command, read_metrics, train_demo
 
 import bench
 
@@ -17,10 +16,11 @@ BOUNDED_NMSE = 0.5  # the whole canvas at 2500 steps (seed 0: ~0.2); a model tha
 BLOCKS_OVER_WHOLE = 1.5  # the issue's bound: the utterance in blocks within 1.5x of its whole-canvas error
 
 
-def blockwise_command(run_dir, steps):
-    return demo_command(run_dir, *bench.BLOCKWISE_RUN[2:], "--steps", str(bench.BLOCKWISE_STEPS), "--run_steps",
-                        str(steps), "--eval_every", str(steps), "--full_eval_samples", "0",
-                        "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))
+def blockwise_flags(steps):
+    """bench.py blockwise's run, stopped after `steps` of its schedule."""
+    return [*bench.BLOCKWISE_RUN[2:], "--steps", str(bench.BLOCKWISE_STEPS), "--run_steps", str(steps),
+            "--eval_every", str(steps), "--full_eval_samples", "0",
+            "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
 
 
 def measure(run_dir, steps):
@@ -30,7 +30,7 @@ def measure(run_dir, steps):
     return figures
 
 
-BACKGROUND_RUNS = {"bounded": lambda run_dir: blockwise_command(run_dir, BOUNDED_STEPS)}
+BACKGROUND_RUNS = {"bounded": lambda run_dir: demo_command(run_dir, *blockwise_flags(BOUNDED_STEPS))}
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,7 @@ def test_the_second_half_continues_the_true_first_half_better_than_a_random_one(
 @pytest.mark.slow
 def test_the_full_blockwise_demo_run(tmp_path):
     """README's figures: bench.py blockwise's run (BLOCKWISE_STEPS)."""
-    command, env = blockwise_command(tmp_path, bench.BLOCKWISE_STEPS)
-    subprocess.run(command, env=env, check=True, timeout=3600)
+    train_demo(tmp_path, *blockwise_flags(bench.BLOCKWISE_STEPS))
     figures = measure(tmp_path, bench.BLOCKWISE_STEPS)
     assert_blocks_are_as_good_as_one_canvas(figures, 0.2)  # seed 0: 0.07
     assert_the_prefix_is_used(figures)
