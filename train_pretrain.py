@@ -390,9 +390,12 @@ def learning_rate(count, values):
     rest (a run without a primer has only the second)."""
     lr, primed, *stages = (values[i] for i in range(6))
 
+    # In the order of optax.warmup_cosine_decay_schedule's operations: the rates are its own, to float32 rounding
+    # (XLA folds a schedule's constants, so a compiled one may differ in the last bit).
     def warmup_cosine(count, warmup, steps):
-        decayed = jnp.minimum(count - warmup, steps - warmup) / (steps - warmup)
-        return lr * jnp.where(count < warmup, count / warmup, 0.5 * (1 + jnp.cos(jnp.pi * decayed)))
+        rising = (0.0 - lr) * (1 - jnp.clip(count, 0, warmup) / warmup) + lr
+        falling = lr * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, steps - warmup) / (steps - warmup))))
+        return jnp.where(count < warmup, rising, falling)
     count = jnp.asarray(count, jnp.float32)
     return jnp.where(count < primed, warmup_cosine(count, *stages[:2]), warmup_cosine(count - primed, *stages[2:]))
 
