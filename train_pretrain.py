@@ -476,8 +476,11 @@ def prefix_inputs(rng, x0, patch, prob):
 
 def run_values(args):
     """What the train step takes as values rather than constants (one compiled step serves runs
-    that differ only in these): the seed and the learning-rate schedule."""
-    return {"seed": np.asarray(args.seed, np.int32), "schedule": schedule_values(args)}
+    that differ only in these): the seed, the learning-rate schedule, the EMA decay and the share of
+    blockwise samples (whether there are EMA weights or blockwise samples at all shapes the step)."""
+    return {"seed": np.asarray(args.seed, np.int32), "schedule": schedule_values(args),
+            "ema_decay": np.asarray(args.ema_decay, np.float32),
+            "prefix_prob": np.asarray(args.prefix_prob, np.float32)}
 
 
 def build_train_step(module, args):
@@ -494,7 +497,7 @@ def build_train_step(module, args):
         prefix, weight = {}, jnp.ones(x0.shape[:2], jnp.float32)
         if args.prefix_prob:
             prefix, x0 = prefix_inputs(jax.random.fold_in(rng, PREFIX_STREAM), x0, module.config.encoder_patch_size,
-                                       args.prefix_prob)
+                                       run["prefix_prob"])
             weight = prefix["frames_mask"].astype(jnp.float32)
         t = stratified_timesteps(r_t, b)
         x_t, target = flow_matching_pair(x0, jax.random.normal(r_noise, x0.shape, jnp.float32), t)
@@ -534,7 +537,7 @@ def build_train_step(module, args):
                      "step": state["step"] + 1}
         if "ema_params" in state:
             step = state["step"].astype(jnp.float32)
-            decay = jnp.minimum(args.ema_decay, (1 + step) / (10 + step))
+            decay = jnp.minimum(run["ema_decay"], (1 + step) / (10 + step))
             new_state["ema_params"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"],
                                                    new_state["params"])
         # Loss by timestep bucket: per-sample MSE over frames normalised the same way as the loss.
