@@ -2,7 +2,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +9,7 @@ import urllib.request
 
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import REPO, free_port
 
 import train_pretrain
 
@@ -18,12 +17,6 @@ TINY = ["--preset", "tiny", "--data", "synthetic", "--synthetic_corpus", "short"
         "--max_latent_len", "48", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_samples", "0",
         "--full_eval_samples", "0",  # evals give val_loss only: nothing sampled to compile
         "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]  # the suite's cache, not each test's empty one
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(tmp_path, port, *flags, **popen):
