@@ -15,6 +15,8 @@ training checkpoint (`python train_pretrain.py export`) or weights only. disk_wa
 own copy of these names (it must not import jax); tests hold it against what this module writes.
 """
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -385,13 +387,44 @@ def read_step(directory, step, target):
         if "ema_params" in wanted and "ema_params" not in saved:
             del wanted["ema_params"]
             log.warning("checkpoint %d holds no EMA weights: they start from its params", step)
-        state = dict(handler.restore(path / "state", args=ocp.args.StandardRestore(wanted)))
+        with reads_finish_before_their_loop_closes():
+            state = dict(handler.restore(path / "state", args=ocp.args.StandardRestore(wanted)))
     finally:
         handler.close()
     meta = ocp.JsonCheckpointHandler().restore(path / "meta")
     if "ema_params" in target and "ema_params" not in state:
         state["ema_params"] = jax.tree.map(lambda p: p.copy(), state["params"])
     return state, meta
+
+
+class ReadsFinishingEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that lets its unfinished tasks run to their end before it closes. Orbax runs a
+    restore in a loop of its own and closes it as soon as one array read fails, with the others in
+    flight: each of them then prints a traceback when its bytes arrive, and another when it is
+    collected, at any later moment (thousands of lines for a large damaged checkpoint)."""
+
+    def close(self):
+        if not self.is_closed() and not self.is_running():
+            unfinished = asyncio.all_tasks(self)
+            if unfinished:
+                self.run_until_complete(asyncio.gather(*unfinished, return_exceptions=True))
+        super().close()
+
+
+class ReadsFinishingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return ReadsFinishingEventLoop()
+
+
+@contextlib.contextmanager
+def reads_finish_before_their_loop_closes():
+    """Within: the event loops orbax makes are ReadsFinishingEventLoops."""
+    before = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(ReadsFinishingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(before)
 
 
 class ModelMismatch(Exception):
