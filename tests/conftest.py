@@ -104,6 +104,29 @@ def finished_run(background_runs, name, timeout=3600):
     return run_dir
 
 
+class EarlyRun:
+    """A CLI run that spends most of its time waiting (the Hub client's retries with backoff, about
+    20 s), started by a module-scoped fixture when its module starts, so that it waits while the
+    module's other tests run; the test that checks it comes last and reads `result()`."""
+
+    def __init__(self, command, env):
+        self.command, self.streams = command, [tempfile.TemporaryFile("w+") for _ in range(2)]
+        self.proc = subprocess.Popen(command, stdout=self.streams[0], stderr=self.streams[1], text=True, env=env)
+
+    def result(self, timeout=300):
+        """Its subprocess.CompletedProcess, once it has ended."""
+        self.proc.wait(timeout=timeout)
+        stdout, stderr = (stream.seek(0) or stream.read() for stream in self.streams)
+        return subprocess.CompletedProcess(self.command, self.proc.returncode, stdout, stderr)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in self.streams:
+            stream.close()
+
+
 @pytest.fixture(scope="session")
 def hub():
     """The loopback Hub (HF_ENDPOINT points at it): add repos with hub.add_file(...)."""

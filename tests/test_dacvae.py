@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import DATA, REPO
+from conftest import DATA, REPO, EarlyRun
 
 import dacvae
 from dacvae import DACVAE, DACVAEError
@@ -34,6 +34,17 @@ def tone(seconds, rate, freq=440.0, channels=1):
 def run_cli(*args, env=None):
     return subprocess.run([sys.executable, os.path.join(REPO, "dacvae.py"), *args], capture_output=True,
                           text=True, env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unreachable_hub_silence(tmp_path_factory):
+    """`dacvae.py silence` with the Hub unreachable, from the module's start (it waits out the
+    Hub client's retries): its output path and its EarlyRun."""
+    out = tmp_path_factory.mktemp("unreachable_hub") / "s.npy"
+    run = EarlyRun([sys.executable, os.path.join(REPO, "dacvae.py"), "silence", str(out)],
+                   {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"})
+    yield out, run
+    run.close()
 
 
 # ---------------------------------------------------------------- parity
@@ -140,15 +151,6 @@ def test_load_through_a_hub_repo_id(hub, expected):
 def test_env_var_chooses_the_default_weights(monkeypatch, tmp_path):
     monkeypatch.setenv("DACVAE_WEIGHTS", WEIGHTS)
     assert DACVAE.load().kwargs["decoder_dim"] == 96
-
-
-def test_unreachable_hub_is_one_clear_sentence(tmp_path):
-    out = run_cli("silence", str(tmp_path / "s.npy"), env={"HF_ENDPOINT": "http://127.0.0.1:9",
-                                                            "HF_HUB_ETAG_TIMEOUT": "2"})
-    assert out.returncode == 2
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
-    assert "could not download DACVAE weights" in out.stderr and "--weights" in out.stderr
-    assert not (tmp_path / "s.npy").exists()
 
 
 # ---------------------------------------------------------------- long audio
@@ -296,3 +298,12 @@ def test_cli_rejects_bad_latents_and_flags(tmp_path):
     assert out.returncode == 2 and "--message" in out.stderr
     out = run_cli("silence", str(tmp_path / "s.npy"), "--seconds", "-1", "--weights", WEIGHTS)
     assert out.returncode == 2 and "--seconds" in out.stderr
+
+
+def test_unreachable_hub_is_one_clear_sentence(unreachable_hub_silence):
+    path, run = unreachable_hub_silence
+    out = run.result()
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "could not download DACVAE weights" in out.stderr and "--weights" in out.stderr
+    assert not path.exists()

@@ -2,7 +2,6 @@ import dataclasses
 import json
 import os
 import pickle
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO
+from conftest import REPO, EarlyRun
 
 import checkpoint
 import dacvae
@@ -41,6 +40,18 @@ def run(tmp_path_factory):
     assert train_pretrain.main(["export", str(checkpoints), str(checkpoints / "step_0000003.pkl")]) == 0
     return {"root": root, "full": str(checkpoints / "step_0000003.pkl"), "dir": str(checkpoints),
             "params": str(checkpoints / "step_0000003.params.pkl"), "codec": str(weights)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unreachable_hub_inference(run, tmp_path_factory):
+    """inference.py with no codec weights and the Hub unreachable, from the module's start (it waits
+    out the Hub client's retries): its output path and its EarlyRun."""
+    out = tmp_path_factory.mktemp("unreachable_hub") / "o.wav"
+    early = EarlyRun([sys.executable, os.path.join(REPO, "inference.py"), "--checkpoint", run["params"], "--text",
+                      "hi", "--output", str(out), "--compile_cache_dir", ""],
+                     {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"})
+    yield out, early
+    early.close()
 
 
 @pytest.fixture(scope="module")
@@ -601,13 +612,11 @@ def test_short_or_silent_reference_warns_and_continues(run, tmp_path, caplog):
         assert needle in caplog.text and out.exists()
 
 
-def test_unreachable_hub_without_local_codec_weights(run, tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(REPO, "inference.py"), "--checkpoint", run["params"],
-                          "--text", "hi", "--output", str(tmp_path / "o.wav"), "--compile_cache_dir", ""],
-                         capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"})
+def test_unreachable_hub_without_local_codec_weights(unreachable_hub_inference):
+    path, early = unreachable_hub_inference
+    out = early.result()
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr
     assert "could not download DACVAE weights" in errors[0] and "--dacvae_weights" in errors[0]
-    assert not (tmp_path / "o.wav").exists()
+    assert not path.exists()
