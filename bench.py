@@ -340,20 +340,21 @@ def bench_train():
             ["--global_batch_size", str(batch), "--max_latent_len", str(lengths[0]), "--max_text_len",
              str(lengths[1]), "--max_speaker_len", str(lengths[2])]))
         module = model.EchoDiT(config)
-        tx, _ = train_pretrain.make_optimizer(args)
+        tx = train_pretrain.make_optimizer(args)
         params = nn.unbox(model.init_params(config, jax.random.key(0)))
         state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
         b = random_batch(config, batch, *lengths)
         b = {"latent": b["x"], "latent_mask": np.ones(b["x"].shape[:2], np.int32), "text_ids": b["text_ids"],
              "text_mask": b["text_mask"], "speaker_latent": b["speaker_latent"], "speaker_mask": b["speaker_mask"]}
-        step = jax.jit(train_pretrain.build_train_step(module, tx, args), donate_argnums=(0,))
+        step = jax.jit(train_pretrain.build_train_step(module, args), donate_argnums=(0,))
+        run = train_pretrain.run_values(args)
         start = time.perf_counter()
-        compiled = step.lower(state, b).compile()
+        compiled = step.lower(state, b, run).compile()
         compile_s = time.perf_counter() - start
         holder = [state]
 
         def one(batch):
-            holder[0], metrics = compiled(holder[0], batch)
+            holder[0], metrics = compiled(holder[0], batch, run)
             return metrics["loss"]
 
         seconds = best_time(one, b)

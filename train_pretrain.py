@@ -372,24 +372,47 @@ def stage_lengths(args, which):
     return corpus.synthetic_lengths(which) if run == corpus.synthetic_lengths(args.synthetic_corpus) else run
 
 
-def make_optimizer(args):
-    """AdamW with warm-up and cosine decay; a run with a primer (data stages) restarts both at the
-    switch, and restart_moments gives Adam fresh moments there."""
-
-    def warmup_cosine(steps):
-        warmup = max(int(args.warmup_frac * steps), 1)
-        return optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(steps, warmup + 1), 0.0)
+def schedule_values(args):
+    """The learning-rate schedule as numbers: [lr, primer steps, then the warm-up and length of the
+    primer's stage and of the rest]. The train step takes them as values, not constants, so that
+    runs of any length or learning rate share one compiled step."""
     primed = primer_steps(args)
-    schedule = (optax.join_schedules([warmup_cosine(primed), warmup_cosine(args.steps - primed)], [primed])
-                if primed else warmup_cosine(args.steps))
+
+    def stage(steps):
+        warmup = max(int(args.warmup_frac * steps), 1)
+        return warmup, max(steps, warmup + 1)
+    return np.array([args.lr, primed, *stage(primed), *stage(args.steps - primed)], np.float32)
+
+
+def learning_rate(count, values):
+    """The learning rate at optimizer step `count` of the schedule `values` (schedule_values): a
+    linear warm-up from 0 to lr, then a cosine decay to 0, over the primer's steps and again over the
+    rest (a run without a primer has only the second)."""
+    lr, primed, *stages = (values[i] for i in range(6))
+
+    # In the order of optax.warmup_cosine_decay_schedule's operations: the rates are its own, to float32 rounding
+    # (XLA folds a schedule's constants, so a compiled one may differ in the last bit).
+    def warmup_cosine(count, warmup, steps):
+        rising = (0.0 - lr) * (1 - jnp.clip(count, 0, warmup) / warmup) + lr
+        falling = lr * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, steps - warmup) / (steps - warmup))))
+        return jnp.where(count < warmup, rising, falling)
+    count = jnp.asarray(count, jnp.float32)
+    return jnp.where(count < primed, warmup_cosine(count, *stages[:2]), warmup_cosine(count - primed, *stages[2:]))
+
+
+def make_optimizer(args, values=None):
+    """AdamW under the learning_rate schedule of `values` (default: this run's schedule_values;
+    the train step passes its traced ones). A run with a primer (data stages) restarts warm-up and
+    decay at the switch, and restart_moments gives Adam fresh moments there."""
+    values = schedule_values(args) if values is None else values
 
     def decay_mask(params):
         no_decay = re.compile(r"(bias|norm|adaln|cond_dense_global|wgate)")
         return path_aware_map(lambda path, _: not no_decay.search("/".join(path)), params)
 
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=args.weight_decay, mask=decay_mask))
-    return tx, schedule
+    return optax.chain(optax.clip_by_global_norm(1.0),
+                       optax.adamw(lambda count: learning_rate(count, values), b1=0.9, b2=0.99,
+                                   weight_decay=args.weight_decay, mask=decay_mask))
 
 
 def restart_moments(tx, opt_state, params):
@@ -451,20 +474,30 @@ def prefix_inputs(rng, x0, patch, prob):
     return {"prefix_latent": x0 * before, "start_pos": start, "frames_mask": frames_mask}, block
 
 
-def build_train_step(module, tx, args):
-    """(state, batch) -> (state, metrics). state = {params, opt_state, step}; all randomness from
-    fold_in(seed, step). Non-finite steps leave params and moments untouched."""
+def run_values(args):
+    """What the train step takes as values rather than constants (one compiled step serves runs
+    that differ only in these): the seed, the learning-rate schedule, the EMA decay and the share of
+    blockwise samples (whether there are EMA weights or blockwise samples at all shapes the step)."""
+    return {"seed": np.asarray(args.seed, np.int32), "schedule": schedule_values(args),
+            "ema_decay": np.asarray(args.ema_decay, np.float32),
+            "prefix_prob": np.asarray(args.prefix_prob, np.float32)}
+
+
+def build_train_step(module, args):
+    """(state, batch, run_values) -> (state, metrics). state = {params, opt_state, step}; all
+    randomness from fold_in(seed, step). Non-finite steps leave params and moments untouched."""
     accum = args.grad_accum
 
-    def step_fn(state, batch):
-        rng = jax.random.fold_in(jax.random.key(args.seed), state["step"])
+    def step_fn(state, batch, run):
+        tx = make_optimizer(args, run["schedule"])
+        rng = jax.random.fold_in(jax.random.key(run["seed"]), state["step"])
         r_t, r_noise, r_cfg = jax.random.split(rng, 3)
         x0 = batch["latent"]
         b = x0.shape[0]
         prefix, weight = {}, jnp.ones(x0.shape[:2], jnp.float32)
         if args.prefix_prob:
             prefix, x0 = prefix_inputs(jax.random.fold_in(rng, PREFIX_STREAM), x0, module.config.encoder_patch_size,
-                                       args.prefix_prob)
+                                       run["prefix_prob"])
             weight = prefix["frames_mask"].astype(jnp.float32)
         t = stratified_timesteps(r_t, b)
         x_t, target = flow_matching_pair(x0, jax.random.normal(r_noise, x0.shape, jnp.float32), t)
@@ -504,7 +537,7 @@ def build_train_step(module, tx, args):
                      "step": state["step"] + 1}
         if "ema_params" in state:
             step = state["step"].astype(jnp.float32)
-            decay = jnp.minimum(args.ema_decay, (1 + step) / (10 + step))
+            decay = jnp.minimum(run["ema_decay"], (1 + step) / (10 + step))
             new_state["ema_params"] = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"],
                                                    new_state["params"])
         # Loss by timestep bucket: per-sample MSE over frames normalised the same way as the loss.
@@ -513,7 +546,7 @@ def build_train_step(module, tx, args):
         one_hot = jax.nn.one_hot(bucket, TIMESTEP_BUCKETS)
         bucket_loss = (one_hot * per_sample[:, None]).sum(0) / jnp.maximum(one_hot.sum(0), 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "bucket_loss": bucket_loss,
-                   "bucket_count": one_hot.sum(0)}
+                   "bucket_count": one_hot.sum(0), "lr": learning_rate(state["step"], run["schedule"])}
         return new_state, metrics
 
     return step_fn
@@ -612,13 +645,14 @@ def batch_specs(args, sharding):
 class Setup:
     """What a run compiles: the model and its mesh, the optimizer, the train state's layout
     (`abstract_state`: ShapeDtypeStructs carrying their shardings) and the jitted step. Training
-    calls `train_step`; the AOT compile lowers the same one for a TPU topology."""
+    calls `train_step` with `run_values` put on the devices; the AOT compile lowers the same one for
+    a TPU topology."""
     config: model.EchoConfig
     module: model.EchoDiT
     mesh: jax.sharding.Mesh
     rules: tuple
     tx: optax.GradientTransformation
-    schedule: object
+    run_values: dict
     abstract_state: dict
     state_shardings: dict
     batch_sharding: jax.sharding.NamedSharding
@@ -636,22 +670,19 @@ class Setup:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             yield
 
-    def step(self, state, batch):
-        with self.sharding():
-            return self.train_step(state, batch)
-
 
 def setup_training(args, devices, backend):
     config = model_config(args, backend)
     mesh = make_mesh(args.mesh_data, config, devices)
     module, rules = model.EchoDiT(config), model.logical_axis_rules()
-    tx, schedule = make_optimizer(args)
+    tx = make_optimizer(args)
     abstract, shardings = state_layout(config, tx, mesh, rules, args.ema_decay > 0)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    train_step = jax.jit(build_train_step(module, tx, args), in_shardings=(shardings, batch_sharding),
-                         out_shardings=(shardings, shardings["step"]), donate_argnums=(0,))
-    return Setup(config, module, mesh, rules, tx, schedule, abstract, shardings, batch_sharding, train_step)
+    replicated = shardings["step"]
+    train_step = jax.jit(build_train_step(module, args), in_shardings=(shardings, batch_sharding, replicated),
+                         out_shardings=(shardings, replicated), donate_argnums=(0,))
+    return Setup(config, module, mesh, rules, tx, run_values(args), abstract, shardings, batch_sharding, train_step)
 
 
 # ----------------------------------------------------------------------------
@@ -1342,7 +1373,7 @@ class StepLog:
         if not logged:
             return
         counts = np.asarray(out["bucket_count"])
-        line = dict(step=step, loss=float(out["loss"]), lr=float(self.setup.schedule(step - 1)),
+        line = dict(step=step, loss=float(out["loss"]), lr=float(out["lr"]),
                     grad_norm=float(out["grad_norm"]), step_time=round(step_time, 4), data_wait=round(data_wait, 4),
                     samples_per_sec=round(args.global_batch_size / step_time, 2),
                     latent_seconds_per_sec=round(frames * jax.process_count() / 25.0 / step_time, 2),
@@ -1468,6 +1499,7 @@ def train(args, on_eval=None):
     profile = Profile(args)
     exporter = checkpoint.Exporter(args.checkpoint_dir)
     saving, finished, preempted, out = None, False, False, None
+    run = jax.tree.map(lambda v: put_on_devices(v, setup.replicated), setup.run_values)
     try:
         while step < args.steps:
             profile.before(step)
@@ -1477,7 +1509,7 @@ def train(args, on_eval=None):
             started = time.perf_counter()
             local = next(pipeline)
             data_wait, started = time.perf_counter() - started, time.perf_counter()
-            state, out = setup.train_step(state, global_batch(setup, args, local))
+            state, out = setup.train_step(state, global_batch(setup, args, local), run)
             if step in (start_step, plan.stages[stage][0]):
                 jax.block_until_ready(out["loss"])
                 metrics.write(event="compiled", step=step, compile_s=round(time.perf_counter() - started, 2))
@@ -1621,7 +1653,8 @@ def aot_compile(args):
                                                        args.max_speaker_len) * b}
     start = time.perf_counter()
     with setup.sharding():
-        lowered = setup.train_step.lower(setup.abstract_state, batch_specs(args, setup.batch_sharding))
+        lowered = setup.train_step.lower(setup.abstract_state, batch_specs(args, setup.batch_sharding),
+                                         setup.run_values)
         try:
             memory = lowered.compile().memory_analysis()
             per_chip = (memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
@@ -1663,7 +1696,7 @@ def export_checkpoint(source, out):
         config = model.EchoConfig(**meta["config"])
         mesh = jax.make_mesh((1, 1), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2,
                              devices=jax.devices()[:1])
-        tx = make_optimizer(argparse.Namespace(**meta["flags"]))[0]
+        tx = make_optimizer(argparse.Namespace(**meta["flags"]))
         return state_layout(config, tx, mesh, model.logical_axis_rules(), ema)[0]
 
     directory, step = checkpoint.export_full(source, out, abstract_state)

@@ -83,16 +83,33 @@ def optimizer_args(**kw):
     return argparse.Namespace(**dict(dict(lr=2e-3, steps=1000, warmup_frac=0.05, weight_decay=0.01), **kw))
 
 
+def schedule_of(args):
+    return lambda step: train_pretrain.learning_rate(step, train_pretrain.schedule_values(args))
+
+
 def test_learning_rate_schedule_warms_up_then_decays_to_zero():
-    _, schedule = train_pretrain.make_optimizer(optimizer_args())
+    schedule = schedule_of(optimizer_args())
     assert float(schedule(0)) == 0.0
     assert float(schedule(50)) == pytest.approx(2e-3)  # peak at the end of the 5% warm-up
     assert float(schedule(25)) == pytest.approx(1e-3)
     assert float(schedule(525)) == pytest.approx(1e-3, rel=1e-3)  # cosine: half way down half way through
     assert float(schedule(1000)) == pytest.approx(0.0, abs=1e-12)
     for steps in (1, 2, 19):  # runs too short for a 5% warm-up still get a schedule
-        _, schedule = train_pretrain.make_optimizer(optimizer_args(steps=steps))
+        schedule = schedule_of(optimizer_args(steps=steps))
         assert float(schedule(0)) == 0.0 and float(schedule(max(steps - 1, 1))) >= 0.0
+
+
+def test_the_schedule_is_optaxs_warmup_cosine_and_the_same_with_traced_values():
+    import optax
+    for steps, lr, warmup_frac in ((1000, 2e-3, 0.05), (37, 3e-4, 0.1), (5, 1e-3, 0.0)):
+        args = optimizer_args(steps=steps, lr=lr, warmup_frac=warmup_frac)
+        warmup = max(int(warmup_frac * steps), 1)
+        oracle = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), 0.0)
+        counts = np.arange(steps + 3)
+        ours = np.asarray(schedule_of(args)(counts))
+        np.testing.assert_allclose(ours, np.asarray(oracle(counts)), rtol=1e-5, atol=1e-9)
+        traced = jax.jit(train_pretrain.learning_rate)(counts, train_pretrain.schedule_values(args))
+        np.testing.assert_allclose(np.asarray(traced), ours, rtol=1e-5, atol=1e-9)
 
 
 def test_a_new_data_stage_warms_up_again_with_fresh_adam_moments():
@@ -100,7 +117,7 @@ def test_a_new_data_stage_warms_up_again_with_fresh_adam_moments():
     args = optimizer_args(steps=200, data="synthetic", synthetic_corpus="medium")
     assert train_pretrain.primer_steps(args) == 140  # the demo's primer: the first 70%
     assert train_pretrain.primer_steps(optimizer_args(steps=200, data="/shards")) == 0
-    tx, schedule = train_pretrain.make_optimizer(args)
+    tx, schedule = train_pretrain.make_optimizer(args), schedule_of(args)
     assert [float(schedule(s)) for s in (0, 7, 140, 143)] == pytest.approx([0.0, 2e-3, 0.0, 2e-3])
     assert float(schedule(139)) == pytest.approx(0.0, abs=1e-6) and float(schedule(171)) == pytest.approx(1e-3, rel=0.1)
     params = {"w": jnp.ones((3,))}
@@ -120,7 +137,8 @@ def test_weight_decay_shrinks_kernels_and_embeddings_only():
     config = echo.PRESETS["tiny"]
     params = jax.tree.map(jnp.ones_like, __import__("flax.linen", fromlist=["unbox"]).unbox(
         echo.init_params(config, jax.random.key(0))))
-    tx, schedule = train_pretrain.make_optimizer(optimizer_args(warmup_frac=0.0, steps=10))
+    args = optimizer_args(warmup_frac=0.0, steps=10)
+    tx, schedule = train_pretrain.make_optimizer(args), schedule_of(args)
     zeros = jax.tree.map(jnp.zeros_like, params)
     _, opt_state = tx.update(zeros, tx.init(params), params)  # step 0 has lr 0: look at step 1
     updates, _ = tx.update(zeros, opt_state, params)  # zero gradients: what moves is weight decay alone
