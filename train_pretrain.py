@@ -373,14 +373,16 @@ def stage_lengths(args, which):
 
 
 def schedule_values(args):
-    """The learning-rate schedule as numbers: [lr, primer steps, then the warm-up and length of the
-    primer's stage and of the rest]. The train step takes them as values, not constants, so that
-    runs of any length or learning rate share one compiled step."""
+    """The learning-rate schedule as numbers: [lr, primer steps, then for the primer's stage and for
+    the rest: warm-up steps, decay steps, 1 / warm-up steps and pi / decay steps]. The train step
+    takes them as values, not constants, so that runs of any length or learning rate share one
+    compiled step."""
     primed = primer_steps(args)
 
     def stage(steps):
         warmup = max(int(args.warmup_frac * steps), 1)
-        return warmup, max(steps, warmup + 1)
+        decay = max(steps, warmup + 1) - warmup
+        return warmup, decay, 1 / np.float32(warmup), np.float32(np.pi) * (1 / np.float32(decay))
     return np.array([args.lr, primed, *stage(primed), *stage(args.steps - primed)], np.float32)
 
 
@@ -388,16 +390,18 @@ def learning_rate(count, values):
     """The learning rate at optimizer step `count` of the schedule `values` (schedule_values): a
     linear warm-up from 0 to lr, then a cosine decay to 0, over the primer's steps and again over the
     rest (a run without a primer has only the second)."""
-    lr, primed, *stages = (values[i] for i in range(6))
+    lr, primed, *stages = (values[i] for i in range(10))
 
-    # In the order of optax.warmup_cosine_decay_schedule's operations: the rates are its own, to float32 rounding
-    # (XLA folds a schedule's constants, so a compiled one may differ in the last bit).
-    def warmup_cosine(count, warmup, steps):
-        rising = (0.0 - lr) * (1 - jnp.clip(count, 0, warmup) / warmup) + lr
-        falling = lr * (0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, steps - warmup) / (steps - warmup))))
+    # optax.warmup_cosine_decay_schedule's operations as XLA compiles them when its numbers are
+    # constants (a division by a constant becomes a product with its reciprocal, and products of
+    # constants fold into one): the rates of the step as it was, to the bit, so a run trains exactly
+    # as it did then.
+    def warmup_cosine(count, warmup, decay, per_warmup, pi_per_decay):
+        rising = (0.0 - lr) * (1 - jnp.clip(count, 0, warmup) * per_warmup) + lr
+        falling = (1 + jnp.cos(jnp.minimum(count - warmup, decay) * pi_per_decay)) * (lr * 0.5)
         return jnp.where(count < warmup, rising, falling)
     count = jnp.asarray(count, jnp.float32)
-    return jnp.where(count < primed, warmup_cosine(count, *stages[:2]), warmup_cosine(count - primed, *stages[2:]))
+    return jnp.where(count < primed, warmup_cosine(count, *stages[:4]), warmup_cosine(count - primed, *stages[4:]))
 
 
 def make_optimizer(args, values=None):
