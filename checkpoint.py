@@ -174,8 +174,9 @@ def load_checkpoint_dir(path):
         tree = stored_tree(step_dir)
         keys = [k for k in ("params", "ema_params") if k in tree]
         as_numpy = {k: jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[k]) for k in keys}
-        weights = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-            item={k: tree[k] for k in keys}, restore_args=as_numpy, partial_restore=True))
+        with reads_finish_before_their_loop_closes():
+            weights = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+                item={k: tree[k] for k in keys}, restore_args=as_numpy, partial_restore=True))
     except Exception as e:  # a damaged checkpoint raises whatever its reader meets
         raise CheckpointError(f"{step_dir} is not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     return {**weights, "step": meta["step"], **for_inference(meta)}
@@ -412,6 +413,8 @@ class ReadsFinishingEventLoop(asyncio.SelectorEventLoop):
 
 
 class ReadsFinishingPolicy(asyncio.DefaultEventLoopPolicy):
+    """Makes ReadsFinishingEventLoops."""
+
     def new_event_loop(self):
         return ReadsFinishingEventLoop()
 

@@ -2,6 +2,7 @@ import dataclasses
 import json
 import os
 import pickle
+import shutil
 import sys
 
 import flax.linen as nn
@@ -546,6 +547,9 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
         payload[key]["in_proj"]["kernel"] = np.zeros((128, 7), np.float32)
     with open(incompatible, "wb") as f:
         pickle.dump(payload, f)
+    damaged = tmp_path / "damaged" / "step_0000003"  # a preemption save (no export) missing a chunk
+    shutil.copytree(os.path.join(run["dir"], "step_0000003"), damaged)
+    next(f for f in sorted((damaged / "state").glob("params.*/*")) if not f.name.startswith(".")).unlink()
     not_echo = tmp_path / "not_echo.pkl"
     not_echo.write_bytes(pickle.dumps({"weights": [1, 2]}))
     not_audio = tmp_path / "ref.wav"
@@ -560,6 +564,7 @@ def test_every_user_error_is_one_clear_sentence(run, tmp_path, capsys):
         (["--checkpoint", str(truncated), "--text", "hi"], (str(truncated),)),
         (["--checkpoint", str(incompatible), "--text", "hi"], (str(incompatible),)),
         (["--checkpoint", str(not_echo), "--text", "hi"], ("not an Echo checkpoint",)),
+        (["--checkpoint", str(damaged.parent), "--text", "hi"], (str(damaged), "not a readable checkpoint")),
         (["--checkpoint", run["params"], "--text", "  "], ("text is empty",)),
         (["--checkpoint", run["params"], "--text", "hi", "--speaker_ref", str(tmp_path / "nope.mp3")],
          ("nope.mp3", "does not exist")),
