@@ -104,6 +104,10 @@ def finished_run(background_runs, name, timeout=3600):
     return run_dir
 
 
+# A Hugging Face Hub that refuses every connection (port 9, discard), answered fast.
+UNREACHABLE_HUB = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+
+
 class EarlyRun:
     """A CLI run that spends most of its time waiting (the Hub client's retries with backoff, about
     20 s), started by a module-scoped fixture when its module starts, so that it waits while the

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import DATA, REPO, EarlyRun
+from conftest import DATA, REPO, UNREACHABLE_HUB, EarlyRun
 
 import dacvae
 from dacvae import DACVAE, DACVAEError
@@ -42,7 +42,7 @@ def unreachable_hub_silence(tmp_path_factory):
     Hub client's retries): its output path and its EarlyRun."""
     out = tmp_path_factory.mktemp("unreachable_hub") / "s.npy"
     run = EarlyRun([sys.executable, os.path.join(REPO, "dacvae.py"), "silence", str(out)],
-                   {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"})
+                   {**os.environ, **UNREACHABLE_HUB})
     yield out, run
     run.close()
 

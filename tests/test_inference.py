@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO, EarlyRun
+from conftest import REPO, UNREACHABLE_HUB, EarlyRun
 
 import checkpoint
 import dacvae
@@ -50,7 +50,7 @@ def unreachable_hub_inference(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("unreachable_hub") / "o.wav"
     early = EarlyRun([sys.executable, os.path.join(REPO, "inference.py"), "--checkpoint", run["params"], "--text",
                       "hi", "--output", str(out), "--compile_cache_dir", ""],
-                     {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"})
+                     {**os.environ, **UNREACHABLE_HUB})
     yield out, early
     early.close()
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 import soundfile
-from conftest import REPO, free_port
+from conftest import REPO, UNREACHABLE_HUB, free_port
 
 import train_pretrain
 
@@ -20,8 +20,7 @@ TINY = ["--preset", "tiny", "--data", "synthetic", "--synthetic_corpus", "short"
 
 
 def launch(tmp_path, port, *flags, **popen):
-    env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port),
-           "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+    env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port), **UNREACHABLE_HUB}
     env.pop("DACVAE_WEIGHTS", None)
     env.pop("HF_HOME", None)  # launch.sh puts it on the large disk unless the user chose one
     env.pop("XLA_FLAGS", None)
@@ -55,7 +54,7 @@ def test_the_readme_command_completes_on_a_busy_machine(tmp_path):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(free_port()),
-               "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
+               **UNREACHABLE_HUB}
         for name in ("DACVAE_WEIGHTS", "HF_HOME", "XLA_FLAGS"):
             env.pop(name, None)
         proc = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "--local", "2"], stdout=subprocess.PIPE,
