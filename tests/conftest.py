@@ -24,6 +24,12 @@ PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=300 
                        "--xla_cpu_collective_timeout_seconds=300")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
                            + PATIENT_COLLECTIVES).strip()
+# XLA:CPU gives a process max(cores, devices) threads to run programs and as many for the work
+# inside them, and a device waiting at a collective holds one. Its collectives are ordered only by
+# when they start, so a device may wait at several at once: with 8 devices and 8 threads, the
+# devices that are ahead can hold every thread while one still needs a thread to arrive (twice in
+# 14 suite runs an in-process run hung in a collective until XLA's timeout). 32 leave room.
+os.environ.setdefault("PJRT_NPROC", "32")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
@@ -35,6 +41,7 @@ os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf_home_")
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ.pop("HF_TOKEN", None)
 os.environ.pop("DACVAE_WEIGHTS", None)
+
 
 def free_port():
     with socket.socket() as s:

@@ -765,6 +765,28 @@ def test_a_hub_source_is_listed_once_and_evaluated_at_its_pinned_commit(tmp_path
     assert len(evals) == 2 and all(np.isfinite(evals))
 
 
+def test_the_fake_devices_leave_xla_threads_to_spare():
+    """A device waiting at a collective holds one of XLA:CPU's threads, and may wait at several at
+    once: the suite's 8 fake devices get 4 threads each (conftest's PJRT_NPROC), not XLA's default
+    of one, so the devices that are ahead never hold every thread while another still has to arrive."""
+    import jax
+
+    mesh = jax.make_mesh((8,), ("d",))
+    x = jax.device_put(np.ones(8, np.float32), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    assert float(jax.jit(lambda a: a.sum(), out_shardings=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))(x)) == 8.0
+
+    def name(thread):
+        try:
+            with open(f"/proc/self/task/{thread}/comm") as f:
+                return f.read().strip()
+        except OSError:  # a thread that ended meanwhile
+            return None
+
+    names = [name(t) for t in os.listdir("/proc/self/task")]
+    assert jax.device_count() == 8 and names.count("tf_XLAEigen") >= 4 * jax.device_count(), names
+
+
 def test_peak_flops_come_from_the_device_kind():
     peaks = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
              "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA A100-SXM4-80GB": 312e12}
