@@ -24,14 +24,21 @@ PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=300 
                        "--xla_cpu_collective_timeout_seconds=300")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
                            + PATIENT_COLLECTIVES).strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # XLA:CPU gives a process max(cores, devices) threads to run programs and as many for the work
 # inside them, and a device waiting at a collective holds one. Its collectives are ordered only by
 # when they start, so a device may wait at several at once: with 8 devices and 8 threads, the
 # devices that are ahead can hold every thread while one still needs a thread to arrive (twice in
 # 14 suite runs an in-process run hung in a collective until XLA's timeout). 32 leave room.
-os.environ.setdefault("PJRT_NPROC", "32")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The backend reads PJRT_NPROC once, when it starts; it starts here and the variable goes, so that
+# the suite's subprocesses (one-device trainers, simulated hosts) keep XLA's own count rather than
+# 32 busy threads on 2 cores (a one-device run takes 13% longer with them).
+os.environ["PJRT_NPROC"] = "32"
+import jax  # noqa: E402
+
+jax.devices()
+del os.environ["PJRT_NPROC"]
 
 from hub_server import FakeHub  # noqa: E402
 

@@ -23,8 +23,7 @@ def launch(tmp_path, port, *flags, **popen):
     env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port), **UNREACHABLE_HUB}
     env.pop("DACVAE_WEIGHTS", None)
     env.pop("HF_HOME", None)  # launch.sh puts it on the large disk unless the user chose one
-    for name in ("XLA_FLAGS", "PJRT_NPROC"):  # the suite's 8 fake devices (conftest), not a user's setting
-        env.pop(name, None)
+    env.pop("XLA_FLAGS", None)  # the suite's 8 fake devices (conftest), not a user's setting
     return subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), "--local", "2", *TINY, *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
 
@@ -56,7 +55,7 @@ def test_the_readme_command_completes_on_a_busy_machine(tmp_path):
     try:
         env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(free_port()),
                **UNREACHABLE_HUB}
-        for name in ("DACVAE_WEIGHTS", "HF_HOME", "XLA_FLAGS", "PJRT_NPROC"):
+        for name in ("DACVAE_WEIGHTS", "HF_HOME", "XLA_FLAGS"):
             env.pop(name, None)
         proc = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "--local", "2"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=env, timeout=1500)
@@ -158,7 +157,6 @@ def worker_env(tmp_path, port):
     env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port),
            "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     env.pop("HF_HOME", None)
-    env.pop("PJRT_NPROC", None)
     return env
 
 

@@ -768,7 +768,8 @@ def test_a_hub_source_is_listed_once_and_evaluated_at_its_pinned_commit(tmp_path
 def test_the_fake_devices_leave_xla_threads_to_spare():
     """A device waiting at a collective holds one of XLA:CPU's threads, and may wait at several at
     once: the suite's 8 fake devices get 4 threads each (conftest's PJRT_NPROC), not XLA's default
-    of one, so the devices that are ahead never hold every thread while another still has to arrive."""
+    of one, so the devices that are ahead never hold every thread while another still has to arrive.
+    The suite's subprocesses do not inherit the setting: 32 threads would crowd a one-device run."""
     import jax
 
     mesh = jax.make_mesh((8,), ("d",))
@@ -785,6 +786,7 @@ def test_the_fake_devices_leave_xla_threads_to_spare():
 
     names = [name(t) for t in os.listdir("/proc/self/task")]
     assert jax.device_count() == 8 and names.count("tf_XLAEigen") >= 4 * jax.device_count(), names
+    assert "PJRT_NPROC" not in os.environ
 
 
 def test_peak_flops_come_from_the_device_kind():
