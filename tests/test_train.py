@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 import soundfile
-from conftest import PATIENT_COLLECTIVES, REPO
+from conftest import PATIENT_COLLECTIVES, QUICK_COMPILES, REPO
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
 import checkpoint
@@ -453,7 +453,10 @@ def test_a_blockwise_run_starts_from_a_plain_checkpoint_and_trains_its_prefix_pa
     prefix_path = re.compile(r"latent_(encoder|norm)/|.*/attention/w[kv]_latent/")
     assert new_parts and all(prefix_path.match(p) for p in new_parts)
     for path, value in started.items():
-        np.testing.assert_array_equal(value, ema[path] if path in ema else init[path], err_msg=path)
+        if path in ema:
+            np.testing.assert_array_equal(value, ema[path], err_msg=path)
+        else:  # computed again here by another program: equal up to float32 rounding (a few 1e-9)
+            np.testing.assert_allclose(value, init[path], rtol=1e-6, atol=1e-8, err_msg=path)
     # Training then reaches the path: its norm scale (no weight decay) moves only by its gradient.
     trained = run_inprocess(tmp_path, "trained", "--preset", "tiny-blockwise", "--init_from", source, "--steps", "30",
                             "--lr", "3e-3", "--prefix_prob", "0.5")
@@ -522,7 +525,8 @@ def identical_corpus(directory, count=64, seed=0):
 def host_env(port, processes, index, devices_per_process=1):
     """The environment of host `index` of a pod simulated on 127.0.0.1 (a single process joins no pod)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} {PATIENT_COLLECTIVES}"}
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} {PATIENT_COLLECTIVES} "
+                        f"{QUICK_COMPILES}"}
     if processes > 1:
         env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes), ECHO_PROCESS_ID=str(index))
     return env
