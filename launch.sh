@@ -16,7 +16,8 @@
 # holds process 0, and the others say so), then runs train_pretrain.py, which writes its own log (shown here).
 #
 # Environment: ECHO_DISK (default /mnt/disks/persist if it exists, else ~/echo-disk; locally ./runs),
-# ECHO_MONITOR_PORT (8080), ECHO_MONITOR_TOKEN, ECHO_MIN_FREE_GB (20; locally 2), PYTHON.
+# ECHO_MONITOR_PORT (8080), ECHO_MONITOR_TOKEN, ECHO_MIN_FREE_GB (20; locally 2), PYTHON, XLA_FLAGS (kept; a
+# simulated host gets one fake CPU device on top).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -116,7 +117,8 @@ export JAX_PLATFORMS=cpu
 # that the hosts do not slow each other down. Correctness does not depend on timing: the trainer
 # keeps every collective out of loops on a CPU pod (model.EchoConfig.unroll_scan; README, "Training
 # on a TPU pod"), so each host issues them in program order.
-export XLA_FLAGS="--xla_force_host_platform_device_count=1"
+# A user's own XLA flags stay; the device count comes last, so it is the one XLA keeps.
+export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=1"
 CORES=$(nproc)
 PIN=()
 TRAINER_PIDS=()

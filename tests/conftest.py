@@ -26,8 +26,14 @@ PATIENT_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=300 
 # LLVM's optimisations cost more time than they save (a 2-host 6-step run: 53 s with them, 38 s
 # without; the same losses). XLA's own passes still run.
 QUICK_COMPILES = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 "
-                           + PATIENT_COLLECTIVES + " " + QUICK_COMPILES).strip()
+
+
+def xla_flags(devices):
+    """The suite's XLA flags for a process with `devices` fake CPU devices."""
+    return f"--xla_force_host_platform_device_count={devices} {PATIENT_COLLECTIVES} {QUICK_COMPILES}"
+
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # XLA:CPU gives a process max(cores, devices) threads to run programs and as many for the work

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 import soundfile
-from conftest import REPO, UNREACHABLE_HUB, free_port
+from conftest import QUICK_COMPILES, REPO, UNREACHABLE_HUB, free_port, xla_flags
 
 import train_pretrain
 
@@ -23,7 +23,7 @@ def launch(tmp_path, port, *flags, **popen):
     env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port), **UNREACHABLE_HUB}
     env.pop("DACVAE_WEIGHTS", None)
     env.pop("HF_HOME", None)  # launch.sh puts it on the large disk unless the user chose one
-    env.pop("XLA_FLAGS", None)  # the suite's 8 fake devices (conftest), not a user's setting
+    env["XLA_FLAGS"] = QUICK_COMPILES  # not the suite's 8 fake devices: launch.sh gives each host one
     return subprocess.Popen(["bash", os.path.join(REPO, "launch.sh"), "--local", "2", *TINY, *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
 
@@ -155,7 +155,7 @@ def test_a_lost_host_stops_the_pod_with_one_line_naming_it(tmp_path):
 
 def worker_env(tmp_path, port):
     env = {**os.environ, "ECHO_DISK": str(tmp_path / "disk"), "ECHO_MONITOR_PORT": str(port),
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+           "XLA_FLAGS": xla_flags(1), "JAX_PLATFORMS": "cpu"}
     env.pop("HF_HOME", None)
     return env
 
@@ -241,3 +241,25 @@ def test_a_worker_shares_the_compilation_cache_of_gs_checkpoints(tmp_path, check
     args = train_pretrain.resolve_defaults(train_pretrain.parse_args(argv[argv.index(
         os.path.join(REPO, "train_pretrain.py")) + 1:]))
     assert args.compile_cache_dir == (cache if cache.startswith("gs://") else str(tmp_path / cache))
+
+
+def test_a_simulated_pod_keeps_the_users_xla_flags_and_gives_each_host_one_device(tmp_path):
+    """launch.sh --local passes the user's XLA_FLAGS on to every host with one fake device appended:
+    XLA takes a flag's last value, so a device count of the user's own gives way to it."""
+    stub = tmp_path / "python"  # answers launch.sh's port question; records each trainer's XLA_FLAGS and fails
+    stub.write_text("#!/bin/sh\ncase \"$*\" in\n  *coordinator_port*) echo 12345;;\n"
+                    f"  *train_pretrain.py*) printf '%s' \"$XLA_FLAGS\" > {tmp_path}/flags$ECHO_PROCESS_ID; exit 3;;\n"
+                    "esac\n")
+    stub.chmod(0o755)
+    one_device = "--xla_force_host_platform_device_count=1"
+    for users, hosts_get in ((None, one_device),
+                             (f"{QUICK_COMPILES} --xla_force_host_platform_device_count=8",
+                              f"{QUICK_COMPILES} --xla_force_host_platform_device_count=8 {one_device}")):
+        env = {**worker_env(tmp_path, free_port()), "PYTHON": str(stub)}
+        env.pop("XLA_FLAGS")
+        if users:
+            env["XLA_FLAGS"] = users
+        out = subprocess.run(["bash", os.path.join(REPO, "launch.sh"), "--local", "2", "--preset", "tiny"], env=env,
+                             timeout=60, capture_output=True, text=True)
+        assert out.returncode == 3 and "host 0 exited with status 3" in out.stderr + out.stdout, out
+        assert [(tmp_path / f"flags{i}").read_text() for i in range(2)] == [hosts_get] * 2

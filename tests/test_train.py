@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 import soundfile
-from conftest import PATIENT_COLLECTIVES, QUICK_COMPILES, REPO
+from conftest import REPO, xla_flags
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
 import checkpoint
@@ -524,9 +524,7 @@ def identical_corpus(directory, count=64, seed=0):
 
 def host_env(port, processes, index, devices_per_process=1):
     """The environment of host `index` of a pod simulated on 127.0.0.1 (a single process joins no pod)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} {PATIENT_COLLECTIVES} "
-                        f"{QUICK_COMPILES}"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices_per_process)}
     if processes > 1:
         env.update(ECHO_COORDINATOR=f"127.0.0.1:{port}", ECHO_NUM_PROCESSES=str(processes), ECHO_PROCESS_ID=str(index))
     return env
