@@ -580,13 +580,20 @@ def run_pod(run_dir, processes, devices_per_process, *extra, checkpoint_dirs=Non
     return hosts
 
 
+def copy_of_run(source, target):
+    """A copy of a run's checkpoints, to restart in another way (with its own --metrics_file: the run's
+    flags name the original's)."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    return target
+
+
 TWO_HOSTS = ["--steps", "6", "--eval_every", "100"]
 
 
 @pytest.fixture(scope="module")
 def two_hosts(tmp_path_factory):
-    """The same corpus trained for 6 steps by one process with two devices, by two processes with one
-    each, and by two processes stopped after 3 steps and restarted."""
+    """The same corpus trained for 6 steps by one process with two devices and by two processes with
+    one each (a checkpoint at step 3), then by two processes restarted from that step-3 checkpoint."""
     tmp_path = tmp_path_factory.mktemp("two_hosts")
     corpus = tmp_path / "corpus"
     identical_corpus(corpus)
@@ -595,9 +602,11 @@ def two_hosts(tmp_path_factory):
     # collectives of its device threads differently on each host and gloo fails now and then
     # ("Received data size doesn't match expected size").
     run_pod(tmp_path / "one", 1, 2, *common)
-    run_pod(tmp_path / "two", 2, 1, *common)
-    run_pod(tmp_path / "split", 2, 1, *common, "--run_steps", "3")
-    run_pod(tmp_path / "split", 2, 1, *common)
+    run_pod(tmp_path / "two", 2, 1, *common, "--checkpoint_every", "3")
+    split = copy_of_run(tmp_path / "two", tmp_path / "split")
+    shutil.rmtree(split / "checkpoints" / "step_0000006")
+    os.remove(split / "checkpoints" / "step_0000006.params.pkl")
+    run_pod(split, 2, 1, *common, "--metrics_file", str(split / "metrics.jsonl"))
     return tmp_path, common
 
 
@@ -609,20 +618,14 @@ def test_two_processes_match_one(two_hosts):
 
 
 def test_two_processes_resume_bit_for_bit(two_hosts):
-    """2 processes: 3 steps, restart, 3 more == 6 straight, bit for bit."""
+    """2 processes: restarted from step 3, 3 more steps == 6 straight, bit for bit."""
     tmp_path, _ = two_hosts
     a = final_params(str(tmp_path / "two" / "checkpoints"), 6)
     b = final_params(str(tmp_path / "split" / "checkpoints"), 6)
     assert_trees_equal(a["params"], b["params"])
-    assert losses(read_metrics(tmp_path / "split" / "metrics.jsonl")) == \
-        losses(read_metrics(tmp_path / "two" / "metrics.jsonl"))
-
-
-def copy_of_run(source, target):
-    """A copy of a run's checkpoints, to restart in another way (with its own --metrics_file: the run's
-    flags name the original's)."""
-    shutil.copytree(source, target, ignore=shutil.ignore_patterns("metrics.jsonl"))
-    return target
+    resumed = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [m["step"] for m in resumed if m.get("event") == "resumed"] == [3]
+    assert losses(resumed) == losses(read_metrics(tmp_path / "two" / "metrics.jsonl"))[3:]
 
 
 def test_another_number_of_hosts_continues_from_the_checkpoint(two_hosts):
