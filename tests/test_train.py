@@ -411,23 +411,46 @@ def test_restricted_unpickling_refuses_code_and_unboxes_flax(tmp_path):
     np.testing.assert_array_equal(loaded["params"]["w"], value)
 
 
-def test_bad_flags_fail_before_anything_compiles(tmp_path):
-    for flags, message in ((["--max_speaker_len", "30"], "multiple of 4"), (["--preset", "7B"], "--preset"),
-                           (["--global_batch_size", "10", "--grad_accum", "3"], "--grad_accum"),
-                           (["--data", str(tmp_path / "nothing")], "no .tar shards"),
-                           (["--init_from", str(tmp_path / "none.pkl")], "--init_from"),
-                           (["--ema_decay", "1"], "--ema_decay"), (["--weight_decay", "-1"], "--weight_decay"),
-                           (["--eval_samples", "-1"], "--eval_samples must not be negative"),
-                           (["--prefix_prob", "0.5"], "--preset demo-blockwise"),
-                           (["--profile_steps", "5:2"], "--profile_steps"),
-                           (["--sample_texts", str(tmp_path / "none.txt")], "--sample_texts"),
-                           (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir",
-                              str(tmp_path / "r"), *flags], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2, (flags, out.stderr[-500:])
-        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr[-500:]
-        assert time.perf_counter() - start < 60
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax.monitoring's event for each compile
+MODEL_PROGRAMS = ("jit(init)", "jit(step_fn)", "jit(eval_fn)")
+
+
+def test_bad_flags_fail_before_anything_compiles(tmp_path, capsys):
+    """Each bad flag: status 2 and one sentence naming it, before the model's programs are compiled
+    (in-process, where a jax.monitoring listener sees every compile); and once as a user runs the CLI:
+    no traceback."""
+    compiled = []
+
+    def listener(event, duration, fun_name="", **_):
+        if event == BACKEND_COMPILE:
+            compiled.append(fun_name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for flags, message in ((["--max_speaker_len", "30"], "multiple of 4"), (["--preset", "7B"], "--preset"),
+                               (["--global_batch_size", "10", "--grad_accum", "3"], "--grad_accum"),
+                               (["--data", str(tmp_path / "nothing")], "no .tar shards"),
+                               (["--init_from", str(tmp_path / "none.pkl")], "--init_from"),
+                               (["--ema_decay", "1"], "--ema_decay"), (["--weight_decay", "-1"], "--weight_decay"),
+                               (["--eval_samples", "-1"], "--eval_samples must not be negative"),
+                               (["--prefix_prob", "0.5"], "--preset demo-blockwise"),
+                               (["--profile_steps", "5:2"], "--profile_steps"),
+                               (["--sample_texts", str(tmp_path / "none.txt")], "--sample_texts"),
+                               (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
+            capsys.readouterr()
+            code = train_pretrain.main(["--run_dir", str(tmp_path / "r"), "--compile_cache_dir",
+                                        os.path.join(REPO, ".jax_cache"), *flags])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and message in err[0], (flags, err)
+        assert not set(compiled) & set(MODEL_PROGRAMS), compiled  # (a few eager operations do compile)
+        jax.jit(lambda x: x + 1)(np.zeros(2))  # the listener does see a compile
+        assert compiled[-1] == "jit(<lambda>)", compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert not os.path.exists(tmp_path / "r" / "metrics.jsonl")
+    out = subprocess.run([sys.executable, os.path.join(REPO, "train_pretrain.py"), "--run_dir", str(tmp_path / "r"),
+                          "--ema_decay", "1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--ema_decay" in out.stderr and "Traceback" not in out.stderr, out.stderr[-500:]
 
 
 def test_prefix_training_needs_a_blockwise_preset_and_a_canvas_of_whole_patches():
