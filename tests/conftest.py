@@ -37,7 +37,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8))
 # The suite's subprocesses (the background learning runs, simulated hosts, CLIs) read these when they
 # start. By default glibc's malloc hands a freed block of a few MB back to the kernel, and so each
 # training step's buffers are fresh pages that the kernel zeroes again: a one-device demo run spent
-# a quarter of its CPU time in the kernel (5.0M page faults in 300 steps; 0.25M with these). Blocks
+# a quarter of its CPU time in the kernel (5.0M page faults in 300 steps; 0.26M with these). Blocks
 # under 256 MB come from the heap, which keeps 256 MB free at its top; the losses are the same to the bit.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 << 20))
 os.environ.setdefault("MALLOC_TOP_PAD_", str(256 << 20))

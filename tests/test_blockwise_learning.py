@@ -5,12 +5,11 @@ run is shared by this module; the full run of README's figures is `slow`."""
 import json
 import os
 import shlex
-import subprocess
 import sys
 
 import pytest
 from conftest import REPO, finished_run
-from test_learning import demo_command
+from test_learning import demo_command, run_to_its_end
 
 import bench
 
@@ -71,9 +70,7 @@ def test_the_second_half_continues_the_true_first_half_better_than_a_random_one(
 @pytest.mark.slow
 def test_the_full_blockwise_demo_run(tmp_path):
     """README's figures: bench.py blockwise's run (BLOCKWISE_STEPS)."""
-    command, env = measured_run(tmp_path, bench.BLOCKWISE_STEPS)
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_to_its_end(*measured_run(tmp_path, bench.BLOCKWISE_STEPS))
     figures = figures_of(tmp_path, bench.BLOCKWISE_STEPS)
     assert_blocks_are_as_good_as_one_canvas(figures, 0.2)  # seed 0: 0.07
     assert_the_prefix_is_used(figures)

@@ -39,10 +39,13 @@ def demo_command(run_dir, *flags):
             "--run_dir", str(run_dir), *flags], env
 
 
-def train_demo(run_dir, *flags):
-    command, env = demo_command(run_dir, *flags)
+def run_to_its_end(command, env):
     out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def train_demo(run_dir, *flags):
+    run_to_its_end(*demo_command(run_dir, *flags))
 
 
 BACKGROUND_RUNS = {"demo": lambda run_dir: demo_command(
