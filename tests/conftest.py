@@ -41,7 +41,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8))
 # under 256 MB come from the heap, which keeps 256 MB free at its top; the losses are the same to the bit.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(256 << 20))
 os.environ.setdefault("MALLOC_TOP_PAD_", str(256 << 20))
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_cache"))
+# One compilation cache for the suite and the runs it starts (their --compile_cache_dir).
+COMPILE_CACHE = os.path.join(REPO, ".jax_cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILE_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # XLA:CPU gives a process max(cores, devices) threads to run programs and as many for the work
 # inside them, and a device waiting at a collective holds one. Its collectives are ordered only by

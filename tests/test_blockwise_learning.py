@@ -8,7 +8,7 @@ import shlex
 import sys
 
 import pytest
-from conftest import REPO, finished_run
+from conftest import COMPILE_CACHE, REPO, finished_run
 from test_learning import demo_command, run_to_its_end
 
 import bench
@@ -24,7 +24,7 @@ def measured_run(run_dir, steps):
     rest of the suite."""
     train, env = demo_command(run_dir, *bench.BLOCKWISE_RUN[2:], "--steps", str(bench.BLOCKWISE_STEPS),
                               "--run_steps", str(steps), "--eval_every", str(steps), "--full_eval_samples", "0",
-                              "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))
+                              "--compile_cache_dir", COMPILE_CACHE)
     measure = (f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(REPO, 'bench.py'))} blockwise"
                f" > {shlex.quote(str(run_dir / 'figures.json'))}")
     return ["sh", "-c", f'"$@" && exec {measure}', "sh", *train], {**env, "ECHO_BLOCKWISE_RUN": str(run_dir)}

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import soundfile
-from conftest import REPO, UNREACHABLE_HUB, EarlyRun
+from conftest import COMPILE_CACHE, EarlyRun, REPO, UNREACHABLE_HUB
 
 import checkpoint
 import dacvae
@@ -33,7 +33,7 @@ def run(tmp_path_factory):
                                 "--max_latent_len", str(MAX_LATENT), "--max_text_len", str(MAX_TEXT),
                                 "--max_speaker_len", str(MAX_SPEAKER), "--eval_every", "100", "--eval_samples", "0",
                                 "--full_eval_samples", "0",
-                                "--compile_cache_dir", os.path.join(REPO, ".jax_cache")])
+                                "--compile_cache_dir", COMPILE_CACHE])
     assert code == 0
     weights = root / "codec.pth"
     assert dacvae.main(["init-random", str(weights), "--size", "tiny", "--seed", "1"]) in (0, None)
@@ -77,7 +77,7 @@ def codec(run):
 def cli(run, tmp_path, *args, checkpoint="params"):
     """Run the CLI in-process; returns (exit code, stderr)."""
     return inference.main(["--checkpoint", run[checkpoint], "--dacvae_weights", run["codec"],
-                           "--compile_cache_dir", os.path.join(REPO, ".jax_cache"), *args])
+                           "--compile_cache_dir", COMPILE_CACHE, *args])
 
 
 def read_wav(path):

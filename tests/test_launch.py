@@ -9,14 +9,14 @@ import urllib.request
 
 import pytest
 import soundfile
-from conftest import QUICK_COMPILES, REPO, UNREACHABLE_HUB, free_port, xla_flags
+from conftest import COMPILE_CACHE, QUICK_COMPILES, REPO, UNREACHABLE_HUB, free_port, xla_flags
 
 import train_pretrain
 
 TINY = ["--preset", "tiny", "--data", "synthetic", "--synthetic_corpus", "short", "--global_batch_size", "8",
         "--max_latent_len", "48", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_samples", "0",
         "--full_eval_samples", "0",  # evals give val_loss only: nothing sampled to compile
-        "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]  # the suite's cache, not each test's empty one
+        "--compile_cache_dir", COMPILE_CACHE]  # the suite's cache, not each test's empty one
 
 
 def launch(tmp_path, port, *flags, **popen):

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, finished_run
+from conftest import COMPILE_CACHE, REPO, finished_run
 
 import bench
 import checkpoint
@@ -50,7 +50,7 @@ def train_demo(run_dir, *flags):
 
 BACKGROUND_RUNS = {"demo": lambda run_dir: demo_command(
     run_dir, "--run_steps", str(BOUNDED_STEPS), "--eval_every", str(BOUNDED_STEPS // 2),
-    "--full_eval_every", str(BOUNDED_STEPS), "--compile_cache_dir", os.path.join(REPO, ".jax_cache"))}
+    "--full_eval_every", str(BOUNDED_STEPS), "--compile_cache_dir", COMPILE_CACHE)}
 
 
 @pytest.fixture(scope="module")

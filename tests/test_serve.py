@@ -21,7 +21,7 @@ import openai
 import pytest
 import soundfile
 import soxr
-from conftest import REPO, free_port
+from conftest import COMPILE_CACHE, REPO, free_port
 
 import checkpoint
 import dacvae
@@ -50,7 +50,7 @@ def files(tmp_path_factory):
 def flags(files, port, *extra):
     return ["--checkpoint", files["checkpoint"], "--dacvae_weights", files["codec"], "--port", str(port),
             "--voices_dir", str(files["root"] / "voices"), "--max_batch", "4",
-            "--compile_cache_dir", os.path.join(REPO, ".jax_cache"), *extra]
+            "--compile_cache_dir", COMPILE_CACHE, *extra]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 import soundfile
-from conftest import REPO, xla_flags
+from conftest import COMPILE_CACHE, REPO, xla_flags
 from tensorboard.backend.event_processing import plugin_event_accumulator
 
 import checkpoint
@@ -42,7 +42,7 @@ STEP_EXPORT = re.compile(r"^step_\d{7}\.params\.pkl$")
 FAST = ["--preset", "tiny", "--synthetic_corpus", "short", "--steps", "12", "--global_batch_size", "8",
         "--max_latent_len", "80", "--max_text_len", "48", "--max_speaker_len", "48", "--eval_every", "6",
         "--eval_samples", "0", "--full_eval_samples", "0", "--sample_steps", "2",
-        "--compile_cache_dir", os.path.join(REPO, ".jax_cache")]
+        "--compile_cache_dir", COMPILE_CACHE]
 SCORED = ["--eval_samples", "4", "--full_eval_samples", "4"]
 
 
@@ -439,7 +439,7 @@ def test_bad_flags_fail_before_anything_compiles(tmp_path, capsys):
                                (["--dacvae_weights", str(tmp_path / "codec.pth")], "--dacvae_weights")):
             capsys.readouterr()
             code = train_pretrain.main(["--run_dir", str(tmp_path / "r"), "--compile_cache_dir",
-                                        os.path.join(REPO, ".jax_cache"), *flags])
+                                        COMPILE_CACHE, *flags])
             err = capsys.readouterr().err.strip().splitlines()
             assert code == 2 and len(err) == 1 and message in err[0], (flags, err)
         assert not set(compiled) & set(MODEL_PROGRAMS), compiled  # (a few eager operations do compile)
